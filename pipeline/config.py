@@ -1,0 +1,136 @@
+"""Job configuration: one YAML file (or dict) describing input, model, compute and output.
+
+Credentials never live here: S3 access keys come from the environment, the instance profile or a named profile
+in `~/.aws`, as botocore finds them. Only connection options (endpoint, region, anonymous access, profile name) do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+InputFormat = Literal["manifest", "images", "webdataset"]
+FEATURES_DEFAULT = ("image_embedding", "text_embedding")
+# Everything a user may ask to store; the two pooled embeddings are always written.
+FEATURES_OPTIONAL = (
+    "vision_features",
+    "backbone_fpn",
+    "language_features",
+    "language_embeds",
+    "sam2_backbone_fpn",
+)
+
+
+@dataclass
+class S3Options:
+    endpoint_url: str | None = None
+    region: str | None = None
+    anonymous: bool = False
+    profile: str | None = None
+
+    def storage_options(self) -> dict[str, Any]:
+        """Keyword arguments for `fsspec` / `s3fs.S3FileSystem`."""
+        options: dict[str, Any] = {}
+        if self.anonymous:
+            options["anon"] = True
+        if self.profile:
+            options["profile"] = self.profile
+        client_kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            options["client_kwargs"] = client_kwargs
+        return options
+
+
+@dataclass
+class InputConfig:
+    uri: str | list[str] = ""
+    format: InputFormat = "manifest"
+    # Manifest columns. `id` is optional in the data: when the column is absent, ids derive from the source.
+    id_column: str = "id"
+    image_column: str = "image"
+    caption_column: str | None = "caption"
+    captions_column: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str | None = None  # local path, fsspec URI or hf://facebook/sam3; None means random weights
+    config: str = "sam3"
+    imgsz: int = 1008
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: compile the vision trunk on CUDA only
+    bpe_path: str | None = None
+
+
+@dataclass
+class ComputeConfig:
+    batch_size: int = 8
+    num_actors: int = 1
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else the actor runs on CPU
+    cpus_per_actor: float = 1.0
+    decode_concurrency: int | None = None  # None: let Ray Data size the CPU pool
+
+
+@dataclass
+class OutputConfig:
+    uri: str = ""
+    partition_by: list[str] = field(default_factory=list)
+    features: list[str] = field(default_factory=lambda: list(FEATURES_DEFAULT))
+    feature_dtype: Literal["float16", "float32"] = "float16"
+    min_rows_per_file: int = 1024
+    compression: str = "zstd"
+
+
+@dataclass
+class JobConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    s3: S3Options = field(default_factory=S3Options)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Where Ray Data keeps the ids of finished rows so a crashed or cancelled run resumes without redoing them.
+    resume_path: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobConfig:
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown job config keys: {sorted(unknown)}; expected {sorted(sections)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            default = getattr(cls(), name)
+            if dataclasses.is_dataclass(default):
+                kwargs[name] = _section(type(default), value or {}, name)
+            else:
+                kwargs[name] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> JobConfig:
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def storage_options(self) -> dict[str, Any]:
+        return self.s3.storage_options()
+
+
+def _section(kind: type, values: dict[str, Any], name: str) -> Any:
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown keys in job config section {name!r}: {sorted(unknown)}; expected {sorted(known)}")
+    return kind(**values)
