@@ -1,0 +1,118 @@
+"""Shared fixtures: a real S3 endpoint (moto's server on loopback) and one local Ray session per test run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_DUMMY_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _moto_server_command(port: int) -> list[str]:
+    executable = shutil.which("moto_server")
+    if executable:
+        return [executable, "-H", "127.0.0.1", "-p", str(port)]
+    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+
+def _wait_until_answering(url: str, process: subprocess.Popen, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto_server exited early with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means the server is up
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto_server did not answer at {url} within {deadline_s}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Endpoint URL of a moto S3 server running on 127.0.0.1 for the whole test session."""
+    saved_env = {key: os.environ.get(key) for key in _DUMMY_AWS_ENV}
+    os.environ.update(_DUMMY_AWS_ENV)
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        _moto_server_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_until_answering(endpoint + "/", process, deadline_s=30)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the moto server; the test owns it."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    client = boto3.client("s3", endpoint_url=s3_server, region_name=_DUMMY_AWS_ENV["AWS_DEFAULT_REGION"])
+    client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One small local Ray cluster shared by every test that needs Ray (starting Ray costs seconds)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    # Workers inherit the driver's environment; they must see the repository and the dummy AWS keys.
+    repo_root = str(Path(__file__).resolve().parents[1])
+    python_path = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)
+    os.environ["PYTHONPATH"] = python_path
+    for key, value in _DUMMY_AWS_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        object_store_memory=512 * 1024 * 1024,
+        runtime_env={"env_vars": {"PYTHONPATH": python_path, **_DUMMY_AWS_ENV}},
+        ignore_reinit_error=True,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
