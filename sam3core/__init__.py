@@ -1,1 +1,33 @@
-"""sam3core: SAM 3's vision-language backbone in plain PyTorch (no Ray, no I/O beyond checkpoint loading)."""
+"""sam3core: SAM 3's vision-language backbone in plain PyTorch.
+
+A model library: no Ray, and no I/O beyond reading a checkpoint.
+"""
+
+from .build import build_sam3_vl_backbone
+from .checkpoint import CheckpointError
+from .config import CONFIGS, Sam3Config, TextConfig, VisionConfig, get_config
+from .neck import Sam3DualViTDetNeck
+from .position_encoding import PositionEmbeddingSine
+from .preprocess import normalize_images, preprocess_images, resize_image
+from .tokenizer import Sam3Tokenizer, VocabularyError
+from .vit import ViT
+from .vl_backbone import SAM3VLBackbone
+
+__all__ = [
+    "CONFIGS",
+    "CheckpointError",
+    "PositionEmbeddingSine",
+    "SAM3VLBackbone",
+    "Sam3Config",
+    "Sam3DualViTDetNeck",
+    "Sam3Tokenizer",
+    "TextConfig",
+    "ViT",
+    "VisionConfig",
+    "VocabularyError",
+    "build_sam3_vl_backbone",
+    "get_config",
+    "normalize_images",
+    "preprocess_images",
+    "resize_image",
+]

@@ -1,0 +1,247 @@
+"""Reading SAM 3 checkpoints and mapping them onto this package's modules.
+
+Two layouts are understood, and both land in the same modules:
+- the official `sam3.pt` (a dict, bare or under "model"): backbone keys live under `detector.backbone.` and carry
+  this package's names already; every other key (heads, tracker) is ignored;
+- the transformers `model.safetensors`: backbone under `detector_model.`, with the trunk's qkv split into q/k/v,
+  CLIP-style text tower names, and the SAM 2 neck as `tracker_neck.`.
+RoPE tables (`freqs_cis`) in a file are never used: they only fit 1008 px, and this package recomputes them.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file as load_safetensors_file
+from torch import Tensor, nn
+
+OFFICIAL_PREFIX = "detector.backbone."
+HF_PREFIX = "detector_model."
+HF_SAM2_NECK_PREFIX = "tracker_neck."
+NATIVE_PREFIXES = ("vision_backbone.", "language_backbone.")
+HF_DEFAULT_FILE = "sam3.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is not SAM 3's, or does not fit the model configuration."""
+
+
+def read_checkpoint(source: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """Every tensor in the file at `source`: a local path, an fsspec URI, or hf://<repo>[/<file>]."""
+    source = os.fspath(source)
+    if source.startswith("hf://"):
+        source = _download_from_hub(source)
+    try:
+        fs, path = fsspec.core.url_to_fs(source, **dict(storage_options or {}))
+        local = isinstance(fs, LocalFileSystem)
+        with fs.open(path, "rb") as f:
+            head = f.read(16)
+        if _looks_like_safetensors(head):
+            return load_safetensors_file(path) if local else load_safetensors(fs.cat_file(path))
+        if local:
+            # mmap keeps a 3.4 GB file out of memory until the weights are copied into the model
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
+        else:
+            with fs.open(path, "rb") as f:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint not found: {source}") from exc
+    except (
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        SafetensorError,
+    ) as exc:
+        raise CheckpointError(f"{source} is not a readable PyTorch or safetensors checkpoint: {exc}") from exc
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a dict of tensors")
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    # safetensors: little-endian u64 header size, then a JSON object
+    return len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _download_from_hub(uri: str) -> str:
+    parts = uri.removeprefix("hf://").strip("/").split("/")
+    if len(parts) < 2:
+        raise CheckpointError(f"expected hf://<owner>/<repo>[/<file>], got {uri}")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or HF_DEFAULT_FILE
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:
+        raise CheckpointError("hf:// checkpoints need huggingface_hub: pip install 'sam3-embed[hub]'") from exc
+    return hf_hub_download(repo_id=repo_id, filename=filename)
+
+
+def backbone_state_dict(
+    state: Mapping[str, Tensor], scale_factors: tuple[float, ...], source: str = "checkpoint"
+) -> dict[str, Tensor]:
+    """The backbone's tensors under this package's names, whatever the file's layout."""
+    if any(key.startswith(OFFICIAL_PREFIX) for key in state):
+        return {
+            key.removeprefix(OFFICIAL_PREFIX): value
+            for key, value in state.items()
+            if key.startswith(OFFICIAL_PREFIX) and not key.endswith("freqs_cis")
+        }
+    if any(key.startswith(HF_PREFIX + "vision_encoder.") for key in state):
+        return _from_transformers(state, scale_factors)
+    if any(key.startswith(NATIVE_PREFIXES) for key in state):
+        return {k: v for k, v in state.items() if k.startswith(NATIVE_PREFIXES) and not k.endswith("freqs_cis")}
+    sample = ", ".join(sorted(state)[:5]) or "no tensors at all"
+    raise CheckpointError(
+        f"{source} is not a SAM 3 checkpoint: no '{OFFICIAL_PREFIX}*' (sam3.pt) or '{HF_PREFIX}*' "
+        f"(transformers) keys; it starts with {sample}"
+    )
+
+
+def _fpn_level_names(scale_factors: tuple[float, ...]) -> list[dict[str, str]]:
+    """For each level, transformers' `scale_layers.<i>` index -> this package's sub-module name."""
+    by_scale = {4.0: {"0": "dconv_2x2_0", "2": "dconv_2x2_1"}, 2.0: {"0": "dconv_2x2"}, 1.0: {}, 0.5: {}}
+    return [by_scale[scale] | {"proj1": "conv_1x1", "proj2": "conv_3x3"} for scale in scale_factors]
+
+
+def _from_transformers(state: Mapping[str, Tensor], scale_factors: tuple[float, ...]) -> dict[str, Tensor]:
+    trunk = HF_PREFIX + "vision_encoder.backbone."
+    text = HF_PREFIX + "text_encoder."
+    level_names = _fpn_level_names(scale_factors)
+    renames: list[tuple[str, Callable[[re.Match[str]], str]]] = [
+        (
+            re.escape(trunk) + r"embeddings\.patch_embeddings\.projection\.(.+)",
+            lambda m: f"trunk.patch_embed.proj.{m[1]}",
+        ),
+        (re.escape(trunk) + r"layer_norm\.(.+)", lambda m: f"trunk.ln_pre.{m[1]}"),
+        (
+            re.escape(trunk) + r"layers\.(\d+)\.layer_norm([12])\.(.+)",
+            lambda m: f"trunk.blocks.{m[1]}.norm{m[2]}.{m[3]}",
+        ),
+        (
+            re.escape(trunk) + r"layers\.(\d+)\.attention\.o_proj\.(.+)",
+            lambda m: f"trunk.blocks.{m[1]}.attn.proj.{m[2]}",
+        ),
+        (
+            re.escape(trunk) + r"layers\.(\d+)\.mlp\.(fc[12])\.(.+)",
+            lambda m: f"trunk.blocks.{m[1]}.mlp.{m[2]}.{m[3]}",
+        ),
+        (
+            re.escape(HF_PREFIX) + r"vision_encoder\.neck\.fpn_layers\.(\d+)\.(?:scale_layers\.)?(\w+)\.(.+)",
+            lambda m: f"convs.{m[1]}.{level_names[int(m[1])][m[2]]}.{m[3]}",
+        ),
+        (
+            re.escape(HF_SAM2_NECK_PREFIX) + r"fpn_layers\.(\d+)\.(?:scale_layers\.)?(\w+)\.(.+)",
+            lambda m: f"sam2_convs.{m[1]}.{level_names[int(m[1])][m[2]]}.{m[3]}",
+        ),
+    ]
+    text_renames: list[tuple[str, Callable[[re.Match[str]], str]]] = [
+        (
+            re.escape(text) + r"text_model\.embeddings\.token_embedding\.weight",
+            lambda m: "encoder.token_embedding.weight",
+        ),
+        (re.escape(text) + r"text_model\.final_layer_norm\.(.+)", lambda m: f"encoder.ln_final.{m[1]}"),
+        (
+            re.escape(text) + r"text_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.(.+)",
+            lambda m: f"encoder.transformer.resblocks.{m[1]}.ln_{m[2]}.{m[3]}",
+        ),
+        (
+            re.escape(text) + r"text_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.(.+)",
+            lambda m: f"encoder.transformer.resblocks.{m[1]}.attn.out_proj.{m[2]}",
+        ),
+        (
+            re.escape(text) + r"text_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.(.+)",
+            lambda m: f"encoder.transformer.resblocks.{m[1]}.mlp.c_fc.{m[2]}",
+        ),
+        (
+            re.escape(text) + r"text_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.(.+)",
+            lambda m: f"encoder.transformer.resblocks.{m[1]}.mlp.c_proj.{m[2]}",
+        ),
+        (re.escape(HF_PREFIX) + r"text_projection\.(.+)", lambda m: f"resizer.{m[1]}"),
+    ]
+    out: dict[str, Tensor] = {}
+    split_qkv: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        if key == trunk + "embeddings.position_embeddings":
+            # transformers dropped the unused class-token slot; put an empty one back
+            out["vision_backbone.trunk.pos_embed"] = torch.cat([value.new_zeros(1, 1, value.shape[-1]), value], 1)
+            continue
+        if key == text + "text_model.embeddings.position_embedding.weight":
+            out["language_backbone.encoder.positional_embedding"] = value
+            continue
+        if key == text + "text_projection.weight":
+            out["language_backbone.encoder.text_projection"] = value.t().contiguous()
+            continue
+        qkv = re.fullmatch(re.escape(trunk) + r"layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)", key)
+        if qkv:
+            split_qkv.setdefault(f"vision_backbone.trunk.blocks.{qkv[1]}.attn.qkv.{qkv[3]}", {})[qkv[2]] = value
+            continue
+        qkv = re.fullmatch(
+            re.escape(text) + r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)",
+            key,
+        )
+        if qkv:
+            name = f"language_backbone.encoder.transformer.resblocks.{qkv[1]}.attn.in_proj_{qkv[3]}"
+            split_qkv.setdefault(name, {})[qkv[2]] = value
+            continue
+        for pattern, rename in renames:
+            match = re.fullmatch(pattern, key)
+            if match:
+                out["vision_backbone." + rename(match)] = value
+                break
+        else:
+            for pattern, rename in text_renames:
+                match = re.fullmatch(pattern, key)
+                if match:
+                    out["language_backbone." + rename(match)] = value
+                    break
+    for name, parts in split_qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{name}: the checkpoint holds only the {sorted(parts)} projections of q, k, v")
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def load_backbone_weights(model: nn.Module, weights: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Copy `weights` (this package's names) into `model`; any missing, unexpected or misshapen key is an error.
+
+    SAM 2 neck weights in the file are skipped when the model was built without that neck.
+    """
+    expected = model.state_dict()
+    if getattr(model.vision_backbone, "sam2_convs", None) is None:
+        weights = {k: v for k, v in weights.items() if not k.startswith("vision_backbone.sam2_convs.")}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing backbone keys ({len(missing)}): {_shorten(missing)}")
+    if unexpected:
+        problems.append(f"unexpected backbone keys ({len(unexpected)}): {_shorten(unexpected)}")
+    misshapen = [
+        f"{k} is {list(weights[k].shape)} in the file but {list(expected[k].shape)} in the model"
+        for k in sorted(set(expected) & set(weights))
+        if weights[k].shape != expected[k].shape
+    ]
+    if misshapen:
+        problems.append(f"shape mismatches ({len(misshapen)}): {_shorten(misshapen)}")
+    if problems:
+        hint = "" if not misshapen else " (is the model config right for this checkpoint?)"
+        raise CheckpointError(f"{source} does not fit the backbone{hint}: " + "; ".join(problems))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()}, strict=True, assign=True)
+
+
+def _shorten(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … and {len(names) - limit} more" if len(names) > limit else "")

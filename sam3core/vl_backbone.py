@@ -1,0 +1,128 @@
+"""SAM 3's vision-language backbone: the image neck and the text encoder side by side, without fusion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .neck import Sam3DualViTDetNeck
+from .text_encoder import VETextEncoder
+
+
+class SAM3VLBackbone(nn.Module):
+    """Returns dictionaries with the keys, shapes and conventions of the official backbone.
+
+    `scalp` drops that many of the lowest-resolution pyramid levels (the official model uses 1).
+    """
+
+    def __init__(
+        self,
+        visual: Sam3DualViTDetNeck,
+        text: VETextEncoder,
+        compile_visual: bool = False,
+        act_ckpt_whole_vision_backbone: bool = False,
+        act_ckpt_whole_language_backbone: bool = False,
+        scalp: int = 0,
+    ) -> None:
+        super().__init__()
+        if compile_visual:
+            # Compiles the module's call in place, so parameter names stay those of the checkpoint.
+            visual.compile()
+        self.vision_backbone = visual
+        self.language_backbone = text
+        self.scalp = scalp
+        self.act_ckpt_whole_vision_backbone = act_ckpt_whole_vision_backbone
+        self.act_ckpt_whole_language_backbone = act_ckpt_whole_language_backbone
+        self.config: Any = None  # set by build_sam3_vl_backbone
+
+    @property
+    def tokenizer(self):
+        return self.language_backbone.tokenizer
+
+    @property
+    def imgsz(self) -> int:
+        return self.vision_backbone.trunk.imgsz
+
+    def forward(
+        self,
+        samples: Tensor,
+        captions: list[str] | Tensor,
+        input_boxes: Tensor | None = None,
+        additional_text: list[str] | Tensor | None = None,
+    ) -> dict[str, Any]:
+        output = self.forward_image(samples)
+        output.update(self.forward_text(captions, input_boxes, additional_text))
+        return output
+
+    def _scalped(self, levels: list[Tensor]) -> list[Tensor]:
+        return levels[: -self.scalp] if self.scalp > 0 else levels
+
+    def _as_model_input(self, samples: Tensor) -> Tensor:
+        weight = self.vision_backbone.trunk.patch_embed.proj.weight
+        return samples.to(device=weight.device, dtype=weight.dtype)
+
+    def _run_vision(self, samples: Tensor):
+        if self.act_ckpt_whole_vision_backbone and self.training:
+            return checkpoint(self.vision_backbone, samples, use_reentrant=False)
+        return self.vision_backbone(samples)
+
+    def forward_image(self, samples: Tensor) -> dict[str, Any]:
+        """samples [B, 3, S, S] -> the last kept level as `vision_features` plus all kept levels and encodings."""
+        sam3_features, sam3_pos, sam2_features, sam2_pos = self._run_vision(self._as_model_input(samples))
+        sam3_features, sam3_pos = self._scalped(sam3_features), self._scalped(sam3_pos)
+        sam2_output = None
+        if sam2_features is not None and sam2_pos is not None:
+            sam2_features, sam2_pos = self._scalped(sam2_features), self._scalped(sam2_pos)
+            sam2_output = {
+                "vision_features": sam2_features[-1],
+                "vision_pos_enc": sam2_pos,
+                "backbone_fpn": sam2_features,
+            }
+        return {
+            "vision_features": sam3_features[-1],
+            "vision_pos_enc": sam3_pos,
+            "backbone_fpn": sam3_features,
+            "sam2_backbone_out": sam2_output,
+        }
+
+    def forward_image_sam2(self, samples: Tensor) -> dict[str, Any]:
+        """Only the SAM 2 pyramid (requires a backbone built with add_sam2_neck=True)."""
+        neck = self.vision_backbone
+        if neck.sam2_convs is None:
+            raise RuntimeError("this backbone has no SAM2 neck; build it with add_sam2_neck=True")
+        x = neck.trunk(self._as_model_input(samples))[-1]
+        features, positions = neck.sam_forward_feature_levels(x, neck.sam2_convs)
+        features, positions = self._scalped(features), self._scalped(positions)
+        return {"vision_features": features[-1], "vision_pos_enc": positions, "backbone_fpn": features}
+
+    def forward_text(
+        self,
+        captions: list[str] | Tensor,
+        input_boxes: Tensor | None = None,
+        additional_text: list[str] | Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Captions (strings or token ids [N, L]) -> sequence-first features, padding mask True where padded."""
+        encoder = self.language_backbone
+        tokens = encoder.tokenize(captions)
+        count = tokens.shape[0]
+        if additional_text is not None:
+            # Encoded in the same forward, split off again below.
+            tokens = torch.cat([tokens, encoder.tokenize(additional_text)])
+        if self.act_ckpt_whole_language_backbone and self.training:
+            mask, memory, embeds = checkpoint(encoder, tokens, input_boxes, use_reentrant=False)
+        else:
+            mask, memory, embeds = encoder(tokens, input_boxes)
+        output: dict[str, Tensor] = {}
+        if additional_text is not None:
+            output["additional_text_features"] = memory[:, count:]
+            output["additional_text_mask"] = mask[count:]
+        output["language_features"] = memory[:, :count]  # [L, N, d_model]
+        output["language_mask"] = mask[:count]  # [N, L]
+        output["language_embeds"] = embeds[:, :count]  # [L, N, width], before the transformer
+        return output
+
+    def set_imgsz(self, imgsz: list[int] | tuple[int, int] = (1008, 1008)) -> None:
+        self.vision_backbone.set_imgsz(imgsz)
