@@ -12,6 +12,7 @@ import html
 import os
 from functools import lru_cache
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 
 import ftfy
@@ -103,7 +104,7 @@ class Sam3Tokenizer:
             return cached
         parts = [*word[:-1], word[-1] + "</w>"]
         while len(parts) > 1:
-            first, second = min(zip(parts, parts[1:]), key=lambda pair: self.bpe_ranks.get(pair, _NOT_A_MERGE))
+            first, second = min(pairwise(parts), key=lambda pair: self.bpe_ranks.get(pair, _NOT_A_MERGE))
             if (first, second) not in self.bpe_ranks:
                 break
             merged: list[str] = []
