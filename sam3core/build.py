@@ -13,7 +13,6 @@ from .checkpoint import backbone_state_dict, load_backbone_weights, read_checkpo
 from .config import Sam3Config, get_config
 from .neck import Sam3DualViTDetNeck
 from .position_encoding import PositionEmbeddingSine
-from .rope import AxialRoPE
 from .text_encoder import VETextEncoder
 from .tokenizer import Sam3Tokenizer
 from .vit import ViT
@@ -50,9 +49,6 @@ def build_sam3_vl_backbone(
         model = _assemble(cfg, imgsz, tokenizer, add_sam2_neck)
     if weights is not None:
         load_backbone_weights(model, weights, source)
-        for module in model.modules():
-            if isinstance(module, AxialRoPE):
-                module.reset(module.grid, module.position_scale)  # off the meta device
     else:
         init_random_weights(model)
     model.to(device=device, dtype=_as_dtype(dtype))

@@ -19,7 +19,7 @@ ImageLike = Image.Image | np.ndarray
 def as_rgb_array(image: ImageLike) -> np.ndarray:
     """[H, W, 3] uint8 from a PIL image (any mode) or a uint8 array ([H, W], [H, W, 1], [H, W, 3], [H, W, 4])."""
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise TypeError(f"image arrays must be uint8, got {array.dtype}")

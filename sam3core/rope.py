@@ -11,15 +11,19 @@ import torch
 from torch import Tensor, nn
 
 
-def axial_rope_angles(head_dim: int, grid: int, theta: float, position_scale: float) -> Tensor:
+def axial_rope_angles(
+    head_dim: int, grid: int, theta: float, position_scale: float, device: torch.device | None = None
+) -> Tensor:
     """Rotation angles for a `grid` x `grid` token map, row-major: [grid * grid, head_dim // 2].
 
     The first half of the channel pairs rotates with the x (column) position, the second half with y (row).
     """
     if head_dim % 4:
         raise ValueError(f"axial RoPE needs a head dimension divisible by 4, got {head_dim}")
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4, dtype=torch.float32)[: head_dim // 4] / head_dim))
-    index = torch.arange(grid * grid, dtype=torch.float32)
+    freqs = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 4, dtype=torch.float32, device=device)[: head_dim // 4] / head_dim)
+    )
+    index = torch.arange(grid * grid, dtype=torch.float32, device=device)
     x = (index % grid) * position_scale
     y = torch.div(index, grid, rounding_mode="floor") * position_scale
     return torch.cat([torch.outer(x, freqs), torch.outer(y, freqs)], dim=-1)
@@ -43,7 +47,8 @@ class AxialRoPE(nn.Module):
         self._build(torch.device("cpu"))
 
     def _build(self, device: torch.device) -> None:
-        angles = axial_rope_angles(self.head_dim, self.grid, self.theta, self.position_scale).to(device)
+        # explicit device: the tables are real even when the model is assembled on the meta device
+        angles = axial_rope_angles(self.head_dim, self.grid, self.theta, self.position_scale, device)
         self.cos = angles.cos()
         self.sin = angles.sin()
 

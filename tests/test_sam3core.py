@@ -1,0 +1,311 @@
+"""Behaviour of sam3core beyond numerical parity: shapes and conventions, sizes, dtypes, loading and its errors."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sam3core import (
+    CheckpointError,
+    Sam3Tokenizer,
+    VocabularyError,
+    build_sam3_vl_backbone,
+    normalize_images,
+    preprocess_images,
+    resize_image,
+)
+from sam3core.rope import AxialRoPE
+
+IMGSZ = 224
+CAPTIONS = ["a red square on a white background", "", "two dogs"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ, add_sam2_neck=True)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(2, 3, IMGSZ, IMGSZ, generator=generator) * 2 - 1
+
+
+def _official_prefixed(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"detector.backbone.{k}": v.clone() for k, v in model.state_dict().items()}
+
+
+def test_forward_returns_the_official_keys_shapes_and_conventions(tiny, images):
+    d, grid = tiny.config.d_model, IMGSZ // 14
+    with torch.no_grad():
+        out = tiny(images, CAPTIONS, additional_text=["extra words"])
+    # scalp=1 drops the 0.5x level: three levels remain, the last (1x) is vision_features
+    assert [list(t.shape) for t in out["backbone_fpn"]] == [
+        [2, d, 4 * grid, 4 * grid],
+        [2, d, 2 * grid, 2 * grid],
+        [2, d, grid, grid],
+    ]
+    assert out["vision_features"] is out["backbone_fpn"][-1]
+    assert [t.shape for t in out["vision_pos_enc"]] == [t.shape for t in out["backbone_fpn"]]
+    sam2 = out["sam2_backbone_out"]
+    assert [t.shape for t in sam2["backbone_fpn"]] == [t.shape for t in out["backbone_fpn"]]
+    assert not torch.equal(sam2["vision_features"], out["vision_features"])  # separate weights
+    length, width = tiny.config.text.context_length, tiny.config.text.width
+    assert out["language_features"].shape == (length, 3, d)  # sequence first
+    assert out["language_embeds"].shape == (length, 3, width)
+    assert out["language_mask"].shape == (3, length) and out["language_mask"].dtype == torch.bool
+    # padding mask is True where padded: the empty caption holds only start and end tokens
+    assert out["language_mask"][1].tolist() == [False, False] + [True] * (length - 2)
+    assert out["additional_text_features"].shape == (length, 1, d)
+    assert out["additional_text_mask"].shape == (1, length)
+
+
+def test_text_is_encoded_the_same_alone_or_with_additional_text(tiny):
+    with torch.no_grad():
+        alone = tiny.forward_text(CAPTIONS)
+        joint = tiny.forward_text(CAPTIONS, additional_text=["extra words"])
+        extra = tiny.forward_text(["extra words"])
+        ids = tiny.forward_text(tiny.tokenizer(CAPTIONS))
+    torch.testing.assert_close(alone["language_features"], joint["language_features"])
+    torch.testing.assert_close(extra["language_features"], joint["additional_text_features"])
+    torch.testing.assert_close(alone["language_features"], ids["language_features"])
+
+
+def test_forward_image_sam2_matches_the_dual_forward(tiny, images):
+    with torch.no_grad():
+        both = tiny.forward_image(images)["sam2_backbone_out"]
+        only = tiny.forward_image_sam2(images)
+    for a, b in zip(both["backbone_fpn"], only["backbone_fpn"], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_scalp_zero_keeps_every_level(images):
+    torch.manual_seed(0)
+    model = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ)
+    model.scalp = 0
+    with torch.no_grad():
+        out = model.forward_image(images)
+    grid = IMGSZ // 14
+    assert [t.shape[-1] for t in out["backbone_fpn"]] == [4 * grid, 2 * grid, grid, grid // 2]
+    assert out["sam2_backbone_out"] is None
+    with pytest.raises(RuntimeError, match="add_sam2_neck"):
+        model.forward_image_sam2(images)
+
+
+def test_wrong_image_size_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match=r"expected images of shape \[B, 3, 224, 224\].*set_imgsz"):
+        tiny.forward_image(torch.zeros(1, 3, 112, 112))
+
+
+@pytest.mark.parametrize("size", [100, 0, -14])
+def test_set_imgsz_rejects_sizes_that_are_not_multiples_of_14(size):
+    model = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ)
+    with pytest.raises(ValueError, match="multiple of the patch size 14"):
+        model.set_imgsz([size, size])
+    with pytest.raises(ValueError, match="square"):
+        model.set_imgsz([224, 252])
+
+
+def test_set_imgsz_runs_at_any_multiple_of_14_and_rescales_global_rope():
+    torch.manual_seed(0)
+    model = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ)
+    for size in (70, 154, 336):  # grids 5, 11 (window padding) and 24
+        model.set_imgsz([size, size])
+        with torch.no_grad():
+            out = model.forward_image(torch.zeros(1, 3, size, size))
+        assert out["vision_features"].shape[-1] == size // 14
+        global_rope = model.vision_backbone.trunk.blocks[1].attn.rope
+        assert global_rope.cos.shape[0] == (size // 14) ** 2
+        assert global_rope.position_scale == pytest.approx(8 / (size // 14))
+
+
+def test_rope_tables_stay_float32_and_out_of_the_state_dict_after_casting(tiny):
+    model = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ, dtype=torch.bfloat16)
+    ropes = [m for m in model.modules() if isinstance(m, AxialRoPE)]
+    assert ropes and all(r.cos.dtype == torch.float32 and r.sin.dtype == torch.float32 for r in ropes)
+    assert not any(t.is_complex() for t in model.state_dict().values())
+    assert not any("rope" in key or "freqs_cis" in key for key in model.state_dict())
+    reference = AxialRoPE(16, 16, 10000.0, 0.5)
+    torch.testing.assert_close(model.vision_backbone.trunk.blocks[1].attn.rope.cos, reference.cos)
+
+
+def test_bfloat16_on_cpu_agrees_with_float32(tiny, images):
+    """Measured: cosine similarity of every output, bf16 against fp32, on the tiny config (random weights)."""
+    bf16 = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ, add_sam2_neck=True)
+    bf16.load_state_dict(tiny.state_dict())
+    bf16.to(torch.bfloat16)
+    with torch.no_grad():
+        ref = tiny(images, CAPTIONS)
+        low = bf16(images, CAPTIONS)  # float32 input is cast to the model's dtype
+    assert low["vision_features"].dtype == torch.bfloat16
+    for key in ("vision_features", "language_features", "language_embeds"):
+        cosine = F.cosine_similarity(ref[key].flatten().double(), low[key].float().flatten().double(), dim=0)
+        assert cosine > 0.999, (key, cosine.item())
+    for level_ref, level_low in zip(ref["backbone_fpn"], low["backbone_fpn"], strict=True):
+        assert F.cosine_similarity(level_ref.flatten(), level_low.float().flatten(), dim=0) > 0.999
+    assert torch.equal(ref["language_mask"], low["language_mask"])
+
+
+def test_random_weights_are_deterministic_under_a_seed(images):
+    torch.manual_seed(3)
+    a = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ)
+    torch.manual_seed(3)
+    b = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_official_layout_round_trip_ignores_heads_and_rope_tables(tmp_path, tiny, images, wrapped):
+    state = _official_prefixed(tiny)
+    state["detector.transformer.encoder.layers.0.linear1.weight"] = torch.ones(3, 3)
+    state["tracker.maskmem_backbone.weight"] = torch.ones(2)
+    state["detector.backbone.vision_backbone.trunk.blocks.1.attn.freqs_cis"] = torch.zeros(5, 8, dtype=torch.complex64)
+    path = tmp_path / "sam3.pt"
+    torch.save({"model": state} if wrapped else state, path)
+    loaded = build_sam3_vl_backbone(path, config="tiny", imgsz=IMGSZ, add_sam2_neck=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(images, CAPTIONS)["vision_features"], tiny(images, CAPTIONS)["vision_features"]
+        )
+
+
+def test_checkpoint_through_an_fsspec_uri(tmp_path, tiny):
+    path = tmp_path / "weights.pt"
+    torch.save(_official_prefixed(tiny), path)
+    loaded = build_sam3_vl_backbone(f"file://{path}", config="tiny", imgsz=IMGSZ, add_sam2_neck=True)
+    assert torch.equal(
+        loaded.state_dict()["vision_backbone.convs.0.conv_3x3.weight"],
+        tiny.state_dict()["vision_backbone.convs.0.conv_3x3.weight"],
+    )
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_from_s3(s3_server, s3_bucket, tiny):
+    import fsspec
+
+    options = {"client_kwargs": {"endpoint_url": s3_server}}
+    with fsspec.open(f"s3://{s3_bucket}/models/sam3.pt", "wb", **options) as f:
+        torch.save(_official_prefixed(tiny), f)
+    loaded = build_sam3_vl_backbone(
+        f"s3://{s3_bucket}/models/sam3.pt", config="tiny", imgsz=IMGSZ, add_sam2_neck=True, storage_options=options
+    )
+    assert torch.equal(
+        loaded.state_dict()["vision_backbone.trunk.pos_embed"], tiny.state_dict()["vision_backbone.trunk.pos_embed"]
+    )
+
+
+def test_sam2_weights_in_the_file_are_skipped_without_the_sam2_neck(tmp_path, tiny):
+    path = tmp_path / "sam3.pt"
+    torch.save(_official_prefixed(tiny), path)
+    model = build_sam3_vl_backbone(path, config="tiny", imgsz=IMGSZ)
+    assert model.vision_backbone.sam2_convs is None
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "sam3.pt"
+    path.write_bytes(b"PK\x03\x04 this is not a zip archive" + bytes(range(256)))
+    with pytest.raises(CheckpointError, match="not a readable PyTorch or safetensors checkpoint"):
+        build_sam3_vl_backbone(path, config="tiny")
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"detector.backbone.x": torch.ones(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="not a readable"):
+        build_sam3_vl_backbone(truncated, config="tiny")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        build_sam3_vl_backbone(tmp_path / "nope.pt", config="tiny")
+
+
+def test_foreign_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "resnet.pt"
+    torch.save({"conv1.weight": torch.ones(2), "fc.bias": torch.ones(2)}, path)
+    with pytest.raises(CheckpointError, match=r"not a SAM 3 checkpoint.*conv1\.weight"):
+        build_sam3_vl_backbone(path, config="tiny")
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path, tiny):
+    state = _official_prefixed(tiny)
+    del state["detector.backbone.language_backbone.resizer.bias"]
+    state["detector.backbone.vision_backbone.trunk.blocks.0.attn.extra"] = torch.ones(1)
+    path = tmp_path / "sam3.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as error:
+        build_sam3_vl_backbone(path, config="tiny", imgsz=IMGSZ, add_sam2_neck=True)
+    assert "missing backbone keys (1): language_backbone.resizer.bias" in str(error.value)
+    assert "unexpected backbone keys (1): vision_backbone.trunk.blocks.0.attn.extra" in str(error.value)
+
+
+def test_checkpoint_for_another_config_names_the_shape_mismatch(tmp_path, tiny):
+    path = tmp_path / "tiny.pt"
+    torch.save(_official_prefixed(tiny), path)
+    # the official config is built on the meta device, so this costs no memory
+    with pytest.raises(
+        CheckpointError,
+        match=r"is the model config right.*ln_final\.bias is \[64\] in the file but \[1024\] in the model",
+    ):
+        build_sam3_vl_backbone(path, config="sam3")
+
+
+def test_missing_or_corrupt_vocabulary_is_a_clear_error(tmp_path):
+    with pytest.raises(VocabularyError, match="cannot read the BPE vocabulary"):
+        build_sam3_vl_backbone(config="tiny", bpe_path=tmp_path / "missing.txt.gz")
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(VocabularyError, match="not a gzipped CLIP BPE merge list"):
+        Sam3Tokenizer(bad)
+    short = tmp_path / "short.txt.gz"
+    short.write_bytes(gzip.compress(b"#version\na b\n"))
+    with pytest.raises(VocabularyError, match="merges"):
+        Sam3Tokenizer(short)
+
+
+def test_tokenizer_sequence_rules():
+    tokenizer = Sam3Tokenizer()
+    ids = tokenizer(["", "word " * 100], context_length=32)
+    assert ids[0, :3].tolist() == [tokenizer.sot_token_id, tokenizer.eot_token_id, 0]
+    assert ids[1, 0] == tokenizer.sot_token_id and ids[1, -1] == tokenizer.eot_token_id and (ids[1] != 0).all()
+    assert tokenizer.decode(tokenizer("A  Cat &amp;amp; a DOG")[0].tolist()) == "a cat & a dog"
+
+
+@pytest.mark.parametrize(("height", "width", "size"), [(56, 56, 28), (100, 37, 28), (20, 30, 56), (700, 1000, 112)])
+def test_resize_agrees_with_pillows_antialiased_bilinear(height, width, size):
+    # Pillow's BILINEAR is the same antialiased triangle filter, written independently: equal up to uint8 rounding.
+    image = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    ours = resize_image(image, size).astype(np.int32)
+    pillow = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR)).astype(np.int32)
+    assert ours.shape == (size, size, 3)
+    assert np.abs(ours - pillow).max() <= 1
+
+
+def test_normalize_scales_to_minus_one_one():
+    batch = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 3, 1).expand(1, 1, 3, 3).contiguous()
+    x = normalize_images(batch)
+    assert x.shape == (1, 3, 1, 3) and x.dtype == torch.float32
+    torch.testing.assert_close(x[0, 0, 0], torch.tensor([-1.0, 51 / 255 * 2 - 1, 1.0]))
+    with pytest.raises(ValueError, match="uint8 batch"):
+        normalize_images(torch.zeros(1, 3, 4, 4))
+
+
+def test_preprocess_accepts_pil_modes_and_array_layouts():
+    gray = Image.new("L", (40, 30), color=128)
+    rgba = Image.new("RGBA", (30, 40), color=(255, 0, 0, 10))
+    palette = Image.new("RGB", (50, 50), color=(0, 255, 0)).convert("P")
+    array = np.full((20, 10), 255, dtype=np.uint8)
+    batch = preprocess_images([gray, rgba, palette, array], 28)
+    assert batch.shape == (4, 3, 28, 28)
+    torch.testing.assert_close(batch[0], torch.full((3, 28, 28), 128 / 255 * 2 - 1))
+    torch.testing.assert_close(batch[1, :, 5, 5], torch.tensor([1.0, -1.0, -1.0]))
+    torch.testing.assert_close(batch[3], torch.ones(3, 28, 28))
+    with pytest.raises(TypeError, match="uint8"):
+        resize_image(np.zeros((4, 4, 3), dtype=np.float32), 28)
+    with pytest.raises(ValueError, match="no images"):
+        preprocess_images([], 28)
