@@ -1,0 +1,105 @@
+"""Entry point for one embedding job: `python -m jobs.embed --config job.yaml`.
+
+Meant for `ray job submit --working-dir . -- python -m jobs.embed --config job.yaml` (the driver then connects to
+the cluster through RAY_ADDRESS, which Ray sets for submitted jobs) and equally for a local run, where Ray starts
+in-process. All work happens in `pipeline.run_job`; this module loads the config, prints the summary and turns the
+outcome into an exit code (see `jobs.exit_codes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from typing import Any
+
+from jobs import exit_codes
+from jobs.cli_common import configure_logging, write_report
+from jobs.job_config import add_config_arguments, load_job_config
+from jobs.run_summary import summary_counts, summary_to_dict
+from pipeline.config import JobConfig
+
+logger = logging.getLogger("jobs.embed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.embed",
+        description="Embed images and captions with SAM 3's backbone into Parquet, as described by a job file.",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage or config error, 3 finished with error rows, 130 interrupted",
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--run-id", help="name this run (default: the config's run_id, else a random one)")
+    parser.add_argument(
+        "--resume-path",
+        metavar="URI",
+        help="checkpoint location shared by the cluster: a rerun with the same value skips rows already written",
+    )
+    parser.add_argument("--report", metavar="PATH_OR_URI", help="also write the run summary as JSON here")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> JobConfig:
+    config = load_job_config(args.config, args.overrides)
+    if args.run_id:
+        config.run_id = args.run_id
+    if args.resume_path:
+        config.resume_path = args.resume_path
+    return config
+
+
+def exit_code_for(summary: dict[str, Any]) -> int:
+    _, error_rows = summary_counts(summary)
+    return exit_codes.FINISHED_WITH_ERROR_ROWS if error_rows else exit_codes.OK
+
+
+def render_summary(config: JobConfig, summary: dict[str, Any], code: int) -> str:
+    rows, error_rows = summary_counts(summary)
+    lines = [
+        f"run {config.run_id}: {_count(rows)} rows, {_count(error_rows)} error rows -> {config.output.uri}",
+        json.dumps(summary, indent=1, sort_keys=True, default=str),
+        f"exit code {code} ({exit_codes.describe(code)})",
+    ]
+    return "\n".join(lines)
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        config = resolve_config(args)
+    except (OSError, ValueError, TypeError) as error:
+        print(f"error: cannot load job config {args.config}: {error}", file=sys.stderr)
+        return exit_codes.USAGE
+    if args.dry_run:
+        print(json.dumps(config.to_dict(), indent=1, sort_keys=True))
+        return exit_codes.OK
+
+    from pipeline import run_job  # imported late: loading the pipeline pulls in Ray and torch
+
+    try:
+        summary = summary_to_dict(run_job(config))
+    except KeyboardInterrupt:
+        print(f"run {config.run_id}: interrupted", file=sys.stderr)
+        return exit_codes.INTERRUPTED
+    except Exception as error:
+        traceback.print_exc()
+        print(f"run {config.run_id}: FAILED: {type(error).__name__}: {error}", file=sys.stderr)
+        return exit_codes.FAILED
+    code = exit_code_for(summary)
+    print(render_summary(config, summary, code), flush=True)
+    if args.report:
+        write_report(args.report, json.dumps({**summary, "exit_code": code}, indent=1, sort_keys=True, default=str))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
