@@ -154,16 +154,12 @@ def _discover_one(template: str, column: str, storage_options: dict[str, Any] | 
     marker = placeholder(column)
     if marker not in template:
         template = f"{template.rstrip('/')}/{column}={marker}"
-    prefix, suffix = template.split(marker, 1)
-    suffix = suffix.rstrip("/")
-    # Glob one path segment per value: cut the pattern after the segment holding the placeholder.
-    segment_end = suffix.find("/")
-    suffix = suffix if segment_end < 0 else suffix[:segment_end]
-    root = Location.parse(prefix + "*" + suffix, storage_options)
-    prefix_path = Location.parse(prefix + "x", storage_options).path[:-1]
-    pattern = re.compile(re.escape(prefix_path) + r"(?P<value>[^/]+)" + re.escape(suffix) + "$")
+    sentinel = "SAM3PARTITIONVALUE"
+    parsed = Location.parse(template.rstrip("/").replace(marker, sentinel), storage_options)
+    prefix_path, suffix_path = parsed.path.split(sentinel, 1)
+    pattern = re.compile(re.escape(prefix_path) + r"(?P<value>[^/]+)" + re.escape(suffix_path) + "$")
     values = set()
-    for name in root.fs.glob(root.path):
+    for name in parsed.fs.glob(prefix_path + "*" + suffix_path):
         match = pattern.match(name.rstrip("/"))
         if match and _SAFE_VALUE.match(match.group("value")):
             values.add(match.group("value"))
