@@ -72,14 +72,24 @@ def is_committed(partition_dir: Location) -> bool:
 
 
 def uncommit(partition_dir: Location) -> None:
-    """Hide a partition (marker first, so it is never visible half-deleted), then remove its files."""
+    """Hide a partition, then remove its files: every marker goes first (the top one before nested ones written
+    by a partitioned pipeline run), so no directory is ever visible with part of its files deleted."""
     partition_dir.child(SUCCESS_MARKER).remove()
+    for name in partition_dir.files():
+        if _is_marker(name):
+            partition_dir.child(name).remove()
     partition_dir.remove()
 
 
+def _is_marker(relative_path: str) -> bool:
+    return relative_path.rsplit("/", 1)[-1] == SUCCESS_MARKER
+
+
 def staged_files(staged_dir: Location) -> list[str]:
-    """Files a commit carries over: everything the pipeline wrote, except its own completion marker."""
-    return [name for name in staged_dir.files() if name.rsplit("/", 1)[-1] != SUCCESS_MARKER]
+    """Files a commit carries over: everything the pipeline wrote except its top-level completion marker (the
+    commit writes its own). Markers of nested directories (a run with `output.partition_by`) are kept, last."""
+    names = [name for name in staged_dir.files() if name != SUCCESS_MARKER]
+    return sorted(names, key=lambda name: (_is_marker(name), name))
 
 
 def commit_partition(
@@ -101,14 +111,14 @@ def commit_partition(
     names = staged_files(staged_dir)
     uncommit(partition_dir)
     copied: list[CommittedFile] = []
-    for name in names:
-        source = staged_dir.child(name)
-        target = partition_dir.child(name)
-        target.fs.makedirs(target.path.rsplit("/", 1)[0], exist_ok=True)
-        source.fs.copy(source.path, target.path)
-        copied.append(_describe(target, name))
+    data_names = [name for name in names if not _is_marker(name)]
+    nested_markers = [name for name in names if _is_marker(name)]
+    for name in data_names:
+        copied.append(_copy(staged_dir, partition_dir, name))
     if before_marker is not None:
         before_marker()
+    for name in nested_markers:
+        copied.append(_copy(staged_dir, partition_dir, name))
     manifest = CommitManifest(
         partition=dict(partition),
         run_id=run_id,
@@ -120,6 +130,14 @@ def commit_partition(
     partition_dir.child(SUCCESS_MARKER).write_text(manifest.to_json())
     logger.info("committed %s: %d files, %d rows", partition_dir.uri, len(copied), manifest.rows)
     return manifest
+
+
+def _copy(staged_dir: Location, partition_dir: Location, name: str) -> CommittedFile:
+    source = staged_dir.child(name)
+    target = partition_dir.child(name)
+    target.fs.makedirs(target.path.rsplit("/", 1)[0], exist_ok=True)
+    source.fs.copy(source.path, target.path)
+    return _describe(target, name)
 
 
 def _describe(location: Location, relative_path: str) -> CommittedFile:

@@ -130,3 +130,23 @@ def test_uncommit_hides_then_removes(storage_root: Location) -> None:
     uncommit(final)
     assert not is_committed(final)
     assert final.files() == []
+
+
+@pytest.mark.timeout(60)
+def test_nested_markers_of_a_partitioned_run_are_copied_only_after_the_lease_check(storage_root: Location) -> None:
+    staged = stage(storage_root, {"split=a/part-0.parquet": ["a"], "split=b/part-0.parquet": ["b"]})
+    for split in ("a", "b"):
+        staged.child(f"split={split}", SUCCESS_MARKER).write_text("{}")
+    final = storage_root.child("date=2025-01-01")
+
+    def crash() -> None:
+        raise RuntimeError("lost the lease")
+
+    with pytest.raises(RuntimeError):
+        commit_partition(staged, final, partition={"date": "2025-01-01"}, run_id="r", before_marker=crash)
+    assert not [name for name in final.files() if name.endswith(SUCCESS_MARKER)]
+
+    commit_partition(staged, final, partition={"date": "2025-01-01"}, run_id="r")
+    assert {"split=a/_SUCCESS", "split=b/_SUCCESS", "_SUCCESS"} <= set(final.files())
+    uncommit(final)
+    assert final.files() == []
