@@ -15,7 +15,9 @@ never imported). Then it:
 - sets every parameter and persistent buffer from `tools.parity_weights.deterministic_tensor`, keyed by its
   `sam3.pt` name (`detector.backbone.` + the module path); the official text tower leaves
   `positional_embedding` and `text_projection` as uninitialised memory, so nothing may be skipped. The
-  complex RoPE tables (`*freqs_cis`) keep the values the official code computed for this image size;
+  complex RoPE tables (`*freqs_cis`) keep the values the official code computed for this image size, and
+  the spec gives them the shapes of an official file (tables for the configuration's default size, as
+  `sam3.pt` has them for 1008 px);
 - runs `forward(images, captions, additional_text=...)` in float32, eval mode, under `torch.no_grad`, on
   `parity_images` and the fixed captions; the SAM 2 neck outputs come back as `sam2_backbone_out` (what
   `forward_image_sam2` returns);
@@ -157,19 +159,39 @@ def build_official_backbone(official: Any, config: Any, imgsz: int) -> nn.Module
     return backbone.eval()
 
 
-def fill_deterministic(model: nn.Module) -> dict[str, dict[str, Any]]:
+def official_file_rope_shape(config: Any, name: str) -> list[int]:
+    """Shape of a block's `freqs_cis` in an official file, whose tables are sized for `default_imgsz`.
+
+    `sam3.pt` carries tables for 1008 px whatever size a user runs at; recording those shapes (not the ones of
+    this run) makes the test checkpoint as awkward as the real one for a loader.
+    """
+    vision = config.vision
+    block = int(name.split(".blocks.")[1].split(".")[0])
+    grid = config.default_imgsz // vision.patch_size
+    side = grid if block in vision.global_blocks else vision.window_size
+    return [side * side, vision.width // vision.heads // 2]
+
+
+def fill_deterministic(model: nn.Module, config: Any, imgsz: int) -> dict[str, dict[str, Any]]:
     """Overwrite every parameter and persistent buffer but the RoPE tables; return the checkpoint spec."""
     spec: dict[str, dict[str, Any]] = {}
     covered_parameters = set()
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             key = CHECKPOINT_PREFIX + name
-            value = deterministic_tensor(key, tensor.shape, tensor.dtype)
+            shape = list(tensor.shape)
+            if name.endswith(ROPE_TABLE_SUFFIX):
+                shape = official_file_rope_shape(config, name)
+                if imgsz == config.default_imgsz and shape != list(tensor.shape):
+                    raise RuntimeError(
+                        f"{key}: expected a table of shape {shape}, the official model has one of {list(tensor.shape)}"
+                    )
+            value = deterministic_tensor(key, shape, tensor.dtype)
             if not name.endswith(ROPE_TABLE_SUFFIX):
                 tensor.data.copy_(value)
             covered_parameters.add(id(tensor))
             spec[key] = {
-                "shape": list(tensor.shape),
+                "shape": shape,
                 "dtype": dtype_name(tensor.dtype),
                 "sum": value.to(torch.complex128 if value.is_complex() else torch.float64).sum().real.item(),
             }
@@ -202,7 +224,7 @@ def record_case(official: Any, configs: ModuleType, config_name: str, imgsz: int
     config = configs.get_config(config_name)
     started = time.perf_counter()
     model = build_official_backbone(official, config, imgsz)
-    spec = fill_deterministic(model)
+    spec = fill_deterministic(model, config, imgsz)
     built = time.perf_counter()
     images = parity_images(config, imgsz)
     outputs = flatten_outputs(run_official(model, images))
