@@ -1,0 +1,31 @@
+"""sam3-embed pipeline: Ray Data job that embeds images and captions with SAM 3's backbone into partitioned Parquet.
+
+Public API: `run_job(JobConfig) -> RunSummary`, and for consumers `read_embeddings`, `read_embeddings_numpy`,
+`embeddings_to_numpy`, `read_run_metadata`.
+"""
+
+from pipeline.config import (
+    ComputeConfig,
+    InputConfig,
+    JobConfig,
+    ModelConfig,
+    OutputConfig,
+    S3Options,
+)
+from pipeline.job import RunSummary, run_job
+from pipeline.reader import embeddings_to_numpy, read_embeddings, read_embeddings_numpy, read_run_metadata
+
+__all__ = [
+    "ComputeConfig",
+    "InputConfig",
+    "JobConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "RunSummary",
+    "S3Options",
+    "embeddings_to_numpy",
+    "read_embeddings",
+    "read_embeddings_numpy",
+    "read_run_metadata",
+    "run_job",
+]

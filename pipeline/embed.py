@@ -1,0 +1,244 @@
+"""The model stage: a Ray Data actor that builds the backbone once and embeds batches of prepared records.
+
+On a GPU the backbone runs in bfloat16 with the vision trunk compiled (both configurable); without one the same
+class runs on the CPU in float32, so a laptop runs the exact code a cluster runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from pipeline import arrow_features, schema
+from pipeline.model_cache import local_checkpoint
+
+logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_SEED = 0  # every actor must build the same random model when no checkpoint is given
+MAX_CAPTIONS_PER_FORWARD = 256
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    checkpoint: str | None
+    model_config: str
+    imgsz: int
+    dtype: str  # auto | float32 | bfloat16 | float16
+    compile: str  # auto | on | off
+    bpe_path: str | None
+    features: tuple[str, ...]
+    feature_dtype: str  # float16 | float32
+    multi_caption: bool
+    storage_options: dict[str, Any] | None = None
+    run_id: str = ""
+    package_version: str = ""
+    extra_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def should_compile(requested: str, device: torch.device) -> bool:
+    return requested == "on" or (requested == "auto" and device.type == "cuda")
+
+
+class EmbedWorker:
+    """Callable class for `Dataset.map_batches(EmbedWorker, compute=ActorPoolStrategy(...), ...)`."""
+
+    def __init__(self, settings: EmbedSettings, progress: Any = None) -> None:
+        from sam3core import build_sam3_vl_backbone
+
+        started = time.monotonic()
+        self.settings = settings
+        self.progress = progress
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = compute_dtype(settings.dtype, self.device)
+        self.output_dtype = np.dtype(settings.feature_dtype)
+        resolved = local_checkpoint(settings.checkpoint, settings.storage_options)
+        if resolved.path is None:
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        compiled = should_compile(settings.compile, self.device)
+        self.backbone = build_sam3_vl_backbone(
+            resolved.path,
+            config=settings.model_config,
+            imgsz=settings.imgsz,
+            device=self.device,
+            dtype=self.dtype,
+            compile_visual=compiled,
+            add_sam2_neck="sam2_backbone_fpn" in settings.features,
+            bpe_path=settings.bpe_path,
+            storage_options=settings.storage_options,
+        )
+        self.d_model = self.backbone.config.d_model
+        self.metadata = {
+            schema.METADATA_KEY: json.dumps(
+                {
+                    "run_id": settings.run_id,
+                    "package_version": settings.package_version,
+                    "model": {
+                        "config": settings.model_config,
+                        "architecture": self.backbone.config.to_dict(),
+                        "checkpoint": settings.checkpoint,
+                        "checkpoint_sha256": resolved.sha256,
+                        "compute_dtype": str(self.dtype).removeprefix("torch."),
+                        "compiled_vision": compiled,
+                        "device": self.device.type,
+                    },
+                    "image_size": settings.imgsz,
+                    "feature_dtype": settings.feature_dtype,
+                    "features": list(settings.features),
+                    "pooling": schema.POOLING,
+                    **settings.extra_metadata,
+                },
+                sort_keys=True,
+            ).encode()
+        }
+        logger.info(
+            "model ready on %s (%s, compiled=%s) in %.1fs",
+            self.device,
+            self.dtype,
+            compiled,
+            time.monotonic() - started,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = np.array([s == schema.STATUS_OK for s in batch.column(schema.STATUS).to_pylist()], dtype=bool)
+        with torch.inference_mode():
+            image_columns = self._image_columns(batch.column(schema.PIXELS), ok)
+            text_columns = self._text_columns(batch.column(schema.TOKENS), ok)
+        out = batch.drop_columns([schema.PIXELS, schema.TOKENS])
+        for name, values in {**image_columns, **text_columns}.items():
+            out = out.append_column(name, values)
+        if self.progress is not None:
+            self.progress.add.remote(int(ok.sum()), int((~ok).sum()))
+        return out.replace_schema_metadata({**(out.schema.metadata or {}), **self.metadata})
+
+    # Images ---------------------------------------------------------------------------------------------------
+
+    def _image_columns(self, pixels: pa.ChunkedArray, ok: np.ndarray) -> dict[str, pa.Array]:
+        from sam3core import normalize_images
+
+        n, size = len(ok), self.settings.imgsz
+        rows = np.flatnonzero(ok)
+        pooled = arrow_features.empty_rows(n, (self.d_model,), self.output_dtype)
+        wanted = set(self.settings.features)
+        dense: dict[str, np.ndarray] = {}
+        if len(rows):
+            raw = [pixels[int(i)].as_py() for i in rows]
+            uint8 = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(size, size, 3) for b in raw])
+            x = normalize_images(torch.from_numpy(uint8)).to(self.device)
+            out = self.backbone.forward_image(x)
+            vision = out["vision_features"].float()  # [B, d, g, g]
+            pooled[rows] = self._to_numpy(F.normalize(vision.mean(dim=(2, 3)), dim=-1))
+            if schema.VISION_FEATURES in wanted:
+                dense[schema.VISION_FEATURES] = self._to_numpy(vision)
+            if "backbone_fpn" in wanted:
+                for level, tensor in enumerate(out["backbone_fpn"]):
+                    dense[schema.fpn_column(level)] = self._to_numpy(tensor)
+            if "sam2_backbone_fpn" in wanted:
+                sam2 = out["sam2_backbone_out"]
+                if sam2 is None:
+                    raise RuntimeError("sam2_backbone_fpn requested but the backbone has no SAM 2 neck")
+                for level, tensor in enumerate(sam2["backbone_fpn"]):
+                    dense[schema.fpn_column(level, sam2=True)] = self._to_numpy(tensor)
+        columns = {schema.IMAGE_EMBEDDING: arrow_features.vectors(pooled, ok)}
+        for name in self._dense_image_columns():
+            shape = self._dense_image_shape(name)
+            full = arrow_features.empty_rows(n, shape, self.output_dtype)
+            if name in dense:
+                full[rows] = dense[name]
+            columns[name] = arrow_features.tensors(full, ok)
+        return columns
+
+    def _dense_image_columns(self) -> list[str]:
+        wanted = set(self.settings.features)
+        names = [schema.VISION_FEATURES] if schema.VISION_FEATURES in wanted else []
+        if "backbone_fpn" in wanted:
+            names += [schema.fpn_column(level) for level in range(schema.FPN_LEVELS)]
+        if "sam2_backbone_fpn" in wanted:
+            names += [schema.fpn_column(level, sam2=True) for level in range(schema.FPN_LEVELS)]
+        return names
+
+    def _dense_image_shape(self, name: str) -> tuple[int, int, int]:
+        grid = self.settings.imgsz // self.backbone.config.vision.patch_size
+        if name == schema.VISION_FEATURES:
+            return (self.d_model, grid, grid)
+        level = int(name.rsplit("_", 1)[1])
+        side = grid * (4, 2, 1)[level]
+        return (self.d_model, side, side)
+
+    # Text -----------------------------------------------------------------------------------------------------
+
+    def _text_columns(self, tokens: pa.ChunkedArray, ok: np.ndarray) -> dict[str, pa.Array]:
+        n = len(ok)
+        context = self.backbone.config.text.context_length
+        per_row = tokens.to_pylist()
+        counts = [len(t) if (t is not None and ok[i]) else 0 for i, t in enumerate(per_row)]
+        has_text = np.array([c > 0 for c in counts], dtype=bool)
+        flat = [ids for i, row in enumerate(per_row) if counts[i] for ids in row]
+        total = len(flat)
+        wanted = set(self.settings.features)
+        d, width = self.d_model, self.backbone.config.text.width
+        pooled = np.zeros((total, d), dtype=self.output_dtype)
+        features = (
+            np.zeros((total, context, d), dtype=self.output_dtype) if schema.LANGUAGE_FEATURES in wanted else None
+        )
+        masks = np.zeros((total, context), dtype=bool)
+        embeds = (
+            np.zeros((total, context, width), dtype=self.output_dtype) if schema.LANGUAGE_EMBEDS in wanted else None
+        )
+        for start in range(0, total, MAX_CAPTIONS_PER_FORWARD):
+            chunk = torch.tensor(flat[start : start + MAX_CAPTIONS_PER_FORWARD], dtype=torch.long)
+            stop = start + chunk.shape[0]
+            out = self.backbone.forward_text(chunk.to(self.device))
+            language = out["language_features"].float().transpose(0, 1)  # [N, L, d]
+            padding = out["language_mask"]  # [N, L], True where padded
+            real = (~padding).unsqueeze(-1).to(language.dtype)
+            mean = (language * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)
+            pooled[start:stop] = self._to_numpy(F.normalize(mean, dim=-1))
+            masks[start:stop] = padding.cpu().numpy()
+            if features is not None:
+                features[start:stop] = self._to_numpy(language)
+            if embeds is not None:
+                embeds[start:stop] = self._to_numpy(out["language_embeds"].float().transpose(0, 1))
+
+        per_caption: dict[str, np.ndarray] = {schema.TEXT_EMBEDDING: pooled}
+        if features is not None:
+            per_caption[schema.LANGUAGE_FEATURES] = features
+            per_caption[schema.LANGUAGE_MASK] = masks
+        if embeds is not None:
+            per_caption[schema.LANGUAGE_EMBEDS] = embeds
+        columns = {name: self._per_row(name, values, counts, has_text) for name, values in per_caption.items()}
+        assert all(len(c) == n for c in columns.values())
+        return columns
+
+    def _per_row(self, name: str, values: np.ndarray, counts: list[int], has_text: np.ndarray) -> pa.Array:
+        """Per-caption arrays to one entry per row, or a list of entries per row when rows hold several captions."""
+        build = arrow_features.vectors if values.ndim == 2 else arrow_features.tensors
+        if self.settings.multi_caption:
+            items = build(values, np.ones(len(values), dtype=bool))
+            return arrow_features.ragged(items, counts, has_text)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        full = np.zeros((len(counts), *values.shape[1:]), dtype=values.dtype)
+        full[has_text] = values[first[has_text]]
+        return build(full, has_text)
+
+    def _to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().float().cpu().numpy().astype(self.output_dtype, copy=False)
+
+
+def settings_summary(settings: EmbedSettings) -> dict[str, Any]:
+    data = asdict(settings)
+    data.pop("storage_options", None)
+    return data

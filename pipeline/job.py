@@ -1,0 +1,251 @@
+"""`run_job`: read, prepare on CPUs, embed on model actors, stream partitioned Parquet, then summarize and commit."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline import schema
+from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig
+from pipeline.markers import data_files, write_markers
+from pipeline.records import PrepareSettings, prepare_batch
+from pipeline.sources import SourceSpec, input_protocol, input_uris, read_source
+from pipeline.storage import Location, arrow_filesystem, fsspec_filesystem, parse_uri
+from pipeline.version import package_version
+
+logger = logging.getLogger("pipeline")
+
+PREPARE_BATCH_ROWS = 32  # rows per CPU task call: enough to amortize fetch latency, small enough to stream
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output_uri: str
+    rows_total: int  # rows in the output, including rows written by earlier attempts of this run
+    rows_ok: int
+    rows_error: int
+    rows_this_run: int  # rows embedded by this invocation (0 when resuming a finished run)
+    elapsed_s: float
+    rows_per_s: float
+    started_at: str
+    finished_at: str
+    files: int
+    config: dict[str, Any]
+    checkpoint_sha256: str | None = None
+    package_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate(config: JobConfig) -> None:
+    input_uris(config.input.uri)
+    if not config.output.uri:
+        raise ValueError("output.uri is empty: where should the Parquet dataset go?")
+    known = set(FEATURES_DEFAULT) | set(FEATURES_OPTIONAL)
+    unknown = sorted(set(config.output.features) - known)
+    if unknown:
+        raise ValueError(f"unknown output.features {unknown}; choose from {sorted(known)}")
+    if config.output.feature_dtype not in ("float16", "float32"):
+        raise ValueError(f"output.feature_dtype must be float16 or float32, not {config.output.feature_dtype!r}")
+    if config.output.min_rows_per_file < 1:
+        raise ValueError("output.min_rows_per_file must be at least 1")
+    if config.compute.batch_size < 1 or config.compute.num_actors < 1:
+        raise ValueError("compute.batch_size and compute.num_actors must be at least 1")
+    if config.model.imgsz % 14:
+        raise ValueError(f"model.imgsz must be a multiple of the patch size 14, got {config.model.imgsz}")
+    if parse_uri(config.output.uri) == parse_uri(config.resume_path or "\0"):
+        raise ValueError("resume_path must differ from output.uri (Ray Data keeps its own files there)")
+
+
+def run_job(config: JobConfig) -> RunSummary:
+    """Run one embedding job to completion; starts a local Ray cluster when none is initialised."""
+    import ray
+
+    validate(config)
+    started_wall = datetime.now(timezone.utc)
+    started = time.monotonic()
+    if not ray.is_initialized():
+        ray.init()  # honours RAY_ADDRESS; otherwise starts a local cluster on this machine
+    storage_options = config.storage_options()
+    uris = input_uris(config.input.uri)
+    source = SourceSpec.from_config(config.input, input_protocol(uris))
+    output = parse_uri(config.output.uri)
+    _check_output_is_fresh(output, config, storage_options)
+
+    with _checkpointing(config, source, storage_options):
+        dataset = read_source(source, uris, storage_options)
+        dataset = _prepare(dataset, config, source, storage_options)
+        from pipeline.progress import ProgressCounter, ProgressLogger
+
+        counter = ProgressCounter.remote()
+        dataset = _embed(dataset, config, source, storage_options, counter)
+        with ProgressLogger(counter) as progress:
+            _write(dataset, config, output, storage_options)
+            done = progress.snapshot()
+    logger.info("written: %s", done.line())
+
+    counts, files, checkpoint_sha = _scan_output(output, storage_options)
+    finished_wall = datetime.now(timezone.utc)
+    elapsed = time.monotonic() - started
+    summary = RunSummary(
+        run_id=config.run_id,
+        output_uri=output.uri(),
+        rows_total=sum(counts.values()),
+        rows_ok=counts.get(schema.STATUS_OK, 0),
+        rows_error=counts.get(schema.STATUS_ERROR, 0),
+        rows_this_run=done.done,
+        elapsed_s=round(elapsed, 3),
+        rows_per_s=round(done.done / elapsed, 3) if elapsed > 0 else 0.0,
+        started_at=started_wall.isoformat(),
+        finished_at=finished_wall.isoformat(),
+        files=files,
+        config=config.to_dict(),
+        checkpoint_sha256=checkpoint_sha,
+        package_version=package_version(),
+    )
+    _commit(output, summary, storage_options)
+    logger.info(
+        "run %s finished: %d rows (%d ok, %d error) in %s; summary at %s",
+        config.run_id,
+        summary.rows_total,
+        summary.rows_ok,
+        summary.rows_error,
+        output.uri(),
+        output.join(schema.SUMMARY_FILE).uri(),
+    )
+    return summary
+
+
+def _check_output_is_fresh(output: Location, config: JobConfig, storage_options: dict[str, Any]) -> None:
+    existing = data_files(output, storage_options)
+    if existing and config.resume_path is None:
+        raise FileExistsError(
+            f"{output.uri()} already holds {len(existing)} Parquet files; writing again would duplicate rows. "
+            "Set resume_path to continue an interrupted run, or choose an empty output.uri."
+        )
+    if existing:
+        # This run appends to earlier files; they are not complete until this run commits again.
+        fs = fsspec_filesystem(output.protocol, storage_options)
+        for marker in fs.find(output.path, withdirs=False):
+            if marker.rsplit("/", 1)[-1] in (schema.SUCCESS_FILE, schema.SUMMARY_FILE):
+                fs.rm_file(marker)
+
+
+@contextlib.contextmanager
+def _checkpointing(config: JobConfig, source: SourceSpec, storage_options: dict[str, Any]) -> Iterator[None]:
+    """Set Ray Data's checkpoint config for datasets built inside the block (they copy the context when created)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    previous = context.checkpoint_config
+    if config.resume_path:
+        from pipeline.resume import checkpoint_config
+
+        context.checkpoint_config = checkpoint_config(source, config.resume_path, storage_options)
+    try:
+        yield
+    finally:
+        context.checkpoint_config = previous
+
+
+def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_options: dict[str, Any]) -> Any:
+    from sam3core import get_config
+
+    settings = PrepareSettings(
+        source=source,
+        imgsz=config.model.imgsz,
+        context_length=get_config(config.model.config).text.context_length,
+        bpe_path=config.model.bpe_path,
+        storage_options=storage_options,
+        partition_by=tuple(config.output.partition_by),
+    )
+    return dataset.map_batches(
+        prepare_batch,
+        fn_kwargs={"settings": settings},
+        batch_size=PREPARE_BATCH_ROWS,
+        # WebDataset blocks are pandas frames of raw bytes; converting them to Arrow here gains nothing.
+        batch_format="pandas" if source.format == "webdataset" else "pyarrow",
+        concurrency=config.compute.decode_concurrency,
+        udf_modifying_row_count=False,
+    )
+
+
+def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options: dict[str, Any], counter: Any) -> Any:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.embed import EmbedSettings, EmbedWorker
+
+    gpus = config.compute.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    settings = EmbedSettings(
+        checkpoint=config.model.checkpoint,
+        model_config=config.model.config,
+        imgsz=config.model.imgsz,
+        dtype=config.model.dtype,
+        compile=config.model.compile,
+        bpe_path=config.model.bpe_path,
+        features=tuple(dict.fromkeys([*FEATURES_DEFAULT, *config.output.features])),
+        feature_dtype=config.output.feature_dtype,
+        multi_caption=source.multi_caption,
+        storage_options=storage_options,
+        run_id=config.run_id,
+        package_version=package_version(),
+        extra_metadata={"input": {"format": source.format, "uri": config.input.uri}},
+    )
+    return dataset.map_batches(
+        EmbedWorker,
+        fn_constructor_kwargs={"settings": settings, "progress": counter},
+        compute=ActorPoolStrategy(size=config.compute.num_actors),
+        batch_size=config.compute.batch_size,
+        batch_format="pyarrow",
+        num_gpus=gpus,
+        num_cpus=config.compute.cpus_per_actor,
+        udf_modifying_row_count=False,
+        # Restart dead model actors (preempted node, OOM) as Ray Data does by default. Saying so explicitly also
+        # makes the remote args differ from the CPU stage's, so Ray never fuses decoding into the model actor.
+        max_restarts=-1,
+    )
+
+
+def _write(dataset: Any, config: JobConfig, output: Location, storage_options: dict[str, Any]) -> None:
+    dataset.write_parquet(
+        output.path,
+        filesystem=arrow_filesystem(output.protocol, storage_options),
+        partition_cols=list(config.output.partition_by) or None,
+        min_rows_per_file=config.output.min_rows_per_file,
+        compression=config.output.compression,
+    )
+
+
+def _scan_output(output: Location, storage_options: dict[str, Any]) -> tuple[dict[str, int], int, str | None]:
+    """Status counts over every data file (earlier attempts included), the file count, the checkpoint digest."""
+    from pipeline.reader import open_dataset, run_metadata_from_file
+
+    files = data_files(output, storage_options)
+    if not files:
+        return {}, 0, None
+    filesystem = arrow_filesystem(output.protocol, storage_options)
+    dataset = open_dataset(output, files, filesystem)
+    statuses = dataset.to_table(columns=[schema.STATUS]).column(schema.STATUS)
+    counts = {item["values"]: item["counts"] for item in statuses.value_counts().to_pylist()}
+    metadata = run_metadata_from_file(files[0], filesystem)
+    checkpoint_sha = (metadata.get("model") or {}).get("checkpoint_sha256")
+    return counts, len(files), checkpoint_sha
+
+
+def _commit(output: Location, summary: RunSummary, storage_options: dict[str, Any]) -> None:
+    """Summary first, then `_SUCCESS` in every partition directory and at the root: readers trust only markers."""
+    fs = fsspec_filesystem(output.protocol, storage_options)
+    fs.pipe_file(output.join(schema.SUMMARY_FILE).path, json.dumps(summary.to_dict(), indent=2).encode())
+    write_markers(output, storage_options)

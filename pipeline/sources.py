@@ -1,0 +1,340 @@
+"""The three input layouts, read with Ray Data's own readers, and the canonical view of one read block.
+
+- manifest: Parquet, CSV/TSV or JSON Lines rows naming an image URI, optional id and caption(s); other columns
+  pass through to the output.
+- images: a prefix of images, each with an optional sidecar caption (`name.jpg` + `name.txt`).
+- webdataset: tar shards, one sample per key: an image member plus `.txt` and/or `.json` members.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from pipeline import schema
+from pipeline.config import InputConfig
+from pipeline.ids import derive_id, derive_id_from_row, id_to_string
+from pipeline.storage import Location, arrow_filesystem, list_files, parse_uri, to_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import ray.data
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+MANIFEST_EXTENSIONS = {
+    "parquet": "parquet",
+    "pq": "parquet",
+    "csv": "csv",
+    "tsv": "tsv",
+    "jsonl": "json",
+    "ndjson": "json",
+    "json": "json",
+}
+CAPTION_SIDECAR_EXTENSION = "txt"
+WEBDATASET_TEXT_MEMBERS = ("txt", "text", "caption")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Everything needed to turn one read block into records; small and picklable (it travels to every task)."""
+
+    format: str
+    protocol: str
+    id_column: str = "id"
+    image_column: str = "image"
+    caption_column: str | None = "caption"
+    captions_column: str | None = None
+
+    @property
+    def multi_caption(self) -> bool:
+        return self.format != "images" and self.captions_column is not None
+
+    @property
+    def caption_output_column(self) -> str:
+        return schema.CAPTIONS if self.multi_caption else schema.CAPTION
+
+    @classmethod
+    def from_config(cls, config: InputConfig, protocol: str) -> SourceSpec:
+        if config.format not in ("manifest", "images", "webdataset"):
+            raise ValueError(f"input.format must be manifest, images or webdataset, not {config.format!r}")
+        if config.format == "images" and config.captions_column:
+            raise ValueError("input.captions_column does not apply to format 'images' (one sidecar caption each)")
+        if config.format == "manifest" and not config.image_column:
+            raise ValueError("input.image_column must name the manifest column holding image URIs")
+        return cls(
+            format=config.format,
+            protocol=protocol,
+            id_column=config.id_column,
+            image_column=config.image_column,
+            caption_column=config.caption_column or None,
+            captions_column=config.captions_column or None,
+        )
+
+
+@dataclass
+class SourceRecords:
+    """One read block in canonical form. Lists are aligned with the block's rows; no row is ever dropped."""
+
+    ids: list[str] = field(default_factory=list)
+    source_uris: list[str | None] = field(default_factory=list)
+    image_bytes: list[bytes | None] = field(default_factory=list)  # None: fetch `image_locations`
+    image_locations: list[Location | None] = field(default_factory=list)
+    caption_locations: list[Location | None] = field(default_factory=list)  # sidecar captions to fetch
+    captions: list[list[str] | None] = field(default_factory=list)
+    problems: list[str | None] = field(default_factory=list)  # known before any fetch: the row is an error
+    passthrough: pa.Table | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def input_uris(uri: str | list[str]) -> list[str]:
+    uris = [uri] if isinstance(uri, str) else list(uri)
+    uris = [u for u in uris if u]
+    if not uris:
+        raise ValueError("input.uri is empty: give a file, a list of files or a prefix")
+    return uris
+
+
+def input_protocol(uris: list[str]) -> str:
+    protocols = {parse_uri(u).protocol for u in uris}
+    if len(protocols) != 1:
+        raise ValueError(f"all input URIs must use one filesystem, got {sorted(protocols)}")
+    return protocols.pop()
+
+
+def manifest_kind(paths: Iterable[str]) -> tuple[str, list[str]]:
+    """The manifest format shared by every file (by extension, compression suffix ignored) and the file list."""
+    by_kind: dict[str, list[str]] = {}
+    for path in paths:
+        name = posixpath.basename(path).lower()
+        for suffix in (".gz", ".zst", ".bz2"):
+            name = name.removesuffix(suffix)
+        kind = MANIFEST_EXTENSIONS.get(name.rsplit(".", 1)[-1]) if "." in name else None
+        if kind is not None:
+            by_kind.setdefault(kind, []).append(path)
+    if not by_kind:
+        raise ValueError(
+            "no manifest files found (expected .parquet, .csv, .tsv, .jsonl or .json files); "
+            "for a folder of images use input.format=images"
+        )
+    if len(by_kind) > 1:
+        raise ValueError(f"a manifest must use one format, found several: {sorted(by_kind)}")
+    kind, files = by_kind.popitem()
+    return kind, files
+
+
+def read_source(spec: SourceSpec, uris: list[str], storage_options: dict[str, Any] | None) -> ray.data.Dataset:
+    """The input as a Ray Dataset, through Ray Data's readers and one pyarrow filesystem built from the S3 options."""
+    import ray.data
+
+    filesystem = arrow_filesystem(spec.protocol, storage_options)
+    locations = [parse_uri(u) for u in uris]
+    if spec.format == "manifest":
+        files: list[str] = []
+        for location in locations:
+            files.extend(list_files(location, storage_options))
+        kind, files = manifest_kind(files)
+        if kind == "parquet":
+            return ray.data.read_parquet(files, filesystem=filesystem, file_extensions=None)
+        if kind in ("csv", "tsv"):
+            import pyarrow.csv as pacsv
+
+            delimiter = "\t" if kind == "tsv" else ","
+            return ray.data.read_csv(
+                files, filesystem=filesystem, parse_options=pacsv.ParseOptions(delimiter=delimiter)
+            )
+        return ray.data.read_json(files, filesystem=filesystem, lines=True, file_extensions=None)
+    paths = [location.path for location in locations]
+    if spec.format == "images":
+        extensions = list(IMAGE_EXTENSIONS) + [e.upper() for e in IMAGE_EXTENSIONS]
+        return ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True, file_extensions=extensions)
+    # decoder=None keeps members as raw bytes: decoding, EXIF handling and hashing happen in the CPU stage.
+    return ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None, file_extensions=["tar"])
+
+
+def block_rows(block: pa.Table | pd.DataFrame) -> tuple[list[dict[str, Any]], pa.Table | None]:
+    """Rows as dicts, plus the block itself when it is Arrow (pass-through columns keep their exact types)."""
+    if isinstance(block, pa.Table):
+        return block.to_pylist(), block
+    return block.to_dict("records"), None
+
+
+def describe_block(block: pa.Table | pd.DataFrame, spec: SourceSpec) -> SourceRecords:
+    rows, table = block_rows(block)
+    if spec.format == "manifest":
+        return _describe_manifest(rows, table, spec)
+    if spec.format == "images":
+        return _describe_images(rows, spec)
+    return _describe_webdataset(rows, spec)
+
+
+def block_ids(block: pa.Table | pd.DataFrame, spec: SourceSpec) -> list[str]:
+    return describe_block(block, spec).ids
+
+
+def passthrough_columns(column_names: Iterable[str], spec: SourceSpec) -> list[str]:
+    consumed = {spec.id_column, spec.image_column, spec.caption_column, spec.captions_column}
+    columns = [name for name in column_names if name not in consumed]
+    clashing = sorted(set(columns) & schema.RESERVED_COLUMNS)
+    if clashing:
+        raise ValueError(
+            f"manifest columns {clashing} clash with columns the pipeline writes; rename them in the manifest "
+            f"(or point input.id_column / caption_column / captions_column at them)"
+        )
+    return columns
+
+
+def _describe_manifest(rows: list[dict[str, Any]], table: pa.Table | None, spec: SourceSpec) -> SourceRecords:
+    records = SourceRecords()
+    for row in rows:
+        captions, problem = _row_captions(row, spec)
+        image_value = row.get(spec.image_column)
+        image_uri = image_value.strip() if isinstance(image_value, str) else None
+        location = None
+        if problem is not None:
+            pass
+        elif not image_uri:
+            problem = f"missing image URI in column {spec.image_column!r}"
+        elif _is_relative(image_uri):
+            problem = f"image path {image_uri!r} is relative; the manifest must hold absolute paths or URIs"
+        else:
+            location = parse_uri(image_uri)
+        given_id = id_to_string(row.get(spec.id_column))
+        if given_id is not None:
+            row_id = given_id
+        elif image_uri:
+            row_id = derive_id(image_uri, captions)
+        else:
+            row_id = derive_id_from_row(row)
+        records.ids.append(row_id)
+        records.source_uris.append(image_uri or None)
+        records.image_bytes.append(None)
+        records.image_locations.append(location)
+        records.caption_locations.append(None)
+        records.captions.append(captions)
+        records.problems.append(problem)
+    names = table.column_names if table is not None else (list(rows[0]) if rows else [])
+    keep = passthrough_columns(names, spec)
+    if table is not None:
+        records.passthrough = table.select(keep)
+    else:
+        records.passthrough = pa.Table.from_pylist([{name: row.get(name) for name in keep} for row in rows])
+    return records
+
+
+def _describe_images(rows: list[dict[str, Any]], spec: SourceSpec) -> SourceRecords:
+    records = SourceRecords()
+    for row in rows:
+        path = row["path"]
+        source_uri = to_uri(spec.protocol, path)
+        stem = path.rsplit(".", 1)[0]
+        records.ids.append(derive_id(source_uri))
+        records.source_uris.append(source_uri)
+        records.image_bytes.append(row["bytes"])
+        records.image_locations.append(None)
+        records.caption_locations.append(Location(spec.protocol, f"{stem}.{CAPTION_SIDECAR_EXTENSION}"))
+        records.captions.append(None)
+        records.problems.append(None)
+    return records
+
+
+def _describe_webdataset(rows: list[dict[str, Any]], spec: SourceSpec) -> SourceRecords:
+    records = SourceRecords()
+    for row in rows:
+        key = str(row.get("__key__"))
+        source_uri = f"{to_uri(spec.protocol, str(row.get('__url__')))}#{key}"
+        image = next((row[ext] for ext in _member_names(row, IMAGE_EXTENSIONS) if _present(row[ext])), None)
+        captions, problem = _webdataset_captions(row, spec)
+        if image is None and problem is None:
+            members = sorted(k for k in row if not k.startswith("__") and _present(row[k]))
+            problem = f"no image member in sample {key!r} (members: {members})"
+        records.ids.append(derive_id(source_uri))
+        records.source_uris.append(source_uri)
+        records.image_bytes.append(image)
+        records.image_locations.append(None)
+        records.caption_locations.append(None)
+        records.captions.append(captions)
+        records.problems.append(problem)
+    return records
+
+
+def _member_names(row: dict[str, Any], extensions: Iterable[str]) -> list[str]:
+    wanted = set(extensions)
+    return [name for name in row if name.lower() in wanted]
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and value != value)
+
+
+def _webdataset_captions(row: dict[str, Any], spec: SourceSpec) -> tuple[list[str] | None, str | None]:
+    for name in _member_names(row, WEBDATASET_TEXT_MEMBERS):
+        if _present(row[name]):
+            text = row[name].decode("utf-8", errors="replace") if isinstance(row[name], bytes) else str(row[name])
+            return clean_captions([text]), None
+    member = next((row[name] for name in _member_names(row, ("json",)) if _present(row[name])), None)
+    if member is None:
+        return None, None
+    try:
+        document = json.loads(member) if isinstance(member, (bytes, str)) else member
+    except ValueError as exc:
+        return None, f"unreadable .json member: {exc}"
+    if not isinstance(document, dict):
+        return None, None
+    if spec.captions_column and spec.captions_column in document:
+        return clean_captions(document[spec.captions_column], parse_json_list=True), None
+    if spec.caption_column and spec.caption_column in document:
+        captions = clean_captions(document[spec.caption_column])
+        if captions is not None and len(captions) > 1 and not spec.multi_caption:
+            return None, f"json key {spec.caption_column!r} holds several captions; set input.captions_column"
+        return captions, None
+    return None, None
+
+
+def _row_captions(row: dict[str, Any], spec: SourceSpec) -> tuple[list[str] | None, str | None]:
+    if spec.captions_column:
+        return clean_captions(row.get(spec.captions_column), parse_json_list=True), None
+    if spec.caption_column:
+        captions = clean_captions(row.get(spec.caption_column))
+        if captions is not None and len(captions) > 1:
+            return None, (
+                f"column {spec.caption_column!r} holds several captions; name it in input.captions_column instead"
+            )
+        return captions, None
+    return None, None
+
+
+def clean_captions(value: Any, *, parse_json_list: bool = False) -> list[str] | None:
+    """Captions as a non-empty list of non-blank strings, or None: blank and missing captions are no caption."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if isinstance(value, str):
+        stripped = value.strip()
+        if parse_json_list and stripped.startswith("[") and stripped.endswith("]"):
+            # A list serialized into a CSV cell.
+            try:
+                parsed = json.loads(stripped)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, list):
+                return clean_captions(parsed)
+        return [stripped] if stripped else None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        captions = [str(c).strip() for c in value if c is not None and str(c).strip()]
+        return captions or None
+    text = str(value).strip()
+    return [text] if text else None
+
+
+def _is_relative(uri: str) -> bool:
+    return "://" not in uri and not uri.startswith("/") and not uri.startswith("~")

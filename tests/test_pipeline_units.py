@@ -1,0 +1,233 @@
+"""Pipeline pieces that need no Ray: decoding, source rows, ids, commit markers, the checkpoint cache, Arrow output."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import schema
+from pipeline.arrow_features import ragged, tensors, vectors
+from pipeline.decode import decode_image, load_rgb
+from pipeline.ids import derive_id
+from pipeline.markers import committed_files, write_markers
+from pipeline.model_cache import local_checkpoint
+from pipeline.records import PrepareSettings, prepare_batch
+from pipeline.sources import SourceSpec, clean_captions, describe_block, manifest_kind
+from pipeline.storage import parse_uri
+
+IMGSZ = 56
+
+
+def _jpeg(width: int, height: int, *, orientation: int | None = None, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    if orientation is None:
+        image.save(buffer, "JPEG")
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+# Decoding ---------------------------------------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied_before_recording_size() -> None:
+    decoded = decode_image(_jpeg(40, 20, orientation=6), IMGSZ)  # 6: rotate 90 degrees to display
+    assert decoded.error is None
+    assert (decoded.width, decoded.height) == (20, 40)
+    assert decoded.pixels is not None and len(decoded.pixels) == IMGSZ * IMGSZ * 3
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "CMYK", "1", "I;16", "I", "F"])
+def test_every_pillow_mode_becomes_rgb(mode: str) -> None:
+    gradient = np.tile(np.linspace(0, 1, 16, dtype=np.float32), (12, 1))
+    if mode in ("I;16", "I"):
+        image = Image.fromarray((gradient * 60000).astype(np.uint16 if mode == "I;16" else np.int32))
+        image = image if image.mode == mode else image.convert(mode)
+    elif mode == "F":
+        image = Image.fromarray(gradient * 7.5 - 2.0, mode="F")
+    else:
+        image = Image.fromarray((gradient * 255).astype(np.uint8), mode="L").convert(mode)
+    fmt = "TIFF" if mode in ("I;16", "I", "F", "CMYK") else "PNG"
+    rgb = load_rgb(_encoded(image, fmt))
+    assert rgb.mode == "RGB" and rgb.size == (16, 12)
+    row = np.asarray(rgb)[0, :, 0].astype(int)
+    if mode != "1":
+        # Wide samples are rescaled, not clipped: the gradient survives from dark to bright.
+        assert row[0] < 40 and row[-1] > 200, row
+
+
+def test_transparent_pixels_are_composited_on_white() -> None:
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    assert np.asarray(load_rgb(_encoded(rgba, "PNG")))[0, 0].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"not an image at all", "cannot decode image"),
+        (_jpeg(64, 64)[:300], "cannot decode image"),
+        (b"", "empty image file"),
+        (None, "no image bytes"),
+    ],
+)
+def test_undecodable_bytes_become_a_reason(data: bytes | None, reason: str) -> None:
+    decoded = decode_image(data, IMGSZ)
+    assert decoded.pixels is None and decoded.error is not None and decoded.error.startswith(reason)
+    if data:
+        assert decoded.sha256 == hashlib.sha256(data).hexdigest()
+
+
+# Sources and records ------------------------------------------------------------------------------------------------
+
+
+def test_clean_captions() -> None:
+    assert clean_captions("  a dog ") == ["a dog"]
+    assert clean_captions("   ") is None
+    assert clean_captions(None) is None
+    assert clean_captions(float("nan")) is None
+    assert clean_captions(["a", "", None, " b "]) == ["a", "b"]
+    assert clean_captions([]) is None
+    assert clean_captions('["x", "y"]', parse_json_list=True) == ["x", "y"]
+    assert clean_captions('["x", "y"]') == ['["x", "y"]']
+
+
+def test_manifest_kind_requires_one_format() -> None:
+    assert manifest_kind(["a/x.parquet", "a/y.pq", "a/readme.md"]) == ("parquet", ["a/x.parquet", "a/y.pq"])
+    assert manifest_kind(["m.jsonl.gz"]) == ("json", ["m.jsonl.gz"])
+    with pytest.raises(ValueError, match="one format"):
+        manifest_kind(["a.csv", "b.parquet"])
+    with pytest.raises(ValueError, match="no manifest files"):
+        manifest_kind(["a.jpg"])
+
+
+def test_manifest_rows_get_ids_and_problems() -> None:
+    spec = SourceSpec(format="manifest", protocol="s3", caption_column="text")
+    table = pa.table(
+        {
+            "id": [7, None, None, None],
+            "image": ["s3://b/a.jpg", "s3://b/a.jpg", "relative/b.jpg", None],
+            "text": ["x", "y", None, "z"],
+            "split": ["train", "val", "val", "val"],
+        }
+    )
+    records = describe_block(table, spec)
+    assert records.ids[0] == "7"
+    assert records.ids[1] == derive_id("s3://b/a.jpg", ["y"])
+    assert len(set(records.ids)) == 4
+    assert records.problems[0] is None and records.problems[1] is None
+    assert "relative" in records.problems[2]
+    assert "missing image URI" in records.problems[3]
+    assert records.passthrough is not None and records.passthrough.column_names == ["split"]
+
+
+def test_manifest_column_clashing_with_output_is_refused() -> None:
+    spec = SourceSpec(format="manifest", protocol="file")
+    table = pa.table({"image": ["/x.jpg"], "status": ["keep"]})
+    with pytest.raises(ValueError, match="clash"):
+        describe_block(table, spec)
+
+
+def test_prepare_batch_marks_every_failure_and_keeps_every_row(tmp_path: Path) -> None:
+    good = tmp_path / "good.jpg"
+    good.write_bytes(_jpeg(30, 20))
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\x00garbage")
+    spec = SourceSpec(format="manifest", protocol="file", captions_column="captions", caption_column=None)
+    table = pa.table(
+        {
+            "image": [str(good), str(garbage), str(tmp_path / "missing.jpg"), str(good)],
+            "captions": [["one", "two"], ["three"], None, []],
+        }
+    )
+    settings = PrepareSettings(source=spec, imgsz=IMGSZ, context_length=32, bpe_path=None, storage_options=None)
+    out = prepare_batch(table, settings)
+    assert out.column(schema.STATUS).to_pylist() == ["ok", "error", "error", "ok"]
+    errors = out.column(schema.ERROR).to_pylist()
+    assert errors[0] is None and errors[1].startswith("cannot decode image") and errors[2].startswith("image not found")
+    tokens = out.column(schema.TOKENS).to_pylist()
+    assert len(tokens[0]) == 2 and len(tokens[0][0]) == 32
+    assert tokens[1] is None and tokens[2] is None and tokens[3] is None
+    assert out.column(schema.CAPTIONS).to_pylist() == [["one", "two"], ["three"], None, None]
+    assert out.column(schema.IMAGE_WIDTH).to_pylist() == [30, None, None, 30]
+
+
+# Arrow output -------------------------------------------------------------------------------------------------------
+
+
+def test_arrow_feature_builders_keep_nulls_and_shapes() -> None:
+    values = np.arange(12, dtype=np.float16).reshape(3, 4)
+    valid = np.array([True, False, True])
+    column = vectors(values, valid)
+    assert column.type == pa.list_(pa.float16(), 4)
+    assert column.to_pylist()[1] is None and column.to_pylist()[2] == [8, 9, 10, 11]
+    maps = tensors(np.zeros((3, 2, 2, 2), np.float32), valid)
+    assert maps.type.shape == [2, 2, 2] and maps.null_count == 1
+    grouped = ragged(vectors(values, np.ones(3, bool)), [2, 0, 1], np.array([True, False, True]))
+    assert [None if r is None else len(r) for r in grouped.to_pylist()] == [2, None, 1]
+
+
+# Commit markers -----------------------------------------------------------------------------------------------------
+
+
+def test_markers_decide_which_partitions_readers_see(tmp_path: Path) -> None:
+    for part in ("split=a", "split=b"):
+        (tmp_path / part).mkdir()
+        pq.write_table(pa.table({"id": [part]}), tmp_path / part / "f.parquet")
+    root = parse_uri(str(tmp_path))
+    files, marked = committed_files(root)
+    assert len(files) == 2 and not marked  # no markers at all: everything is visible
+    (tmp_path / "split=a" / schema.SUCCESS_FILE).write_bytes(b"")
+    files, marked = committed_files(root)
+    assert marked and [Path(f).parent.name for f in files] == ["split=a"]
+    write_markers(root)
+    files, _ = committed_files(root)
+    assert len(files) == 2 and (tmp_path / schema.SUCCESS_FILE).exists()
+
+
+# Checkpoint cache ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_remote_checkpoint_is_copied_once_and_hashed(
+    s3_server: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SAM3_EMBED_CACHE", str(tmp_path / "cache"))
+    payload = np.random.default_rng(1).bytes(300_000)
+    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=s3_bucket, Key="ckpt/model.pt", Body=payload)
+    options = {"client_kwargs": {"endpoint_url": s3_server}}
+    results = []
+
+    def resolve() -> None:
+        results.append(local_checkpoint(f"s3://{s3_bucket}/ckpt/model.pt", options))
+
+    threads = [threading.Thread(target=resolve) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({r.path for r in results}) == 1
+    assert all(r.sha256 == hashlib.sha256(payload).hexdigest() for r in results)
+    assert Path(results[0].path).read_bytes() == payload
+    cached = list((tmp_path / "cache").rglob("model.pt"))
+    assert len(cached) == 1 and not list((tmp_path / "cache").rglob(".partial-*"))
+    assert local_checkpoint(None).path is None
+    assert local_checkpoint("hf://facebook/sam3").path == "hf://facebook/sam3"
