@@ -22,6 +22,7 @@ from jobs.partitions import discover_partition_values, parse_partition_values, v
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.backfill",
+        allow_abbrev=False,
         description="Embed every partition of a partitioned input that is not yet committed in the output.",
         epilog="exit codes: 0 ok, 1 a partition failed, 2 usage or config error, 3 committed with error rows, "
         "4 some partitions held by another backfill, 130 interrupted",

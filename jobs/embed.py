@@ -27,6 +27,7 @@ logger = logging.getLogger("jobs.embed")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.embed",
+        allow_abbrev=False,
         description="Embed images and captions with SAM 3's backbone into Parquet, as described by a job file.",
         epilog="exit codes: 0 ok, 1 failed, 2 usage or config error, 3 finished with error rows, 130 interrupted",
     )
