@@ -10,11 +10,13 @@ run the same forward; and compare every output.
 Tolerance, per sampled value: |sam3core - official| <= RTOL * |official| + atol, with RTOL = 1e-5 and
 atol = max(RTOL * mean|official|, FP32_NOISE_FACTOR * d), where d is the largest difference between the
 official float32 and float64 runs of that output, recorded with the reference. d measures float32 rounding in
-this very network: two correct float32 implementations that order their sums differently can each sit d away
-from exact, so up to 2d apart. It stays within 1e-5 of the mean magnitude for the tiny models (4e-6 measured)
-and reaches 1.4e-5 for the 32-layer "sam3" configuration, which is the only measured reason the tolerance
-ever exceeds 1e-5 relative. Sums and sums of absolute values must agree to RTOL times the sum of absolute
-values. Integer and boolean outputs must be equal.
+this very network: two correct float32 implementations that order their sums differently each sit within about
+d of the exact result, so within 2d of each other (hence the factor 2). For the tiny models d stays below
+1e-5 of the mean magnitude (3-5e-6 measured), so the bound is the plain 1e-5; only the 32-layer "sam3"
+configuration has d at 1.1-1.4e-5 of the mean magnitude, the one measured reason for a wider bound there.
+Measured when written: sam3core within 2e-6 (tiny) and 5.1e-6 ("sam3") of the mean magnitude, text outputs of
+the tiny model bit-identical. Sums and sums of absolute values must agree to RTOL times the sum of absolute
+values (measured: within 3e-8). Integer and boolean outputs must be equal.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from tools.parity_weights import deterministic_state_dict, parity_images
 
 DATA_DIR = Path(__file__).parent / "data"
 RTOL = 1e-5
-FP32_NOISE_FACTOR = 3.0
+FP32_NOISE_FACTOR = 2.0
 TINY_SIZES = (224, 168, 182)
 SAM2_PREFIX = "sam2_backbone_out."
 
