@@ -23,6 +23,7 @@ from pipeline.version import package_version
 logger = logging.getLogger("pipeline")
 
 PREPARE_BATCH_ROWS = 32  # rows per CPU task call: enough to amortize fetch latency, small enough to stream
+DECODE_BASE_MEMORY = 512 * 1024**2  # a worker process with torch imported, Pillow, the encoded bytes of a batch
 
 
 @dataclass
@@ -82,8 +83,9 @@ def run_job(config: JobConfig) -> RunSummary:
     _check_output_is_fresh(output, config, storage_options)
 
     with _checkpointing(config, source, storage_options):
+        memory = decode_memory(config.model.imgsz)
         dataset = read_source(source, uris, storage_options)
-        dataset = _prepare(dataset, config, source, storage_options)
+        dataset = _prepare(dataset, config, source, storage_options, memory)
         from pipeline.progress import ProgressCounter, ProgressLogger
 
         counter = ProgressCounter.remote()
@@ -157,7 +159,16 @@ def _checkpointing(config: JobConfig, source: SourceSpec, storage_options: dict[
         context.checkpoint_config = previous
 
 
-def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_options: dict[str, Any]) -> Any:
+def decode_memory(imgsz: int) -> int:
+    """Bytes a CPU task holds: a batch of decoded images, their resized copies and the Arrow output.
+
+    Reserving it keeps Ray from packing more decode tasks on a node than its memory holds; it also makes the CPU
+    stage's resources differ from the model actor's, so Ray never fuses decoding into the model actor.
+    """
+    return DECODE_BASE_MEMORY + PREPARE_BATCH_ROWS * imgsz * imgsz * 3 * 4
+
+
+def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_options: dict[str, Any], memory: int) -> Any:
     from sam3core import get_config
 
     settings = PrepareSettings(
@@ -175,6 +186,7 @@ def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_option
         # WebDataset blocks are pandas frames of raw bytes; converting them to Arrow here gains nothing.
         batch_format="pandas" if source.format == "webdataset" else "pyarrow",
         concurrency=config.compute.decode_concurrency,
+        memory=memory,
         udf_modifying_row_count=False,
     )
 
@@ -185,9 +197,11 @@ def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options:
 
     from pipeline.embed import EmbedSettings, EmbedWorker
 
+    resources = ray.cluster_resources()
     gpus = config.compute.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    cpus = actor_cpus(config, resources.get("CPU", 0.0))
     settings = EmbedSettings(
         checkpoint=config.model.checkpoint,
         model_config=config.model.config,
@@ -210,12 +224,31 @@ def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options:
         batch_size=config.compute.batch_size,
         batch_format="pyarrow",
         num_gpus=gpus,
-        num_cpus=config.compute.cpus_per_actor,
+        num_cpus=cpus,
         udf_modifying_row_count=False,
-        # Restart dead model actors (preempted node, OOM) as Ray Data does by default. Saying so explicitly also
-        # makes the remote args differ from the CPU stage's, so Ray never fuses decoding into the model actor.
-        max_restarts=-1,
     )
+
+
+def actor_cpus(config: JobConfig, cluster_cpus: float) -> float:
+    """CPUs each model actor reserves: as configured, unless that would starve the CPU stage.
+
+    Actors hold their CPUs for the whole run. Reading, decoding and writing need at least one more CPU, and a
+    resumed run also needs one for Ray Data's checkpoint filter actor; without them a small cluster (a 2-core
+    laptop) waits forever. There the reservation shrinks to what is left (it is only a scheduling hint: on a CPU
+    the model still runs).
+    """
+    wanted = config.compute.cpus_per_actor
+    others = 1.0 + (1.0 if config.resume_path else 0.0)
+    spare = max(0.0, cluster_cpus - others) / config.compute.num_actors
+    if wanted <= spare:
+        return wanted
+    logger.warning(
+        "compute.cpus_per_actor=%s leaves no CPU for decoding on this %s-CPU cluster; reserving %s per model actor",
+        wanted,
+        cluster_cpus,
+        spare,
+    )
+    return spare
 
 
 def _write(dataset: Any, config: JobConfig, output: Location, storage_options: dict[str, Any]) -> None:

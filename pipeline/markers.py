@@ -19,6 +19,7 @@ PARQUET_SUFFIX = ".parquet"
 
 def _listing(location: Location, storage_options: dict[str, Any] | None, raw_options: bool) -> list[str]:
     fs = _filesystem(location, storage_options, raw_options)
+    fs.invalidate_cache(location.path)  # object-store listings are cached per process; this one must be fresh
     if not fs.exists(location.path):
         return []
     return sorted(fs.find(location.path, withdirs=False))

@@ -149,7 +149,9 @@ def read_source(spec: SourceSpec, uris: list[str], storage_options: dict[str, An
             return ray.data.read_csv(
                 files, filesystem=filesystem, parse_options=pacsv.ParseOptions(delimiter=delimiter)
             )
-        return ray.data.read_json(files, filesystem=filesystem, lines=True, file_extensions=None)
+        # Arrow's JSON reader reads newline-delimited objects: JSON Lines. (`lines=True` is a pandas path that
+        # takes no filesystem.)
+        return ray.data.read_json(files, filesystem=filesystem, file_extensions=None)
     paths = [location.path for location in locations]
     if spec.format == "images":
         extensions = list(IMAGE_EXTENSIONS) + [e.upper() for e in IMAGE_EXTENSIONS]

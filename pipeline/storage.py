@@ -78,6 +78,7 @@ def arrow_filesystem(protocol: str, storage_options: dict[str, Any] | None = Non
 def list_files(location: Location, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Every file under a prefix (or the file itself), as filesystem paths, sorted; hidden and `_` files skipped."""
     fs = fsspec_filesystem(location.protocol, storage_options)
+    fs.invalidate_cache(location.path)  # object-store listings are cached per process; this one must be fresh
     if fs.isfile(location.path):
         return [location.path]
     if not fs.isdir(location.path):

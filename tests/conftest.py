@@ -59,9 +59,7 @@ def s3_server() -> Iterator[str]:
     os.environ.update(_DUMMY_AWS_ENV)
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        _moto_server_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = subprocess.Popen(_moto_server_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_until_answering(endpoint + "/", process, deadline_s=30)
         yield endpoint
@@ -91,17 +89,25 @@ def s3_bucket(s3_server: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where pipeline workers cache model checkpoints during the tests (never the user's ~/.cache)."""
+    return tmp_path_factory.mktemp("sam3-embed-cache")
+
+
+@pytest.fixture(scope="session")
+def ray_local(model_cache_dir: Path) -> Iterator[None]:
     """One small local Ray cluster shared by every test that needs Ray (starting Ray costs seconds)."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    # Workers inherit the driver's environment; they must see the repository and the dummy AWS keys.
+    # Workers take their environment from the cluster, not from later changes in the driver: set it all now.
     repo_root = str(Path(__file__).resolve().parents[1])
     python_path = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)
+    worker_env = {"PYTHONPATH": python_path, "SAM3_EMBED_CACHE": str(model_cache_dir), **_DUMMY_AWS_ENV}
     os.environ["PYTHONPATH"] = python_path
+    os.environ["SAM3_EMBED_CACHE"] = str(model_cache_dir)
     for key, value in _DUMMY_AWS_ENV.items():
         os.environ.setdefault(key, value)
     ray.init(
@@ -109,7 +115,7 @@ def ray_local() -> Iterator[None]:
         num_gpus=0,
         include_dashboard=False,
         object_store_memory=512 * 1024 * 1024,
-        runtime_env={"env_vars": {"PYTHONPATH": python_path, **_DUMMY_AWS_ENV}},
+        runtime_env={"env_vars": worker_env},
         ignore_reinit_error=True,
     )
     try:
