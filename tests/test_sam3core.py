@@ -135,15 +135,20 @@ def test_rope_tables_stay_float32_and_out_of_the_state_dict_after_casting(tiny):
     torch.testing.assert_close(model.vision_backbone.trunk.blocks[1].attn.rope.cos, reference.cos)
 
 
-def test_bfloat16_on_cpu_agrees_with_float32(tiny, images):
-    """Measured: cosine similarity of every output, bf16 against fp32, on the tiny config (random weights)."""
-    bf16 = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ, add_sam2_neck=True)
-    bf16.load_state_dict(tiny.state_dict())
-    bf16.to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cpu_agrees_with_float32(tiny, images, dtype):
+    """Cosine similarity of every output against float32, on the tiny config (random weights).
+
+    Measured on this project's CPU: bf16 >= 0.9999 for the vision outputs, fp16 higher still; the bound leaves
+    room for other CPUs' kernels. docs/benchmarks.md records the figure for the full "sam3" configuration.
+    """
+    low_model = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ, add_sam2_neck=True)
+    low_model.load_state_dict(tiny.state_dict())
+    low_model.to(dtype)
     with torch.no_grad():
         ref = tiny(images, CAPTIONS)
-        low = bf16(images, CAPTIONS)  # float32 input is cast to the model's dtype
-    assert low["vision_features"].dtype == torch.bfloat16
+        low = low_model(images, CAPTIONS)  # float32 input is cast to the model's dtype
+    assert low["vision_features"].dtype == dtype
     for key in ("vision_features", "language_features", "language_embeds"):
         cosine = F.cosine_similarity(ref[key].flatten().double(), low[key].float().flatten().double(), dim=0)
         assert cosine > 0.999, (key, cosine.item())
