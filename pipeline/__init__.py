@@ -1,7 +1,7 @@
 """sam3-embed pipeline: Ray Data job that embeds images and captions with SAM 3's backbone into partitioned Parquet.
 
 Public API: `run_job(JobConfig) -> RunSummary`, and for consumers `read_embeddings`, `read_embeddings_numpy`,
-`embeddings_to_numpy`, `read_run_metadata`.
+`embeddings_to_numpy`, `read_run_metadata`, `list_committed_files`.
 """
 
 from pipeline.config import (
@@ -13,7 +13,13 @@ from pipeline.config import (
     S3Options,
 )
 from pipeline.job import RunSummary, run_job
-from pipeline.reader import embeddings_to_numpy, read_embeddings, read_embeddings_numpy, read_run_metadata
+from pipeline.reader import (
+    embeddings_to_numpy,
+    list_committed_files,
+    read_embeddings,
+    read_embeddings_numpy,
+    read_run_metadata,
+)
 
 __all__ = [
     "ComputeConfig",
@@ -24,6 +30,7 @@ __all__ = [
     "RunSummary",
     "S3Options",
     "embeddings_to_numpy",
+    "list_committed_files",
     "read_embeddings",
     "read_embeddings_numpy",
     "read_run_metadata",

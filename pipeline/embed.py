@@ -118,8 +118,10 @@ class EmbedWorker:
             image_columns = self._image_columns(batch.column(schema.PIXELS), ok)
             text_columns = self._text_columns(batch.column(schema.TOKENS), ok)
         out = batch.drop_columns([schema.PIXELS, schema.TOKENS])
-        for name, values in {**image_columns, **text_columns}.items():
-            out = out.append_column(name, values)
+        features = {**image_columns, **text_columns}
+        # The two pooled embeddings first, then the optional dense features in a fixed order.
+        for name in sorted(features, key=lambda n: n not in (schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING)):
+            out = out.append_column(name, features[name])
         if self.progress is not None:
             self.progress.add.remote(int(ok.sum()), int((~ok).sum()))
         return out.replace_schema_metadata({**(out.schema.metadata or {}), **self.metadata})

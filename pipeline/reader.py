@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.markers import committed_files
-from pipeline.storage import Location, parse_uri
+from pipeline.storage import Location, parse_uri, to_uri
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,13 @@ def read_embeddings(
     table = dataset.to_table(columns=list(columns) if columns is not None else None, filter=expression)
     metadata = dataset.schema.metadata
     return table.replace_schema_metadata(metadata) if metadata and not table.schema.metadata else table
+
+
+def list_committed_files(uri: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """URIs of the data files a reader may trust (see pipeline.markers), for DuckDB, polars or Spark to read."""
+    location = parse_uri(uri)
+    files, _ = committed_files(location, storage_options, raw_options=True)
+    return [to_uri(location.protocol, path) for path in files]
 
 
 def _as_expression(filters: Filters | None) -> pc.Expression | None:
