@@ -59,12 +59,20 @@ def exit_code_for(summary: dict[str, Any]) -> int:
 
 
 def render_summary(config: JobConfig, summary: dict[str, Any], code: int) -> str:
+    """A few lines for the job log; the whole summary (config included) goes to --report and `_summary.json`."""
     rows, error_rows = summary_counts(summary)
     lines = [
-        f"run {config.run_id}: {_count(rows)} rows, {_count(error_rows)} error rows -> {config.output.uri}",
-        json.dumps(summary, indent=1, sort_keys=True, default=str),
-        f"exit code {code} ({exit_codes.describe(code)})",
+        f"run {config.run_id}: {_count(rows)} rows, {_count(error_rows)} error rows",
+        f"  output:       {summary.get('output_uri', config.output.uri)}",
     ]
+    this_attempt = summary.get("rows_this_run")
+    if isinstance(this_attempt, int) and rows is not None and this_attempt < rows:
+        lines.append(f"  resumed:      {rows - this_attempt} rows were already written by an earlier attempt")
+    if "elapsed_s" in summary:
+        lines.append(f"  elapsed:      {summary['elapsed_s']:.1f}s, {summary.get('rows_per_s', 0):.2f} rows/s")
+    if "files" in summary:
+        lines.append(f"  files:        {summary['files']}")
+    lines.append(f"exit code {code} ({exit_codes.describe(code)})")
     return "\n".join(lines)
 
 
