@@ -1,0 +1,113 @@
+"""The entry points' command lines: parsing, config loading and overrides, usage errors, the backfill dry run.
+
+None of these start Ray: bad input is refused before any work begins.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs import backfill, embed, exit_codes
+from jobs.commit import commit_partition
+from jobs.job_config import apply_overrides, load_job_config, parse_override
+from jobs.lease import PartitionLease
+from jobs.storage import Location
+
+
+def write_job(tmp_path: Path, **data: object) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_overrides_are_parsed_as_yaml_into_sections() -> None:
+    assert parse_override("compute.num_actors=4") == (["compute", "num_actors"], 4)
+    assert parse_override("output.features=[image_embedding]") == (["output", "features"], ["image_embedding"])
+    data = apply_overrides({"output": {"uri": "a"}}, ["output.uri=s3://b/out", "resume_path=s3://b/ckpt"])
+    assert data == {"output": {"uri": "s3://b/out"}, "resume_path": "s3://b/ckpt"}
+    with pytest.raises(ValueError):
+        parse_override("no-equals-sign")
+    with pytest.raises(ValueError):
+        apply_overrides({"run_id": "x"}, ["run_id.deeper=1"])
+
+
+def test_load_applies_overrides_and_rejects_unknown_keys(tmp_path: Path) -> None:
+    path = write_job(tmp_path, input={"uri": "s3://b/in"}, output={"uri": "s3://b/out"})
+    config = load_job_config(str(path), ["compute.batch_size=3", "model.config=tiny"])
+    assert (config.compute.batch_size, config.model.config, config.input.uri) == (3, "tiny", "s3://b/in")
+    with pytest.raises(ValueError, match="unknown"):
+        load_job_config(str(path), ["compute.batchsize=3"])
+
+
+def test_embed_dry_run_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_job(tmp_path, input={"uri": "s3://b/in"}, output={"uri": "s3://b/out"})
+    code = embed.main(["--config", str(path), "--run-id", "nightly-1", "--resume-path", "s3://b/ckpt", "--dry-run"])
+    assert code == exit_codes.OK
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["run_id"], printed["resume_path"]) == ("nightly-1", "s3://b/ckpt")
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["input: [not, a, mapping]\n", "bogus_section: {}\n", "- a list\n", "input: {uri: x, colour: red}\n"],
+)
+def test_embed_refuses_a_bad_job_file_with_the_usage_code(
+    tmp_path: Path, content: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    assert embed.main(["--config", str(path)]) == exit_codes.USAGE
+    assert "cannot load job config" in capsys.readouterr().err
+
+
+def test_embed_refuses_a_missing_job_file(tmp_path: Path) -> None:
+    assert embed.main(["--config", str(tmp_path / "absent.yaml")]) == exit_codes.USAGE
+
+
+def test_parsers_refuse_abbreviated_and_unknown_flags() -> None:
+    with pytest.raises(SystemExit) as exited:
+        backfill.build_parser().parse_args(["--config", "x", "--partition-col", "date"])
+    assert exited.value.code == exit_codes.USAGE
+    with pytest.raises(SystemExit):
+        embed.build_parser().parse_args(["--config", "x", "--colour"])
+    with pytest.raises(SystemExit):
+        backfill.build_parser().parse_args(["--config", "x", "--partition-column", "da/te"])
+    with pytest.raises(SystemExit):
+        backfill.build_parser().parse_args(["--config", "x", "--partition-column", "date", "--lease-ttl", "0"])
+
+
+def test_backfill_refuses_bad_partitions_and_empty_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in").mkdir()
+    path = write_job(tmp_path, input={"uri": str(tmp_path / "in")}, output={"uri": str(tmp_path / "out")})
+    base = ["--config", str(path), "--partition-column", "date"]
+    assert backfill.main([*base, "--partitions", "2025-01-07..2025-01-01"]) == exit_codes.USAGE
+    assert "empty" in capsys.readouterr().err
+    assert backfill.main(base) == exit_codes.USAGE  # nothing to discover
+    assert "no date=... partitions" in capsys.readouterr().err
+    # The backfill writes one directory per partition itself; partitioning the output by it again is refused.
+    assert backfill.main([*base, "--partitions", "a", "--set", "output.partition_by=[date]"]) == exit_codes.USAGE
+
+
+def test_backfill_dry_run_shows_each_partition_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for day in ("2025-01-01", "2025-01-02", "2025-01-03"):
+        (tmp_path / "in" / f"date={day}").mkdir(parents=True)
+        (tmp_path / "in" / f"date={day}" / "manifest.csv").write_text("image\nx.jpg\n")
+    output = Location.parse(str(tmp_path / "out"))
+    staged = output.child("_staging", "date=2025-01-01", "data")
+    staged.fs.makedirs(staged.path, exist_ok=True)
+    pq.write_table(pa.table({"id": ["a"]}), staged.child("part-0.parquet").path)
+    commit_partition(staged, output.child("date=2025-01-01"), partition={"date": "2025-01-01"}, run_id="earlier")
+    assert PartitionLease(output.child("_locks", "date=2025-01-02"), owner="someone-else").try_acquire()
+
+    path = write_job(tmp_path, input={"uri": str(tmp_path / "in")}, output={"uri": output.uri})
+    assert backfill.main(["--config", str(path), "--partition-column", "date", "--dry-run"]) == exit_codes.OK
+    lines = capsys.readouterr().out.strip().splitlines()
+    states = {line.split("\t")[0]: line.split("\t")[1] for line in lines}
+    assert states == {"date=2025-01-01": "skipped", "date=2025-01-02": "busy", "date=2025-01-03": "pending"}
+    assert "someone-else" in lines[1]
