@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ class EmbedSettings:
     features: tuple[str, ...]
     feature_dtype: str  # float16 | float32
     multi_caption: bool
+    batch_size: int = 8
     storage_options: dict[str, Any] | None = None
     run_id: str = ""
     package_version: str = ""
@@ -69,6 +70,7 @@ class EmbedWorker:
         if resolved.path is None:
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
         compiled = should_compile(settings.compile, self.device)
+        self.compiled = compiled
         self.backbone = build_sam3_vl_backbone(
             resolved.path,
             config=settings.model_config,
@@ -139,8 +141,13 @@ class EmbedWorker:
         if len(rows):
             raw = [pixels[int(i)].as_py() for i in rows]
             uint8 = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(size, size, 3) for b in raw])
-            x = normalize_images(torch.from_numpy(uint8)).to(self.device)
-            out = self.backbone.forward_image(x)
+            if self.compiled and len(rows) < self.settings.batch_size:
+                # A compiled trunk recompiles for every new batch size; short batches are padded instead.
+                padding = np.zeros((self.settings.batch_size - len(rows), size, size, 3), dtype=np.uint8)
+                uint8 = np.concatenate([uint8, padding])
+            # uint8 crosses to the device (4x less than float32) and is normalized there.
+            x = normalize_images(torch.from_numpy(uint8).to(self.device, non_blocking=True))
+            out = _drop_padding(self.backbone.forward_image(x), len(rows))
             vision = out["vision_features"].float()  # [B, d, g, g]
             pooled[rows] = self._to_numpy(F.normalize(vision.mean(dim=(2, 3)), dim=-1))
             if schema.VISION_FEATURES in wanted:
@@ -240,7 +247,11 @@ class EmbedWorker:
         return tensor.detach().float().cpu().numpy().astype(self.output_dtype, copy=False)
 
 
-def settings_summary(settings: EmbedSettings) -> dict[str, Any]:
-    data = asdict(settings)
-    data.pop("storage_options", None)
-    return data
+def _drop_padding(out: dict[str, Any], rows: int) -> dict[str, Any]:
+    sam2 = out["sam2_backbone_out"]
+    sam2_levels = None if sam2 is None else {"backbone_fpn": [level[:rows] for level in sam2["backbone_fpn"]]}
+    return {
+        "vision_features": out["vision_features"][:rows],
+        "backbone_fpn": [level[:rows] for level in out["backbone_fpn"]],
+        "sam2_backbone_out": sam2_levels,
+    }

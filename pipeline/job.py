@@ -63,7 +63,7 @@ def validate(config: JobConfig) -> None:
         raise ValueError("compute.batch_size and compute.num_actors must be at least 1")
     if config.model.imgsz % 14:
         raise ValueError(f"model.imgsz must be a multiple of the patch size 14, got {config.model.imgsz}")
-    if parse_uri(config.output.uri) == parse_uri(config.resume_path or "\0"):
+    if config.resume_path and parse_uri(config.resume_path) == parse_uri(config.output.uri):
         raise ValueError("resume_path must differ from output.uri (Ray Data keeps its own files there)")
 
 
@@ -212,6 +212,7 @@ def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options:
         features=tuple(dict.fromkeys([*FEATURES_DEFAULT, *config.output.features])),
         feature_dtype=config.output.feature_dtype,
         multi_caption=source.multi_caption,
+        batch_size=config.compute.batch_size,
         storage_options=storage_options,
         run_id=config.run_id,
         package_version=package_version(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -583,3 +584,17 @@ def test_resume_after_an_interrupted_run(ray_local: None, bucket: Bucket, silent
     again = run_job(resumed)
     assert again.rows_this_run == 0 and again.rows_total == total
     assert len(by_id(read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options))) == total
+
+
+@pytest.mark.timeout(60)
+def test_progress_is_logged_periodically(ray_local: None, caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.progress import ProgressCounter, ProgressLogger
+
+    counter = ProgressCounter.remote()
+    counter.add.remote(3, 1)
+    with caplog.at_level(logging.INFO, logger="pipeline.progress"), ProgressLogger(counter, interval_s=0.1):
+        deadline = time.monotonic() + 30
+        while not any("rows done 4 (ok 3, error 1)" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "no progress line was logged"
+            time.sleep(0.05)
+    assert "rows/s" in caplog.records[-1].getMessage()

@@ -231,3 +231,45 @@ def test_remote_checkpoint_is_copied_once_and_hashed(
     assert len(cached) == 1 and not list((tmp_path / "cache").rglob(".partial-*"))
     assert local_checkpoint(None).path is None
     assert local_checkpoint("hf://facebook/sam3").path == "hf://facebook/sam3"
+
+
+# Model stage --------------------------------------------------------------------------------------------------------
+
+
+def test_model_stage_pads_short_batches_for_a_compiled_trunk_without_changing_results(tmp_path: Path) -> None:
+    from pipeline.embed import EmbedSettings, EmbedWorker
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(_jpeg(30 + i, 20, seed=i))
+    spec = SourceSpec(format="manifest", protocol="file")
+    manifest = pa.table({"image": [str(paths[0]), str(tmp_path / "gone.jpg"), str(paths[1]), str(paths[2])]})
+    prepared = prepare_batch(
+        manifest, PrepareSettings(source=spec, imgsz=IMGSZ, context_length=32, bpe_path=None, storage_options=None)
+    )
+    settings = EmbedSettings(
+        checkpoint=None,
+        model_config="tiny",
+        imgsz=IMGSZ,
+        dtype="float32",
+        compile="off",
+        bpe_path=None,
+        features=("image_embedding", "text_embedding", "backbone_fpn"),
+        feature_dtype="float32",
+        multi_caption=False,
+        batch_size=8,
+    )
+    worker = EmbedWorker(settings)
+    plain = worker(prepared)
+    worker.compiled = True  # as on a GPU: short batches get padded to batch_size
+    padded = worker(prepared)
+    assert plain.column_names == padded.column_names
+    assert schema.PIXELS not in plain.column_names and schema.TOKENS not in plain.column_names
+    for name in ("image_embedding", "backbone_fpn_0"):
+        a = plain.column(name).to_pylist()
+        b = padded.column(name).to_pylist()
+        assert a[1] is None and b[1] is None  # the error row passes through without features
+        ok_rows = (0, 2, 3)
+        np.testing.assert_allclose(np.asarray([a[i] for i in ok_rows]), np.asarray([b[i] for i in ok_rows]), atol=1e-6)
+    assert plain.column(schema.STATUS).to_pylist() == ["ok", "error", "ok", "ok"]
