@@ -33,11 +33,18 @@ def _filesystem(location: Location, storage_options: dict[str, Any] | None, raw_
     return fsspec_filesystem(location.protocol, storage_options)
 
 
-def _is_data_file(path: str, root: str) -> bool:
+def _is_hidden(path: str, root: str) -> bool:
+    """Under a `_` or `.` directory (staging areas, Ray's temporary files), or such a file itself."""
     relative = posixpath.relpath(path, root)
-    if any(part.startswith((".", "_")) for part in relative.split("/")):
-        return False
-    return path.endswith(PARQUET_SUFFIX)
+    return relative != "." and any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def _is_data_file(path: str, root: str) -> bool:
+    return path.endswith(PARQUET_SUFFIX) and not _is_hidden(path, root)
+
+
+def _is_marker(path: str, root: str) -> bool:
+    return posixpath.basename(path) == schema.SUCCESS_FILE and not _is_hidden(posixpath.dirname(path), root)
 
 
 def data_files(
@@ -52,7 +59,7 @@ def committed_files(
 ) -> tuple[list[str], bool]:
     """Data files a reader may trust, and whether commit markers were in use at all."""
     listing = _listing(location, storage_options, raw_options)
-    marked_dirs = {posixpath.dirname(p) for p in listing if posixpath.basename(p) == schema.SUCCESS_FILE}
+    marked_dirs = {posixpath.dirname(p) for p in listing if _is_marker(p, location.path)}
     files = [p for p in listing if _is_data_file(p, location.path)]
     if not marked_dirs:
         return files, False

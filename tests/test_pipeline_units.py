@@ -203,6 +203,17 @@ def test_markers_decide_which_partitions_readers_see(tmp_path: Path) -> None:
     assert len(files) == 2 and (tmp_path / schema.SUCCESS_FILE).exists()
 
 
+def test_staging_areas_are_invisible_to_readers(tmp_path: Path) -> None:
+    staged = tmp_path / "_staging" / "split=c" / "data"
+    staged.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["staged"]}), staged / "f.parquet")
+    (staged / schema.SUCCESS_FILE).write_bytes(b"")  # a finished run inside a staging area, not yet committed
+    (tmp_path / "split=a").mkdir()
+    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "split=a" / "f.parquet")
+    files, marked = committed_files(parse_uri(str(tmp_path)))
+    assert not marked and [Path(f).parent.name for f in files] == ["split=a"]
+
+
 # Checkpoint cache ---------------------------------------------------------------------------------------------------
 
 
