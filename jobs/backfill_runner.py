@@ -190,6 +190,10 @@ class Backfill:
         area = StagingArea.for_partition(self.output, partition.dirname, self.resume_root)
         config.output.uri = area.data.uri
         config.resume_path = area.checkpoint.uri
+        if self.options.overwrite:
+            # Overwriting usually means the input or the weights changed in place, which the fingerprint cannot
+            # see: never reuse an earlier attempt's rows.
+            area.clear()
         state = area.prepare(config_fingerprint(config), self.config.run_id)
         if state is StagingState.STAGED:
             logger.info("partition %s: staged by an earlier attempt; committing it", partition.dirname)
