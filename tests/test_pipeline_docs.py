@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,19 @@ PLACEHOLDER = "/data/embeddings"
 
 
 def _python_blocks() -> dict[str, str]:
-    """Each ```python block, keyed by the heading it sits under."""
+    """Each ```python block, keyed by the heading it sits under (headings inside code blocks do not count)."""
     blocks: dict[str, str] = {}
-    heading = ""
-    for part in re.split(r"^(#+ .*)$", DOC.read_text(), flags=re.MULTILINE):
-        if part.startswith("#"):
-            heading = part.lstrip("#").strip()
-            continue
-        for index, code in enumerate(re.findall(r"```python\n(.*?)```", part, flags=re.DOTALL)):
-            blocks[f"{heading} {index}".strip()] = code
+    heading, code, count = "", None, 0
+    for line in DOC.read_text().splitlines(keepends=True):
+        if code is None and line.startswith("```python"):
+            code = []
+        elif code is not None and line.startswith("```"):
+            blocks[f"{heading} {count}"] = "".join(code)
+            code, count = None, count + 1
+        elif code is not None:
+            code.append(line)
+        elif line.startswith("#"):
+            heading, count = line.lstrip("#").strip(), 0
     return blocks
 
 
@@ -59,7 +62,7 @@ def output(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_example_is_collected() -> None:
-    assert sorted(_python_blocks()) == ["DuckDB 0", "Reading 0", "polars 0", "pyarrow 0"]
+    assert sorted(_python_blocks()) == ["DuckDB 0", "Ray Data 0", "Reading 0", "polars 0", "pyarrow 0"]
 
 
 def _run(block: str, output: Path) -> dict[str, Any]:
@@ -80,6 +83,12 @@ def test_pyarrow_example(output: Path) -> None:
     ns = _run("pyarrow 0", output)
     assert ns["vectors"].shape == (6, 32) and ns["dense"].shape == (6, 32, 4, 4)
     assert ns["run"]["image_size"] == 56
+
+
+@pytest.mark.timeout(120)
+def test_ray_data_example(output: Path) -> None:
+    ns = _run("Ray Data 0", output)
+    assert ns["vectors"].shape == (6, 32) and ns["dense"].shape == (6, 32, 4, 4)
 
 
 @pytest.mark.timeout(120)

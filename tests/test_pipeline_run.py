@@ -537,13 +537,17 @@ def test_resume_after_an_interrupted_run(ray_local: None, bucket: Bucket, silent
         compute={"batch_size": 2},
         resume_path=bucket.uri("ckpt"),
     )
+    # Ray is not initialised in the child: run_job does it, joining this session's cluster through RAY_ADDRESS.
     script = (
-        "import json, sys, ray\n"
+        "import json, sys\n"
         "from pipeline import JobConfig, run_job\n"
-        f"ray.init(address={ray.get_runtime_context().gcs_address!r})\n"
         "run_job(JobConfig.from_dict(json.loads(sys.argv[1])))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+    }
     first = subprocess.Popen(
         [sys.executable, "-c", script, json.dumps(config.to_dict())],
         env=env,
