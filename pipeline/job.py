@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import schema
 from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig
-from pipeline.markers import data_files, write_markers
+from pipeline.markers import data_files, remove_markers, write_markers
 from pipeline.records import PrepareSettings, prepare_batch
 from pipeline.sources import SourceSpec, input_protocol, input_uris, read_source
 from pipeline.storage import Location, arrow_filesystem, fsspec_filesystem, parse_uri
@@ -89,10 +89,13 @@ def run_job(config: JobConfig) -> RunSummary:
         from pipeline.progress import ProgressCounter, ProgressLogger
 
         counter = ProgressCounter.remote()
-        dataset = _embed(dataset, config, source, storage_options, counter)
-        with ProgressLogger(counter) as progress:
-            _write(dataset, config, output, storage_options)
-            done = progress.snapshot()
+        try:
+            dataset = _embed(dataset, config, source, storage_options, counter)
+            with ProgressLogger(counter) as progress:
+                _write(dataset, config, output, storage_options)
+                done = progress.snapshot()
+        finally:
+            ray.kill(counter)
     logger.info("written: %s", done.line())
 
     counts, files, checkpoint_sha = _scan_output(output, storage_options)
@@ -134,12 +137,21 @@ def _check_output_is_fresh(output: Location, config: JobConfig, storage_options:
             f"{output.uri()} already holds {len(existing)} Parquet files; writing again would duplicate rows. "
             "Set resume_path to continue an interrupted run, or choose an empty output.uri."
         )
+    if existing and config.resume_path and not _any_file(parse_uri(config.resume_path), storage_options):
+        # Every file a checkpointed run writes is recorded (pending, then committed) before it is written.
+        raise FileExistsError(
+            f"{output.uri()} already holds {len(existing)} Parquet files but {config.resume_path} records none of "
+            "them: they were not written by a run resuming from there, and their rows would be written twice."
+        )
     if existing:
         # This run appends to earlier files; they are not complete until this run commits again.
-        fs = fsspec_filesystem(output.protocol, storage_options)
-        for marker in fs.find(output.path, withdirs=False):
-            if marker.rsplit("/", 1)[-1] in (schema.SUCCESS_FILE, schema.SUMMARY_FILE):
-                fs.rm_file(marker)
+        remove_markers(output, storage_options)
+
+
+def _any_file(location: Location, storage_options: dict[str, Any]) -> bool:
+    fs = fsspec_filesystem(location.protocol, storage_options)
+    fs.invalidate_cache(location.path)
+    return fs.exists(location.path) and bool(fs.find(location.path, withdirs=False))
 
 
 @contextlib.contextmanager

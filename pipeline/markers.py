@@ -73,3 +73,12 @@ def write_markers(location: Location, storage_options: dict[str, Any] | None = N
     for directory in directories:
         fs.pipe_file(posixpath.join(directory, schema.SUCCESS_FILE), b"")
     fs.pipe_file(location.join(schema.SUCCESS_FILE).path, b"")
+
+
+def remove_markers(location: Location, storage_options: dict[str, Any] | None = None) -> None:
+    """Withdraw a dataset's commit (its markers and run summary) before more files are added to it."""
+    fs = fsspec_filesystem(location.protocol, storage_options)
+    for path in _listing(location, storage_options, raw_options=False):
+        summary = path == location.join(schema.SUMMARY_FILE).path
+        if summary or _is_marker(path, location.path):
+            fs.rm_file(path)

@@ -250,6 +250,11 @@ def test_parquet_manifest_with_partitions_and_passthrough(ray_local: None, bucke
     # Writing the same job into a non-empty output without resume_path would duplicate rows: refused up front.
     with pytest.raises(FileExistsError, match="resume_path"):
         run_job(config)
+    # So would resuming from a checkpoint location that never recorded those files.
+    config.resume_path = bucket.uri("never-used-checkpoint")
+    with pytest.raises(FileExistsError, match="records none of them"):
+        run_job(config)
+    assert "out/_SUCCESS" in bucket.keys("out")  # refused runs leave the committed output alone
 
 
 @pytest.mark.timeout(240)
