@@ -80,7 +80,7 @@ class EmbedWorker:
             compile_visual=compiled,
             add_sam2_neck="sam2_backbone_fpn" in settings.features,
             bpe_path=settings.bpe_path,
-            storage_options=settings.storage_options,
+            storage_options=None,  # the checkpoint is a local file by now (or a hub spec sam3core resolves)
         )
         self.d_model = self.backbone.config.d_model
         self.metadata = {
