@@ -122,3 +122,15 @@ def ray_local(model_cache_dir: Path) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request: pytest.FixtureRequest, tmp_path: Path):
+    """An empty output root for the backfill protocol: a local directory, or a prefix in a fresh moto bucket."""
+    from jobs.storage import Location
+
+    if request.param == "local":
+        return Location.parse(str(tmp_path / "out"))
+    endpoint = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    return Location.parse(f"s3://{bucket}/out", {"client_kwargs": {"endpoint_url": endpoint}})

@@ -12,16 +12,6 @@ from jobs.commit import SUCCESS_MARKER, commit_partition, is_committed, read_man
 from jobs.storage import Location
 
 
-@pytest.fixture(params=["local", "s3"])
-def storage_root(request: pytest.FixtureRequest, tmp_path) -> Location:
-    """An empty output root: a local directory, or a prefix in a fresh bucket on the moto S3 server."""
-    if request.param == "local":
-        return Location.parse(str(tmp_path / "out"))
-    endpoint = request.getfixturevalue("s3_server")
-    bucket = request.getfixturevalue("s3_bucket")
-    return Location.parse(f"s3://{bucket}/out", {"client_kwargs": {"endpoint_url": endpoint}})
-
-
 def write_parquet(location: Location, ids: list[str]) -> None:
     location.fs.makedirs(location.path.rsplit("/", 1)[0], exist_ok=True)
     with location.fs.open(location.path, "wb") as f:

@@ -11,16 +11,6 @@ from jobs.storage import Location
 from pipeline.config import JobConfig
 
 
-@pytest.fixture(params=["local", "s3"])
-def storage_root(request: pytest.FixtureRequest, tmp_path) -> Location:
-    """An empty output root: a local directory, or a prefix in a fresh bucket on the moto S3 server."""
-    if request.param == "local":
-        return Location.parse(str(tmp_path / "out"))
-    endpoint = request.getfixturevalue("s3_server")
-    bucket = request.getfixturevalue("s3_bucket")
-    return Location.parse(f"s3://{bucket}/out", {"client_kwargs": {"endpoint_url": endpoint}})
-
-
 def test_fingerprint_tracks_what_changes_the_rows_only() -> None:
     base = JobConfig.from_dict({"input": {"uri": "s3://b/in/date=1/"}, "output": {"uri": "s3://b/out"}})
     same = JobConfig.from_dict(
