@@ -92,8 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.to_dict(), indent=1, sort_keys=True))
         return exit_codes.OK
 
-    from pipeline import run_job  # imported late: loading the pipeline pulls in Ray and torch
+    return execute(config, report=args.report)
 
+
+def execute(config: JobConfig, report: str | None = None) -> int:
+    """Run the job, print its summary, optionally write it as JSON; the exit code says how it went."""
+    from pipeline import run_job  # imported late: loading the pipeline pulls in Ray and torch
+    from pipeline.job import validate
+
+    try:
+        validate(config)
+    except ValueError as error:
+        print(f"error: invalid job config: {error}", file=sys.stderr)
+        return exit_codes.USAGE
     try:
         summary = summary_to_dict(run_job(config))
     except KeyboardInterrupt:
@@ -105,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return exit_codes.FAILED
     code = exit_code_for(summary)
     print(render_summary(config, summary, code), flush=True)
-    if args.report:
-        write_report(args.report, json.dumps({**summary, "exit_code": code}, indent=1, sort_keys=True, default=str))
+    if report:
+        write_report(report, json.dumps({**summary, "exit_code": code}, indent=1, sort_keys=True, default=str))
     return code
 
 

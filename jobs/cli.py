@@ -1,0 +1,193 @@
+"""`sam3-embed`: the command line (`run`, `demo`, `inspect`).
+
+`run` is `python -m jobs.embed` with flags for the common settings: a job file is optional, and every flag
+overrides the file. Ray is the cluster in RAY_ADDRESS when set, otherwise a local cluster started in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from jobs import exit_codes
+from jobs.cli_common import configure_logging
+from jobs.embed import execute
+from jobs.job_config import apply_overrides, read_config_data
+from pipeline.config import JobConfig
+
+# flag -> (config path, parser for the flag's text)
+RUN_FLAGS: dict[str, tuple[str, Any]] = {
+    "input": ("input.uri", str),
+    "format": ("input.format", str),
+    "output": ("output.uri", str),
+    "checkpoint": ("model.checkpoint", str),
+    "model_config": ("model.config", str),
+    "imgsz": ("model.imgsz", int),
+    "dtype": ("model.dtype", str),
+    "partition_by": ("output.partition_by", lambda text: [c.strip() for c in text.split(",") if c.strip()]),
+    "features": ("output.features", lambda text: [c.strip() for c in text.split(",") if c.strip()]),
+    "batch_size": ("compute.batch_size", int),
+    "num_actors": ("compute.num_actors", int),
+    "s3_endpoint_url": ("s3.endpoint_url", str),
+    "resume_path": ("resume_path", str),
+    "run_id": ("run_id", str),
+}
+DEMO_IMGSZ = {"tiny": 224, "sam3": 1008}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sam3-embed",
+        allow_abbrev=False,
+        description="Batch embedding of images and captions with SAM 3's vision-language backbone, on Ray.",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage or config error, 3 finished with error rows, 130 interrupted",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", allow_abbrev=False, help="run an embedding job (job file and/or flags)")
+    run.add_argument("--config", metavar="PATH_OR_URI", help="job file (YAML); flags below override it")
+    run.add_argument("--input", metavar="URI", help="manifest file or prefix, image prefix, or WebDataset shards")
+    run.add_argument("--format", choices=["manifest", "images", "webdataset"])
+    run.add_argument("--output", metavar="URI", help="where the Parquet dataset goes")
+    run.add_argument("--checkpoint", metavar="PATH_OR_URI", help="sam3.pt or model.safetensors; none: random")
+    run.add_argument("--model-config", choices=["sam3", "tiny"])
+    run.add_argument("--imgsz", type=int, help="square input size, a multiple of 14 (default 1008)")
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    run.add_argument("--partition-by", metavar="COL[,COL]", help="hive partition columns of the output")
+    run.add_argument("--features", metavar="NAME[,NAME]", help="features to store (see docs/schema.md)")
+    run.add_argument("--batch-size", type=int)
+    run.add_argument("--num-actors", type=int, help="model actors (one GPU each when the cluster has GPUs)")
+    run.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, moto, …)")
+    run.add_argument("--resume-path", metavar="URI", help="checkpoint location: a rerun skips finished rows")
+    run.add_argument("--run-id")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--report", metavar="PATH_OR_URI", help="also write the run summary as JSON here")
+
+    demo = commands.add_parser("demo", allow_abbrev=False, help="embed a generated sample dataset locally")
+    demo.add_argument("--output", default="demo-output", metavar="DIR", help="folder for images and Parquet")
+    demo.add_argument("--checkpoint", metavar="PATH_OR_URI", help="real weights (use with --model-config sam3)")
+    demo.add_argument("--model-config", choices=["sam3", "tiny"], default="tiny")
+    demo.add_argument("--imgsz", type=int, help="default: 224 for tiny, 1008 for sam3")
+
+    inspect = commands.add_parser("inspect", allow_abbrev=False, help="describe an output dataset")
+    inspect.add_argument("output", metavar="OUTPUT", help="output URI of a run")
+    inspect.add_argument("--rows", type=int, default=3, help="how many rows to show")
+    inspect.add_argument("--s3-endpoint-url", metavar="URL")
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        data = read_config_data(args.config) if args.config else {}
+        overrides = [
+            f"{path}={json.dumps(parse(getattr(args, flag)))}"
+            for flag, (path, parse) in RUN_FLAGS.items()
+            if getattr(args, flag) is not None
+        ]
+        config = JobConfig.from_dict(apply_overrides(data, overrides + args.overrides))
+    except (OSError, ValueError, TypeError) as error:
+        print(f"error: cannot build the job config: {error}", file=sys.stderr)
+        return exit_codes.USAGE
+    return execute(config, report=args.report)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from pipeline.demo import write_sample_dataset
+
+    root = Path(args.output).resolve()
+    dataset = write_sample_dataset(root / "data")
+    embeddings = root / "embeddings"
+    # the demo owns this folder; a fresh output each time keeps reruns simple
+    shutil.rmtree(embeddings, ignore_errors=True)
+    imgsz = args.imgsz or DEMO_IMGSZ[args.model_config]
+    config = JobConfig.from_dict(
+        {
+            "input": {"uri": str(dataset.manifest), "format": "manifest"},
+            "output": {"uri": str(embeddings), "partition_by": ["split"]},
+            "model": {"checkpoint": args.checkpoint, "config": args.model_config, "imgsz": imgsz},
+            "compute": {"batch_size": 4},
+        }
+    )
+    print(f"sample dataset: {len(dataset.samples)} images with captions in {dataset.images_dir}")
+    if args.checkpoint is None:
+        print(
+            f"NOTE: no --checkpoint given, so the {args.model_config!r} model has RANDOM weights: the pipeline "
+            "runs for real, but the embeddings mean nothing. Pass --model-config sam3 --checkpoint sam3.pt "
+            "for real features."
+        )
+    code = execute(config)
+    if code in (exit_codes.OK, exit_codes.FINISHED_WITH_ERROR_ROWS):
+        print()
+        inspect_output(str(embeddings), rows=3)
+    return code
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    options = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else None
+    try:
+        inspect_output(args.output, rows=args.rows, storage_options=options)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot read {args.output}: {error}", file=sys.stderr)
+        return exit_codes.USAGE
+    return exit_codes.OK
+
+
+def inspect_output(uri: str, rows: int, storage_options: dict[str, Any] | None = None) -> None:
+    import pyarrow.compute as pc
+
+    from pipeline.reader import list_committed_files, read_embeddings, read_run_metadata
+
+    files = list_committed_files(uri, storage_options=storage_options)
+    if not files:
+        raise ValueError("no committed Parquet files there (is the run finished?)")
+    table = read_embeddings(uri, storage_options=storage_options)
+    statuses = table.column("status").to_pylist()
+    print(f"output:     {uri}")
+    print(f"files:      {len(files)}")
+    print(f"rows:       {table.num_rows} ({statuses.count('ok')} ok, {statuses.count('error')} error)")
+    partitions = sorted({"/".join(p for p in Path(f).parent.parts if "=" in p) for f in files} - {""})
+    if partitions:
+        print(f"partitions: {', '.join(partitions)}")
+    print("schema:")
+    for field in table.schema:
+        print(f"  {field.name}: {field.type}")
+    run = read_run_metadata(uri, storage_options=storage_options)
+    metadata, summary = run["metadata"], run["summary"]
+    if metadata:
+        model = metadata.get("model", {})
+        print(
+            f"model:      {model.get('config')} at {metadata.get('image_size')} px, "
+            f"checkpoint {model.get('checkpoint') or 'none (random weights)'}, "
+            f"sha256 {model.get('checkpoint_sha256') or '-'}, run {metadata.get('run_id')}"
+        )
+    if summary:
+        rate = summary.get("rows_per_s")
+        print(f"summary:    {summary.get('rows_ok')} ok, {summary.get('rows_error')} error, {rate} rows/s")
+    print(f"first {min(rows, table.num_rows)} rows:")
+    shown = table.sort_by("id").slice(0, rows)
+    for row in shown.to_pylist():
+        embedding = row.get("image_embedding")
+        vector = f"[{', '.join(f'{v:.3f}' for v in embedding[:4])}, …] ({len(embedding)} dims)" if embedding else None
+        text = row.get("caption", row.get("captions"))
+        print(f"  {row['id']}: status={row['status']} caption={text!r} image_embedding={vector}")
+        if row.get("error"):
+            print(f"      error: {row['error']}")
+    errors = pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0
+    if errors:
+        print(f"{errors} rows have status=error; their `error` column says why")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    commands = {"run": run_command, "demo": demo_command, "inspect": inspect_command}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""`sam3-embed run | demo | inspect`, end to end on real files and a real local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs import exit_codes
+from jobs.cli import main
+from pipeline import read_embeddings
+from pipeline.demo import write_sample_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.mark.timeout(300)
+def test_demo_writes_a_dataset_embeds_it_and_says_the_weights_are_random(tmp_path, model_cache_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "demo", "--output", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        env={**_env(), "SAM3_EMBED_CACHE": str(model_cache_dir)},
+        timeout=280,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RANDOM weights" in result.stdout
+    assert "rows:       12 (12 ok, 0 error)" in result.stdout
+    assert "partitions: split=train, split=val" in result.stdout
+    table = read_embeddings(str(tmp_path / "demo" / "embeddings"))
+    assert table.num_rows == 12 and set(table.column("status").to_pylist()) == {"ok"}
+    assert table.schema.field("image_embedding").type.list_size == 32
+    assert sorted(set(table.column("split").to_pylist())) == ["train", "val"]
+
+
+@pytest.mark.timeout(300)
+def test_run_takes_a_job_file_and_flags_override_it(tmp_path, ray_local, capsys):
+    dataset = write_sample_dataset(tmp_path / "data")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"uri": str(dataset.manifest), "format": "manifest"},
+                "output": {"uri": str(tmp_path / "ignored"), "partition_by": []},
+                "model": {"config": "tiny", "imgsz": 1008},
+                "compute": {"batch_size": 2},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    code = main(
+        ["run", "--config", str(job), "--output", str(out), "--imgsz", "112", "--partition-by", "split",
+         "--features", "image_embedding,text_embedding,vision_features", "--run-id", "cli-test"]
+    )  # fmt: skip
+    assert code == exit_codes.OK
+    assert not (tmp_path / "ignored").exists()
+    table = read_embeddings(str(out))
+    assert table.num_rows == 12
+    assert table.schema.field("vision_features").type.shape == [32, 8, 8]  # 112 px: an 8 x 8 grid
+    files = sorted(out.rglob("*.parquet"))
+    assert {f.parent.name for f in files} == {"split=train", "split=val"}
+    assert b'"run_id": "cli-test"' in pq.read_schema(files[0]).metadata[b"sam3_embed"]
+    printed = capsys.readouterr().out
+    assert "run cli-test: 12 rows, 0 error rows" in printed
+
+    assert main(["inspect", str(out), "--rows", "2"]) == exit_codes.OK
+    shown = capsys.readouterr().out
+    assert "rows:       12 (12 ok, 0 error)" in shown
+    assert "vision_features: extension<arrow.fixed_shape_tensor" in shown
+    assert "model:      tiny at 112 px, checkpoint none (random weights)" in shown
+    assert "first 2 rows:" in shown
+
+
+def test_bad_config_is_a_one_line_error_and_exit_code_2(tmp_path, capsys):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("input: {uri: x.jsonl}\nmodle: {config: tiny}\n")
+    assert main(["run", "--config", str(bad)]) == exit_codes.USAGE
+    err = capsys.readouterr().err
+    assert "unknown job config keys: ['modle']" in err and "Traceback" not in err
+
+    assert main(["run", "--input", str(tmp_path / "m.jsonl"), "--imgsz", "100", "--output", str(tmp_path)]) == 2
+    assert "multiple of the patch size 14" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as usage:
+        main(["run", "--format", "zip"])
+    assert usage.value.code == exit_codes.USAGE
+
+
+def test_inspect_of_a_folder_without_output_is_a_clear_error(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == exit_codes.USAGE
+    assert "no committed Parquet files" in capsys.readouterr().err
