@@ -14,7 +14,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import fsspec
@@ -110,108 +110,92 @@ def backbone_state_dict(
     )
 
 
-def _fpn_level_names(scale_factors: tuple[float, ...]) -> list[dict[str, str]]:
-    """For each level, transformers' `scale_layers.<i>` index -> this package's sub-module name."""
-    by_scale = {4.0: {"0": "dconv_2x2_0", "2": "dconv_2x2_1"}, 2.0: {"0": "dconv_2x2"}, 1.0: {}, 0.5: {}}
-    return [by_scale[scale] | {"proj1": "conv_1x1", "proj2": "conv_3x3"} for scale in scale_factors]
+# transformers name (regex, after the `detector_model.` prefix) -> this package's name (a `Match.expand` template)
+_TRUNK = r"vision_encoder\.backbone\."
+_TEXT = r"text_encoder\.text_model\."
+_HF_RENAMES = [
+    (_TRUNK + r"embeddings\.patch_embeddings\.projection\.(\w+)", r"vision_backbone.trunk.patch_embed.proj.\1"),
+    (_TRUNK + r"layer_norm\.(\w+)", r"vision_backbone.trunk.ln_pre.\1"),
+    (_TRUNK + r"layers\.(\d+)\.layer_norm([12])\.(\w+)", r"vision_backbone.trunk.blocks.\1.norm\2.\3"),
+    (_TRUNK + r"layers\.(\d+)\.attention\.o_proj\.(\w+)", r"vision_backbone.trunk.blocks.\1.attn.proj.\2"),
+    (_TRUNK + r"layers\.(\d+)\.mlp\.(fc[12])\.(\w+)", r"vision_backbone.trunk.blocks.\1.mlp.\2.\3"),
+    (_TEXT + r"embeddings\.token_embedding\.weight", r"language_backbone.encoder.token_embedding.weight"),
+    (_TEXT + r"embeddings\.position_embedding\.weight", r"language_backbone.encoder.positional_embedding"),
+    (_TEXT + r"final_layer_norm\.(\w+)", r"language_backbone.encoder.ln_final.\1"),
+    (
+        _TEXT + r"encoder\.layers\.(\d+)\.layer_norm([12])\.(\w+)",
+        r"language_backbone.encoder.transformer.resblocks.\1.ln_\2.\3",
+    ),
+    (
+        _TEXT + r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(\w+)",
+        r"language_backbone.encoder.transformer.resblocks.\1.attn.out_proj.\2",
+    ),
+    (
+        _TEXT + r"encoder\.layers\.(\d+)\.mlp\.fc1\.(\w+)",
+        r"language_backbone.encoder.transformer.resblocks.\1.mlp.c_fc.\2",
+    ),
+    (
+        _TEXT + r"encoder\.layers\.(\d+)\.mlp\.fc2\.(\w+)",
+        r"language_backbone.encoder.transformer.resblocks.\1.mlp.c_proj.\2",
+    ),
+    (r"text_projection\.(\w+)", r"language_backbone.resizer.\1"),
+]
+# q, k and v are separate tensors in transformers, packed (in that order) here
+_HF_SPLIT_QKV = [
+    (_TRUNK + r"layers\.(\d+)\.attention\.([qkv])_proj\.(\w+)", r"vision_backbone.trunk.blocks.\1.attn.qkv.\3"),
+    (
+        _TEXT + r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(\w+)",
+        r"language_backbone.encoder.transformer.resblocks.\1.attn.in_proj_\3",
+    ),
+]
+# a pyramid level's `scale_layers.<i>` index -> this package's sub-module name, by scale factor
+_FPN_LAYER_NAMES = {4.0: {"0": "dconv_2x2_0", "2": "dconv_2x2_1"}, 2.0: {"0": "dconv_2x2"}, 1.0: {}, 0.5: {}}
+_FPN = re.compile(r"(vision_encoder\.neck\.|tracker_neck\.)fpn_layers\.(\d+)\.(?:scale_layers\.)?(\w+)\.(\w+)")
 
 
 def _from_transformers(state: Mapping[str, Tensor], scale_factors: tuple[float, ...]) -> dict[str, Tensor]:
-    trunk = HF_PREFIX + "vision_encoder.backbone."
-    text = HF_PREFIX + "text_encoder."
-    level_names = _fpn_level_names(scale_factors)
-    renames: list[tuple[str, Callable[[re.Match[str]], str]]] = [
-        (
-            re.escape(trunk) + r"embeddings\.patch_embeddings\.projection\.(.+)",
-            lambda m: f"trunk.patch_embed.proj.{m[1]}",
-        ),
-        (re.escape(trunk) + r"layer_norm\.(.+)", lambda m: f"trunk.ln_pre.{m[1]}"),
-        (
-            re.escape(trunk) + r"layers\.(\d+)\.layer_norm([12])\.(.+)",
-            lambda m: f"trunk.blocks.{m[1]}.norm{m[2]}.{m[3]}",
-        ),
-        (
-            re.escape(trunk) + r"layers\.(\d+)\.attention\.o_proj\.(.+)",
-            lambda m: f"trunk.blocks.{m[1]}.attn.proj.{m[2]}",
-        ),
-        (
-            re.escape(trunk) + r"layers\.(\d+)\.mlp\.(fc[12])\.(.+)",
-            lambda m: f"trunk.blocks.{m[1]}.mlp.{m[2]}.{m[3]}",
-        ),
-        (
-            re.escape(HF_PREFIX) + r"vision_encoder\.neck\.fpn_layers\.(\d+)\.(?:scale_layers\.)?(\w+)\.(.+)",
-            lambda m: f"convs.{m[1]}.{level_names[int(m[1])][m[2]]}.{m[3]}",
-        ),
-        (
-            re.escape(HF_SAM2_NECK_PREFIX) + r"fpn_layers\.(\d+)\.(?:scale_layers\.)?(\w+)\.(.+)",
-            lambda m: f"sam2_convs.{m[1]}.{level_names[int(m[1])][m[2]]}.{m[3]}",
-        ),
-    ]
-    text_renames: list[tuple[str, Callable[[re.Match[str]], str]]] = [
-        (
-            re.escape(text) + r"text_model\.embeddings\.token_embedding\.weight",
-            lambda m: "encoder.token_embedding.weight",
-        ),
-        (re.escape(text) + r"text_model\.final_layer_norm\.(.+)", lambda m: f"encoder.ln_final.{m[1]}"),
-        (
-            re.escape(text) + r"text_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.(.+)",
-            lambda m: f"encoder.transformer.resblocks.{m[1]}.ln_{m[2]}.{m[3]}",
-        ),
-        (
-            re.escape(text) + r"text_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.(.+)",
-            lambda m: f"encoder.transformer.resblocks.{m[1]}.attn.out_proj.{m[2]}",
-        ),
-        (
-            re.escape(text) + r"text_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.(.+)",
-            lambda m: f"encoder.transformer.resblocks.{m[1]}.mlp.c_fc.{m[2]}",
-        ),
-        (
-            re.escape(text) + r"text_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.(.+)",
-            lambda m: f"encoder.transformer.resblocks.{m[1]}.mlp.c_proj.{m[2]}",
-        ),
-        (re.escape(HF_PREFIX) + r"text_projection\.(.+)", lambda m: f"resizer.{m[1]}"),
-    ]
     out: dict[str, Tensor] = {}
-    split_qkv: dict[str, dict[str, Tensor]] = {}
-    for key, value in state.items():
-        if key == trunk + "embeddings.position_embeddings":
+    packed: dict[str, dict[str, Tensor]] = {}
+    for full_key, value in state.items():
+        if full_key.startswith(HF_SAM2_NECK_PREFIX):
+            key = full_key  # the SAM 2 twin neck lives outside the detector in transformers' video model
+        elif full_key.startswith(HF_PREFIX):
+            key = full_key.removeprefix(HF_PREFIX)
+        else:
+            continue
+        if key == "vision_encoder.backbone.embeddings.position_embeddings":
             # transformers dropped the unused class-token slot; put an empty one back
             out["vision_backbone.trunk.pos_embed"] = torch.cat([value.new_zeros(1, 1, value.shape[-1]), value], 1)
-            continue
-        if key == text + "text_model.embeddings.position_embedding.weight":
-            out["language_backbone.encoder.positional_embedding"] = value
-            continue
-        if key == text + "text_projection.weight":
-            out["language_backbone.encoder.text_projection"] = value.t().contiguous()
-            continue
-        qkv = re.fullmatch(re.escape(trunk) + r"layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)", key)
-        if qkv:
-            split_qkv.setdefault(f"vision_backbone.trunk.blocks.{qkv[1]}.attn.qkv.{qkv[3]}", {})[qkv[2]] = value
-            continue
-        qkv = re.fullmatch(
-            re.escape(text) + r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)",
-            key,
-        )
-        if qkv:
-            name = f"language_backbone.encoder.transformer.resblocks.{qkv[1]}.attn.in_proj_{qkv[3]}"
-            split_qkv.setdefault(name, {})[qkv[2]] = value
-            continue
-        for pattern, rename in renames:
-            match = re.fullmatch(pattern, key)
-            if match:
-                out["vision_backbone." + rename(match)] = value
-                break
-        else:
-            for pattern, rename in text_renames:
-                match = re.fullmatch(pattern, key)
-                if match:
-                    out["language_backbone." + rename(match)] = value
-                    break
-    for name, parts in split_qkv.items():
+        elif key == "text_encoder.text_projection.weight":
+            out["language_backbone.encoder.text_projection"] = value.t().contiguous()  # Linear weight -> matrix
+        elif match := _FPN.fullmatch(key):
+            neck = "sam2_convs" if match[1] == HF_SAM2_NECK_PREFIX else "convs"
+            level = int(match[2])
+            names = {"proj1": "conv_1x1", "proj2": "conv_3x3"}
+            if level < len(scale_factors):
+                names |= _FPN_LAYER_NAMES[scale_factors[level]]
+            # a key outside this layout keeps its name, so the strict load below reports it as unexpected
+            layer = names.get(match[3], match[3])
+            out[f"vision_backbone.{neck}.{level}.{layer}.{match[4]}"] = value
+        elif match := _first_match(_HF_SPLIT_QKV, key):
+            pattern, template = match
+            packed.setdefault(pattern.expand(template), {})[pattern[2]] = value
+        elif match := _first_match(_HF_RENAMES, key):
+            pattern, template = match
+            out[pattern.expand(template)] = value
+    for name, parts in packed.items():
         if set(parts) != {"q", "k", "v"}:
             raise CheckpointError(f"{name}: the checkpoint holds only the {sorted(parts)} projections of q, k, v")
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
+
+
+def _first_match(rules: list[tuple[str, str]], key: str) -> tuple[re.Match[str], str] | None:
+    for pattern, template in rules:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return match, template
+    return None
 
 
 def load_backbone_weights(model: nn.Module, weights: Mapping[str, Tensor], source: str = "checkpoint") -> None:
