@@ -8,8 +8,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import Sam3Config
 from .neck import Sam3DualViTDetNeck
 from .text_encoder import VETextEncoder
+from .tokenizer import Sam3Tokenizer
 
 
 class SAM3VLBackbone(nn.Module):
@@ -36,10 +38,10 @@ class SAM3VLBackbone(nn.Module):
         self.scalp = scalp
         self.act_ckpt_whole_vision_backbone = act_ckpt_whole_vision_backbone
         self.act_ckpt_whole_language_backbone = act_ckpt_whole_language_backbone
-        self.config: Any = None  # set by build_sam3_vl_backbone
+        self.config: Sam3Config | None = None  # set by build_sam3_vl_backbone
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Sam3Tokenizer:
         return self.language_backbone.tokenizer
 
     @property
