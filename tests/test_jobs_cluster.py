@@ -47,10 +47,16 @@ REPO = Path(__file__).resolve().parents[1]
 IMGSZ = 56
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: every socket stays bound until all are chosen, so none repeats."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass
@@ -91,7 +97,7 @@ def _wait_for_dashboard(head: RayHead, process: subprocess.Popen, deadline_s: fl
 def ray_head(s3_server: str) -> Iterator[RayHead]:
     # A short temp dir: Ray's Unix sockets live under it and socket paths are limited to ~107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, client_port, agent_port, agent_grpc_port, metrics_port, env_agent_port = free_ports(7)
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env.update(
         RAY_AUTH_MODE="token",
@@ -113,11 +119,11 @@ def ray_head(s3_server: str) -> Iterator[RayHead]:
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         # Every port Ray would otherwise take at a fixed default, so a second cluster on this machine is no bother.
-        f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
+        f"--ray-client-server-port={client_port}",
+        f"--dashboard-agent-listen-port={agent_port}",
+        f"--dashboard-agent-grpc-port={agent_grpc_port}",
+        f"--metrics-export-port={metrics_port}",
+        f"--runtime-env-agent-port={env_agent_port}",
         "--object-store-memory=400000000",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
