@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", allow_abbrev=False, help="embed a generated sample dataset locally")
     demo.add_argument("--output", default="demo-output", metavar="DIR", help="folder for images and Parquet")
-    demo.add_argument("--checkpoint", metavar="PATH_OR_URI", help="real weights (use with --model-config sam3)")
-    demo.add_argument("--model-config", choices=["sam3", "tiny"], default="tiny")
+    demo.add_argument("--checkpoint", metavar="PATH_OR_URI", help="real weights: sam3.pt or model.safetensors")
+    demo.add_argument(
+        "--model-config", choices=["sam3", "tiny"], help="default: sam3 with a --checkpoint, else tiny (random weights)"
+    )
     demo.add_argument("--imgsz", type=int, help="default: 224 for tiny, 1008 for sam3")
 
     inspect = commands.add_parser("inspect", allow_abbrev=False, help="describe an output dataset")
@@ -104,21 +106,21 @@ def demo_command(args: argparse.Namespace) -> int:
     embeddings = root / "embeddings"
     # the demo owns this folder; a fresh output each time keeps reruns simple
     shutil.rmtree(embeddings, ignore_errors=True)
-    imgsz = args.imgsz or DEMO_IMGSZ[args.model_config]
+    model_config = args.model_config or ("sam3" if args.checkpoint else "tiny")
+    imgsz = args.imgsz or DEMO_IMGSZ[model_config]
     config = JobConfig.from_dict(
         {
             "input": {"uri": str(dataset.manifest), "format": "manifest"},
             "output": {"uri": str(embeddings), "partition_by": ["split"]},
-            "model": {"checkpoint": args.checkpoint, "config": args.model_config, "imgsz": imgsz},
+            "model": {"checkpoint": args.checkpoint, "config": model_config, "imgsz": imgsz},
             "compute": {"batch_size": 4},
         }
     )
     print(f"sample dataset: {len(dataset.samples)} images with captions in {dataset.images_dir}")
     if args.checkpoint is None:
         print(
-            f"NOTE: no --checkpoint given, so the {args.model_config!r} model has RANDOM weights: the pipeline "
-            "runs for real, but the embeddings mean nothing. Pass --model-config sam3 --checkpoint sam3.pt "
-            "for real features."
+            f"NOTE: no --checkpoint given, so the {model_config!r} model has RANDOM weights: the pipeline "
+            "runs for real, but the embeddings mean nothing. Pass --checkpoint sam3.pt for real features."
         )
     code = execute(config)
     if code in (exit_codes.OK, exit_codes.FINISHED_WITH_ERROR_ROWS):

@@ -102,3 +102,24 @@ def test_bad_config_is_a_one_line_error_and_exit_code_2(tmp_path, capsys):
 def test_inspect_of_a_folder_without_output_is_a_clear_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == exit_codes.USAGE
     assert "no committed Parquet files" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_demo_with_a_checkpoint_uses_those_weights_and_records_their_digest(tmp_path, ray_local, capsys):
+    import hashlib
+
+    import torch
+
+    from sam3core import build_sam3_vl_backbone
+
+    torch.manual_seed(7)
+    weights = build_sam3_vl_backbone(config="tiny", imgsz=224).state_dict()
+    checkpoint = tmp_path / "sam3.pt"
+    torch.save({"model": {f"detector.backbone.{k}": v for k, v in weights.items()}}, checkpoint)
+
+    code = main(["demo", "--output", str(tmp_path / "demo"), "--model-config", "tiny", "--checkpoint", str(checkpoint)])
+    assert code == exit_codes.OK
+    printed = capsys.readouterr().out
+    assert "RANDOM" not in printed
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert f"checkpoint {checkpoint}, sha256 {digest}" in printed
