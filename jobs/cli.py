@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sam3-embed",
         allow_abbrev=False,
         description="Batch embedding of images and captions with SAM 3's vision-language backbone, on Ray.",
-        epilog="exit codes: 0 ok, 1 failed, 2 usage or config error, 3 finished with error rows, 130 interrupted",
+        epilog=exit_codes.RUN_EPILOG,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jobs.embed",
         allow_abbrev=False,
         description="Embed images and captions with SAM 3's backbone into Parquet, as described by a job file.",
-        epilog="exit codes: 0 ok, 1 failed, 2 usage or config error, 3 finished with error rows, 130 interrupted",
+        epilog=exit_codes.RUN_EPILOG,
     )
     add_config_arguments(parser)
     parser.add_argument("--run-id", help="name this run (default: the config's run_id, else a random one)")

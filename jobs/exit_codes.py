@@ -25,3 +25,7 @@ DESCRIPTIONS = {
 
 def describe(code: int) -> str:
     return DESCRIPTIONS.get(code, f"exit code {code}")
+
+
+# for --help of the entry points that run one job
+RUN_EPILOG = "exit codes: 0 ok, 1 failed, 2 usage or config error, 3 finished with error rows, 130 interrupted"
