@@ -334,3 +334,26 @@ def test_compiled_vision_backbone_matches_eager(tiny, images):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # parameter names are untouched by compilation, so checkpoints stay interchangeable
     assert list(compiled.state_dict()) == list(tiny.state_dict())
+
+
+def test_checkpoint_from_the_hub_cache(tmp_path, tiny, images, monkeypatch):
+    """hf:// goes through huggingface_hub for real; offline, it resolves from a hub cache laid out as the hub does."""
+    pytest.importorskip("huggingface_hub")
+    snapshot = tmp_path / "hub" / "models--facebook--sam3" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot.mkdir(parents=True)
+    torch.save({"model": _official_prefixed(tiny)}, snapshot / "sam3.pt")
+    (tmp_path / "hub" / "models--facebook--sam3" / "refs").mkdir()
+    (tmp_path / "hub" / "models--facebook--sam3" / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaded = build_sam3_vl_backbone("hf://facebook/sam3", config="tiny", imgsz=IMGSZ, add_sam2_neck=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.forward_image(images)["vision_features"], tiny.forward_image(images)["vision_features"]
+        )
+    with pytest.raises(CheckpointError, match=r"hf://<owner>/<repo>"):
+        build_sam3_vl_backbone("hf://sam3", config="tiny")
