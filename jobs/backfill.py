@@ -12,11 +12,11 @@ import argparse
 import sys
 
 from jobs import exit_codes
-from jobs.backfill_runner import Backfill, BackfillOptions, BackfillReport, render_report
 from jobs.cli_common import configure_logging, write_report
 from jobs.job_config import add_config_arguments, load_job_config
-from jobs.lease import DEFAULT_TTL_S
-from jobs.partitions import discover_partition_values, parse_partition_values, validate_column
+from pipeline.backfill.lease import DEFAULT_TTL_S
+from pipeline.backfill.partitions import discover_partition_values, parse_partition_values, validate_column
+from pipeline.backfill.runner import Backfill, BackfillOptions, BackfillReport, render_report
 
 
 def build_parser() -> argparse.ArgumentParser:

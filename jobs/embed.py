@@ -18,8 +18,8 @@ from typing import Any
 from jobs import exit_codes
 from jobs.cli_common import configure_logging, write_report
 from jobs.job_config import add_config_arguments, load_job_config
-from jobs.run_summary import summary_counts, summary_to_dict
 from pipeline.config import JobConfig
+from pipeline.run_summary import summary_counts, summary_to_dict
 
 logger = logging.getLogger("jobs.embed")
 

@@ -132,7 +132,5 @@ def _section(kind: type, values: dict[str, Any], name: str) -> Any:
     known = {f.name for f in dataclasses.fields(kind)}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(
-            f"unknown keys in job config section {name!r}: {sorted(unknown)}; expected {sorted(known)}"
-        )
+        raise ValueError(f"unknown keys in job config section {name!r}: {sorted(unknown)}; expected {sorted(known)}")
     return kind(**values)

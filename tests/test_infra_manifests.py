@@ -21,7 +21,7 @@ import pytest
 import tomllib
 import yaml
 
-from jobs.partitions import parse_partition_values
+from pipeline.backfill.partitions import parse_partition_values
 from pipeline.config import JobConfig
 
 REPO = Path(__file__).resolve().parents[1]

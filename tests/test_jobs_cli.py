@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from jobs import backfill, embed, exit_codes
-from jobs.commit import commit_partition
 from jobs.job_config import apply_overrides, load_job_config, parse_override
-from jobs.lease import PartitionLease
-from jobs.storage import Location
+from pipeline.backfill.commit import commit_partition
+from pipeline.backfill.lease import PartitionLease
+from pipeline.backfill.storage import Location
 
 
 def write_job(tmp_path: Path, **data: object) -> Path:

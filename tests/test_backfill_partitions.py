@@ -6,14 +6,14 @@ import datetime as dt
 
 import pytest
 
-from jobs.partitions import (
+from pipeline.backfill.partitions import (
     Partition,
     discover_partition_values,
     input_uri_for,
     parse_partition_values,
     partition_input,
 )
-from jobs.storage import Location
+from pipeline.backfill.storage import Location
 
 TODAY = dt.date(2025, 3, 2)
 

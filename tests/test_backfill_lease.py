@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from jobs.lease import LeaseLost, PartitionLease, record_name
-from jobs.storage import Location
+from pipeline.backfill.lease import LeaseLost, PartitionLease, record_name
+from pipeline.backfill.storage import Location
 
 
 class FakeClock:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from jobs.storage import Location
+from pipeline.backfill.storage import Location
 
 logger = logging.getLogger(__name__)
 

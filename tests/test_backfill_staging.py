@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from jobs.staging import StagingArea, StagingState, config_fingerprint
-from jobs.storage import Location
+from pipeline.backfill.staging import StagingArea, StagingState, config_fingerprint
+from pipeline.backfill.storage import Location
 from pipeline.config import JobConfig
 
 

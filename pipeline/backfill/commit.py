@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from jobs.storage import Location
+from pipeline.backfill.storage import Location
 
 logger = logging.getLogger(__name__)
 

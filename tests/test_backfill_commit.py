@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.commit import SUCCESS_MARKER, commit_partition, is_committed, read_manifest, uncommit
-from jobs.storage import Location
+from pipeline.backfill.commit import SUCCESS_MARKER, commit_partition, is_committed, read_manifest, uncommit
+from pipeline.backfill.storage import Location
 
 
 def write_parquet(location: Location, ids: list[str]) -> None:

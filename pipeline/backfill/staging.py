@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from jobs.commit import SUCCESS_MARKER
-from jobs.storage import Location
+from pipeline.backfill.commit import SUCCESS_MARKER
+from pipeline.backfill.storage import Location
 from pipeline.config import JobConfig
 
 logger = logging.getLogger(__name__)

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from jobs import exit_codes
-from jobs.commit import commit_partition, read_manifest
-from jobs.lease import DEFAULT_TTL_S, PartitionLease
-from jobs.partitions import Partition, partition_input
-from jobs.run_summary import summary_counts, summary_to_dict
-from jobs.staging import StagingArea, StagingState, config_fingerprint
-from jobs.storage import Location
+from pipeline.backfill.commit import commit_partition, read_manifest
+from pipeline.backfill.lease import DEFAULT_TTL_S, PartitionLease
+from pipeline.backfill.partitions import Partition, partition_input
+from pipeline.backfill.staging import StagingArea, StagingState, config_fingerprint
+from pipeline.backfill.storage import Location
 from pipeline.config import JobConfig
+from pipeline.run_summary import summary_counts, summary_to_dict
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.backfill_runner import Backfill, BackfillOptions
-from jobs.commit import is_committed, read_manifest
-from jobs.lease import PartitionLease
-from jobs.staging import STAGING_DIR
-from jobs.storage import Location
 from pipeline import JobConfig, read_embeddings, run_job
+from pipeline.backfill.commit import is_committed, read_manifest
+from pipeline.backfill.lease import PartitionLease
+from pipeline.backfill.runner import Backfill, BackfillOptions
+from pipeline.backfill.staging import STAGING_DIR
+from pipeline.backfill.storage import Location
 
 DAY = "2025-03-01"
 
