@@ -140,23 +140,23 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 
 def inspect_output(uri: str, rows: int, storage_options: dict[str, Any] | None = None) -> None:
-    import pyarrow.compute as pc
+    """What an output holds, reading only the status column and the first rows, never the whole dataset."""
+    import pyarrow.dataset as ds
 
-    from pipeline.reader import list_committed_files, read_embeddings, read_run_metadata
+    from pipeline.reader import open_embeddings, read_run_metadata
 
-    files = list_committed_files(uri, storage_options=storage_options)
-    if not files:
-        raise ValueError("no committed Parquet files there (is the run finished?)")
-    table = read_embeddings(uri, storage_options=storage_options)
-    statuses = table.column("status").to_pylist()
+    dataset = open_embeddings(uri, storage_options=storage_options)  # FileNotFoundError when nothing is committed
+    files = dataset.files
+    total = dataset.count_rows()
+    errors = dataset.count_rows(filter=ds.field("status") == "error")
     print(f"output:     {uri}")
     print(f"files:      {len(files)}")
-    print(f"rows:       {table.num_rows} ({statuses.count('ok')} ok, {statuses.count('error')} error)")
+    print(f"rows:       {total} ({total - errors} ok, {errors} error)")
     partitions = sorted({"/".join(p for p in Path(f).parent.parts if "=" in p) for f in files} - {""})
     if partitions:
         print(f"partitions: {', '.join(partitions)}")
     print("schema:")
-    for field in table.schema:
+    for field in dataset.schema:
         print(f"  {field.name}: {field.type}")
     run = read_run_metadata(uri, storage_options=storage_options)
     metadata, summary = run["metadata"], run["summary"]
@@ -170,16 +170,15 @@ def inspect_output(uri: str, rows: int, storage_options: dict[str, Any] | None =
     if summary:
         rate = summary.get("rows_per_s")
         print(f"summary:    {summary.get('rows_ok')} ok, {summary.get('rows_error')} error, {rate} rows/s")
-    print(f"first {min(rows, table.num_rows)} rows:")
-    shown = table.sort_by("id").slice(0, rows)
-    for row in shown.to_pylist():
+    shown = dataset.head(rows).to_pylist()
+    print(f"first {len(shown)} rows:")
+    for row in shown:
         embedding = row.get("image_embedding")
         vector = f"[{', '.join(f'{v:.3f}' for v in embedding[:4])}, …] ({len(embedding)} dims)" if embedding else None
         text = row.get("caption", row.get("captions"))
         print(f"  {row['id']}: status={row['status']} caption={text!r} image_embedding={vector}")
         if row.get("error"):
             print(f"      error: {row['error']}")
-    errors = pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0
     if errors:
         print(f"{errors} rows have status=error; their `error` column says why")
 

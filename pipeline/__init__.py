@@ -1,7 +1,7 @@
 """sam3-embed pipeline: Ray Data job that embeds images and captions with SAM 3's backbone into partitioned Parquet.
 
 Public API: `run_job(JobConfig) -> RunSummary`, and for consumers `read_embeddings`, `read_embeddings_numpy`,
-`embeddings_to_numpy`, `read_run_metadata`, `list_committed_files`.
+`embeddings_to_numpy`, `read_run_metadata`, `list_committed_files`, `open_embeddings`.
 """
 
 from pipeline.config import (
@@ -16,6 +16,7 @@ from pipeline.job import RunSummary, run_job
 from pipeline.reader import (
     embeddings_to_numpy,
     list_committed_files,
+    open_embeddings,
     read_embeddings,
     read_embeddings_numpy,
     read_run_metadata,
@@ -31,6 +32,7 @@ __all__ = [
     "S3Options",
     "embeddings_to_numpy",
     "list_committed_files",
+    "open_embeddings",
     "read_embeddings",
     "read_embeddings_numpy",
     "read_run_metadata",

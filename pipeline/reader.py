@@ -43,6 +43,17 @@ def open_dataset(location: Location, files: list[str], filesystem: Any) -> ds.Da
     )
 
 
+def open_embeddings(uri: str, *, storage_options: dict[str, Any] | None = None) -> ds.Dataset:
+    """A lazy pyarrow dataset over the committed files: schema, counts and a few rows without reading it all."""
+    location = parse_uri(uri)
+    files, marked = committed_files(location, storage_options, raw_options=True)
+    if not files:
+        raise FileNotFoundError(f"no committed Parquet files under {uri}")
+    if not marked:
+        logger.warning("%s has no _SUCCESS markers: reading every file (the run may still be in progress)", uri)
+    return open_dataset(location, files, _arrow_filesystem(location, storage_options))
+
+
 def read_embeddings(
     uri: str,
     *,
@@ -57,13 +68,7 @@ def read_embeddings(
       filters on partition columns skip whole directories.
     storage_options: fsspec options for the URI's filesystem, e.g. {"client_kwargs": {"endpoint_url": ...}}.
     """
-    location = parse_uri(uri)
-    files, marked = committed_files(location, storage_options, raw_options=True)
-    if not files:
-        raise FileNotFoundError(f"no committed Parquet files under {uri}")
-    if not marked:
-        logger.warning("%s has no _SUCCESS markers: reading every file (the run may still be in progress)", uri)
-    dataset = open_dataset(location, files, _arrow_filesystem(location, storage_options))
+    dataset = open_embeddings(uri, storage_options=storage_options)
     expression = _as_expression(filters)
     table = dataset.to_table(columns=list(columns) if columns is not None else None, filter=expression)
     metadata = dataset.schema.metadata
