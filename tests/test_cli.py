@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,9 @@ def test_demo_writes_a_dataset_embeds_it_and_says_the_weights_are_random(tmp_pat
     assert table.num_rows == 12 and set(table.column("status").to_pylist()) == {"ok"}
     assert table.schema.field("image_embedding").type.list_size == 32
     assert sorted(set(table.column("split").to_pylist())) == ["train", "val"]
+    sizes = {row["id"]: (row["image_width"], row["image_height"]) for row in table.to_pylist()}
+    # stored 360 x 240 with an EXIF "rotate 90" tag: the pipeline sees the upright 240 x 360 image
+    assert sizes["arrow_up"] == (240, 360) and sizes["horizon"] == (1200, 300)
 
 
 @pytest.mark.timeout(300)
@@ -123,3 +127,30 @@ def test_demo_with_a_checkpoint_uses_those_weights_and_records_their_digest(tmp_
     assert "RANDOM" not in printed
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert f"checkpoint {checkpoint}, sha256 {digest}" in printed
+
+
+@pytest.mark.timeout(300)
+def test_run_to_s3_with_a_broken_image_exits_3_and_inspect_reads_it_back_from_s3(
+    tmp_path, ray_local, s3_server, s3_bucket, capsys
+):
+    dataset = write_sample_dataset(tmp_path / "data")
+    broken = dataset.images_dir / "truncated.jpg"
+    broken.write_bytes(dataset.samples[0].path.read_bytes()[:200])  # a JPEG header and nothing after it
+    with dataset.manifest.open("a") as manifest:
+        manifest.write(json.dumps({"id": "truncated", "image": str(broken), "caption": "cut short", "split": "val"}))
+        manifest.write("\n")
+    output = f"s3://{s3_bucket}/emb"
+
+    code = main(
+        ["run", "--input", str(dataset.manifest), "--output", output, "--model-config", "tiny", "--imgsz", "112",
+         "--batch-size", "4", "--s3-endpoint-url", s3_server, "--run-id", "s3-cli"]
+    )  # fmt: skip
+    assert code == exit_codes.FINISHED_WITH_ERROR_ROWS
+    assert "run s3-cli: 13 rows, 1 error rows" in capsys.readouterr().out
+
+    assert main(["inspect", output, "--s3-endpoint-url", s3_server, "--rows", "13"]) == exit_codes.OK
+    shown = capsys.readouterr().out
+    assert "rows:       13 (12 ok, 1 error)" in shown
+    assert "run s3-cli" in shown
+    assert "truncated: status=error" in shown
+    assert "1 rows have status=error" in shown
