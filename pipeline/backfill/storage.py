@@ -68,8 +68,9 @@ class Location:
         return sorted(name[len(prefix) :] for name in found if name.startswith(prefix))
 
     def read_text(self) -> str:
-        with self.fs.open(self.path, "rb") as f:
-            return f.read().decode("utf-8")
+        # One GET of whatever version is current. A file object would pin the ETag it saw first and fail with
+        # FileExpired when a lease holder rewrites the record mid-read (seen in CI).
+        return self.fs.cat_file(self.path).decode("utf-8")
 
     def write_text(self, text: str) -> None:
         """Replace the file in one step: readers see the old or the new content, never a prefix."""
