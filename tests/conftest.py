@@ -134,3 +134,11 @@ def storage_root(request: pytest.FixtureRequest, tmp_path: Path):
     endpoint = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("s3_bucket")
     return Location.parse(f"s3://{bucket}/out", {"client_kwargs": {"endpoint_url": endpoint}})
+
+
+@pytest.fixture
+def bucket(s3_server: str, s3_bucket: str):
+    """The fresh bucket wrapped for reading and writing objects (tests/s3_bucket.py)."""
+    from tests.s3_bucket import S3Bucket
+
+    return S3Bucket(s3_server, s3_bucket)

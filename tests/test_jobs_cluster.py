@@ -30,18 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 import yaml
 from PIL import Image
 
 from pipeline import read_embeddings
+from tests.s3_bucket import S3Bucket
 
 REPO = Path(__file__).resolve().parents[1]
 IMGSZ = 56
@@ -156,39 +155,6 @@ def _stop_process_group(process: subprocess.Popen, grace_s: float) -> None:
 # Test data ---------------------------------------------------------------------------------------------------------
 
 
-class Bucket:
-    def __init__(self, endpoint: str, name: str) -> None:
-        self.endpoint = endpoint
-        self.name = name
-        self.client = boto3.client("s3", endpoint_url=endpoint)
-        self.fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, use_listings_cache=False)
-
-    def put(self, key: str, body: bytes) -> str:
-        self.client.put_object(Bucket=self.name, Key=key, Body=body)
-        return self.uri(key)
-
-    def uri(self, key: str) -> str:
-        return f"s3://{self.name}/{key}"
-
-    def keys(self, prefix: str) -> list[str]:
-        if not self.fs.exists(f"{self.name}/{prefix}"):
-            return []
-        return sorted(path.split("/", 1)[1] for path in self.fs.find(f"{self.name}/{prefix}"))
-
-    def read_json(self, key: str) -> dict[str, Any]:
-        with self.fs.open(f"{self.name}/{key}") as f:
-            return json.load(f)
-
-    @property
-    def storage_options(self) -> dict[str, Any]:
-        return {"client_kwargs": {"endpoint_url": self.endpoint}}
-
-
-@pytest.fixture
-def bucket(s3_server: str, s3_bucket: str) -> Bucket:
-    return Bucket(s3_server, s3_bucket)
-
-
 def jpeg(seed: int) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 255, (36, 48, 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -202,7 +168,7 @@ def parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def manifest_rows(bucket: Bucket, ids: list[str]) -> list[dict[str, Any]]:
+def manifest_rows(bucket: S3Bucket, ids: list[str]) -> list[dict[str, Any]]:
     rows = []
     for row_id in ids:
         seed = int.from_bytes(row_id.encode(), "little") % 10_000
@@ -212,7 +178,7 @@ def manifest_rows(bucket: Bucket, ids: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_job_file(directory: Path, bucket: Bucket, **sections: Any) -> Path:
+def write_job_file(directory: Path, bucket: S3Bucket, **sections: Any) -> Path:
     data: dict[str, Any] = {
         "input": {"format": "manifest"},
         "model": {"config": "tiny", "imgsz": IMGSZ},
@@ -256,7 +222,7 @@ def ids_in(table: pa.Table) -> list[str]:
 
 
 @pytest.mark.timeout(240)
-def test_ray_job_submit_embeds_a_manifest_from_s3_to_s3(ray_head: RayHead, bucket: Bucket, tmp_path: Path) -> None:
+def test_ray_job_submit_embeds_a_manifest_from_s3_to_s3(ray_head: RayHead, bucket: S3Bucket, tmp_path: Path) -> None:
     ids = [f"sub{i}" for i in range(5)]
     manifest = bucket.put("manifests/products.parquet", parquet_bytes(manifest_rows(bucket, ids)))
     job_file = write_job_file(tmp_path, bucket, input={"uri": manifest}, output={"uri": bucket.uri("embeddings")})
@@ -309,7 +275,7 @@ def test_ray_job_submit_embeds_a_manifest_from_s3_to_s3(ray_head: RayHead, bucke
 
 @pytest.mark.timeout(300)
 def test_backfill_commits_good_partitions_reports_the_failed_one_and_retries_it(
-    ray_head: RayHead, bucket: Bucket, tmp_path: Path
+    ray_head: RayHead, bucket: S3Bucket, tmp_path: Path
 ) -> None:
     days = ["2025-01-01", "2025-01-02", "2025-01-03"]
     ids_by_day = {day: [f"{day}-{i}" for i in range(3)] for day in days}
@@ -410,24 +376,23 @@ def slow_image_server() -> Iterator[SlowImageServer]:
         server.close()
 
 
-def _rows_written(bucket: Bucket, prefix: str) -> int:
+def _rows_written(bucket: S3Bucket, prefix: str) -> int:
     rows = 0
     for key in bucket.keys(prefix):
         name = key.rsplit("/", 1)[-1]
         if key.endswith(".parquet") and not name.startswith(("_", ".")):
-            with bucket.fs.open(f"{bucket.name}/{key}") as f:
-                rows += pq.ParquetFile(f).metadata.num_rows
+            rows += pq.ParquetFile(io.BytesIO(bucket.get(key))).metadata.num_rows
     return rows
 
 
-def _checkpoint_committed(bucket: Bucket, prefix: str) -> bool:
+def _checkpoint_committed(bucket: S3Bucket, prefix: str) -> bool:
     # Ray Data writes a `.pending` entry before a data file and the committed entry after it.
     return any(key.endswith(".parquet") and ".pending" not in key for key in bucket.keys(prefix))
 
 
 @pytest.mark.timeout(300)
 def test_a_killed_run_resumes_without_losing_or_duplicating_rows(
-    ray_head: RayHead, bucket: Bucket, slow_image_server: SlowImageServer, tmp_path: Path
+    ray_head: RayHead, bucket: S3Bucket, slow_image_server: SlowImageServer, tmp_path: Path
 ) -> None:
     from pipeline.job import PREPARE_BATCH_ROWS
 
@@ -496,7 +461,7 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_rows(
 
 
 @pytest.mark.timeout(300)
-def test_concurrent_backfills_write_each_partition_once(bucket: Bucket, tmp_path: Path) -> None:
+def test_concurrent_backfills_write_each_partition_once(bucket: S3Bucket, tmp_path: Path) -> None:
     days = [f"2025-02-0{d}" for d in range(1, 5)]
     ids_by_day = {day: [f"{day}-{i}" for i in range(2)] for day in days}
     for day in days:

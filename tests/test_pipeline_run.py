@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +33,7 @@ from pipeline import JobConfig, embeddings_to_numpy, read_embeddings, read_embed
 from pipeline.ids import derive_id
 from pipeline.job import PREPARE_BATCH_ROWS
 from sam3core import build_sam3_vl_backbone, preprocess_images
+from tests.s3_bucket import S3Bucket
 
 IMGSZ = 56
 TOLERANCE = 2e-3  # float16 storage of unit vectors: about 5e-4 per component, plus summation order
@@ -70,38 +70,7 @@ def truncated_jpeg(seed: int) -> bytes:
     return jpeg(seed, (64, 64))[:200]
 
 
-class Bucket:
-    def __init__(self, endpoint: str, name: str) -> None:
-        self.endpoint = endpoint
-        self.name = name
-        self.client = boto3.client("s3", endpoint_url=endpoint)
-
-    def put(self, key: str, body: bytes) -> str:
-        self.client.put_object(Bucket=self.name, Key=key, Body=body)
-        return self.uri(key)
-
-    def get(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
-
-    def uri(self, key: str) -> str:
-        return f"s3://{self.name}/{key}"
-
-    def keys(self, prefix: str) -> list[str]:
-        """Listed through boto3 each time: s3fs caches listings, and these tests watch objects appear."""
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
-        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
-
-    @property
-    def storage_options(self) -> dict[str, Any]:
-        return {"client_kwargs": {"endpoint_url": self.endpoint}}
-
-
-@pytest.fixture
-def bucket(s3_server: str, s3_bucket: str) -> Bucket:
-    return Bucket(s3_server, s3_bucket)
-
-
-def job(bucket: Bucket, **sections: Any) -> JobConfig:
+def job(bucket: S3Bucket, **sections: Any) -> JobConfig:
     data: dict[str, Any] = {
         "model": {"config": "tiny", "imgsz": IMGSZ},
         "compute": {"batch_size": 3, "num_actors": 1},
@@ -161,7 +130,7 @@ def by_id(table: pa.Table) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.timeout(240)
-def test_parquet_manifest_with_partitions_and_passthrough(ray_local: None, bucket: Bucket, reference: Any) -> None:
+def test_parquet_manifest_with_partitions_and_passthrough(ray_local: None, bucket: S3Bucket, reference: Any) -> None:
     images = {f"img{i}": jpeg(i) for i in range(8)}
     uris = {name: bucket.put(f"data/{name}.jpg", body) for name, body in images.items()}
     rows = [
@@ -259,7 +228,7 @@ def test_parquet_manifest_with_partitions_and_passthrough(ray_local: None, bucke
 
 @pytest.mark.timeout(240)
 def test_jsonl_manifest_without_ids_several_captions_and_s3_checkpoint(
-    ray_local: None, bucket: Bucket, model_cache_dir: Path
+    ray_local: None, bucket: S3Bucket, model_cache_dir: Path
 ) -> None:
     # Real weights from object storage: a tiny model saved with another seed, so random weights would not match.
     torch.manual_seed(123)
@@ -316,7 +285,7 @@ def test_jsonl_manifest_without_ids_several_captions_and_s3_checkpoint(
 
 @pytest.mark.timeout(240)
 def test_csv_manifest_with_unreadable_images_and_missing_captions(
-    ray_local: None, bucket: Bucket, reference: Any
+    ray_local: None, bucket: S3Bucket, reference: Any
 ) -> None:
     good = jpeg(7, (40, 30))
     rotated = jpeg(8, (40, 30), orientation=6)
@@ -357,7 +326,7 @@ def test_csv_manifest_with_unreadable_images_and_missing_captions(
 
 
 @pytest.mark.timeout(240)
-def test_image_prefix_with_sidecar_captions(ray_local: None, bucket: Bucket, reference: Any) -> None:
+def test_image_prefix_with_sidecar_captions(ray_local: None, bucket: S3Bucket, reference: Any) -> None:
     bodies = {"a.jpg": jpeg(20), "b.JPEG": jpeg(21), "sub/c.png": png_rgba(22), "bad.jpg": GARBAGE}
     for name, body in bodies.items():
         bucket.put(f"photos/{name}", body)
@@ -402,7 +371,7 @@ def tar_shard(members: list[tuple[str, bytes]]) -> bytes:
 
 
 @pytest.mark.timeout(240)
-def test_webdataset_shards(ray_local: None, bucket: Bucket, reference: Any) -> None:
+def test_webdataset_shards(ray_local: None, bucket: S3Bucket, reference: Any) -> None:
     images = {key: jpeg(40 + i) for i, key in enumerate(["s0", "s1", "s2", "s3"])}
     shard0 = tar_shard(
         [
@@ -516,7 +485,7 @@ def silent_http_server() -> Iterator[socket.socket]:
         server.close()
 
 
-def _committed_checkpoint_ids(bucket: Bucket, prefix: str) -> set[str]:
+def _committed_checkpoint_ids(bucket: S3Bucket, prefix: str) -> set[str]:
     ids: set[str] = set()
     for key in bucket.keys(prefix):
         if key.endswith(".parquet") and ".pending" not in key:
@@ -526,7 +495,7 @@ def _committed_checkpoint_ids(bucket: Bucket, prefix: str) -> set[str]:
 
 
 @pytest.mark.timeout(300)
-def test_resume_after_an_interrupted_run(ray_local: None, bucket: Bucket, silent_http_server: socket.socket) -> None:
+def test_resume_after_an_interrupted_run(ray_local: None, bucket: S3Bucket, silent_http_server: socket.socket) -> None:
     """A run is killed while one record hangs; the rerun embeds only that record and duplicates nothing."""
     import ray
 
