@@ -9,11 +9,14 @@ one. See docs/backfill.md for the protocol and `jobs.exit_codes` for the exit st
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 
 from jobs import exit_codes
 from jobs.cli_common import configure_logging, write_report
 from jobs.job_config import add_config_arguments, load_job_config
+from jobs.native_stderr import NativeStderrFilter
 from pipeline.backfill.lease import DEFAULT_TTL_S
 from pipeline.backfill.partitions import discover_partition_values, parse_partition_values, validate_column
 from pipeline.backfill.runner import Backfill, BackfillOptions, BackfillReport, render_report
@@ -24,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jobs.backfill",
         allow_abbrev=False,
         description="Embed every partition of a partitioned input that is not yet committed in the output.",
-        epilog="exit codes: 0 ok, 1 a partition failed, 2 usage or config error, 3 committed with error rows, "
-        "4 some partitions held by another backfill, 130 interrupted",
+        epilog="exit codes: 0 ok, 1 a partition failed, 2 usage or config error, 3 a partition committed with error "
+        "rows above output.max_error_fraction, 4 some partitions held by another backfill, 130 interrupted",
     )
     add_config_arguments(parser)
     parser.add_argument(
@@ -53,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-id", help="name this backfill run (recorded in each partition's _SUCCESS)")
     parser.add_argument("--report", metavar="PATH_OR_URI", help="also write the report as JSON here")
     parser.add_argument("--dry-run", action="store_true", help="list the partitions and their state, run nothing")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="run without a checkpoint (model.random_weights: true)"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and Ray's own progress blocks and log lines"
+    )
     return parser
 
 
@@ -78,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_job_config(args.config, args.overrides)
         if args.run_id:
             config.run_id = args.run_id
+        if args.random_weights:
+            config.model.random_weights = True
         if args.partitions:
             values = parse_partition_values(args.partitions)
         else:
@@ -88,9 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         if not values:
             print(f"no {args.partition_column}=... partitions found under {config.input.uri}", file=sys.stderr)
             return exit_codes.USAGE
-        from pipeline import run_job  # imported late: loading the pipeline pulls in Ray and torch
+        from pipeline import console, run_job
+        from pipeline.preflight import check_settings
 
+        console.set_verbose(args.verbose)
         backfill = Backfill(config, options, run_job)
+        # Mistakes common to every partition (settings, checkpoint) stop the backfill before Ray starts; each
+        # partition's input and output are checked when its turn comes (a mistake there fails that partition).
+        if not args.dry_run:
+            check_settings(config)
     except (OSError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_codes.USAGE
@@ -100,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.partition_column}={result.partition}\t{result.status}\t{result.message}")
         return exit_codes.OK
     try:
-        report = backfill.run()
+        with contextlib.nullcontext() if args.verbose else NativeStderrFilter():
+            report = backfill.run()
     except KeyboardInterrupt:
         print("backfill interrupted; leases expire or are released, rerun to continue", file=sys.stderr)
         return exit_codes.INTERRUPTED
@@ -108,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _finish(report: BackfillReport, report_path: str | None) -> int:
-    print(render_report(report), flush=True)
+    code = exit_codes.exit_code(report.outcome())
+    print(f"{render_report(report)}; exit code {code} ({exit_codes.describe(code)})", flush=True)
     if report_path:
-        write_report(report_path, report.to_json())
-    return report.exit_code()
+        write_report(report_path, json.dumps({**report.to_dict(), "exit_code": code}, indent=1, sort_keys=True))
+    return code
 
 
 if __name__ == "__main__":

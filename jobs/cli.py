@@ -23,6 +23,10 @@ from pipeline.config import JobConfig
 RUN_FLAGS: dict[str, tuple[str, Any]] = {
     "input": ("input.uri", str),
     "format": ("input.format", str),
+    "id_column": ("input.id_column", str),
+    "image_column": ("input.image_column", str),
+    "caption_column": ("input.caption_column", str),
+    "captions_column": ("input.captions_column", str),
     "output": ("output.uri", str),
     "checkpoint": ("model.checkpoint", str),
     "model_config": ("model.config", str),
@@ -30,6 +34,7 @@ RUN_FLAGS: dict[str, tuple[str, Any]] = {
     "dtype": ("model.dtype", str),
     "partition_by": ("output.partition_by", lambda text: [c.strip() for c in text.split(",") if c.strip()]),
     "features": ("output.features", lambda text: [c.strip() for c in text.split(",") if c.strip()]),
+    "max_error_fraction": ("output.max_error_fraction", float),
     "batch_size": ("compute.batch_size", int),
     "num_actors": ("compute.num_actors", int),
     "s3_endpoint_url": ("s3.endpoint_url", str),
@@ -46,20 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batch embedding of images and captions with SAM 3's vision-language backbone, on Ray.",
         epilog=exit_codes.RUN_EPILOG,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and Ray's own progress blocks and log lines"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", allow_abbrev=False, help="run an embedding job (job file and/or flags)")
     run.add_argument("--config", metavar="PATH_OR_URI", help="job file (YAML); flags below override it")
     run.add_argument("--input", metavar="URI", help="manifest file or prefix, image prefix, or WebDataset shards")
-    run.add_argument("--format", choices=["manifest", "images", "webdataset"])
+    run.add_argument("--format", choices=["manifest", "images", "webdataset"], help="default: manifest")
+    run.add_argument("--id-column", metavar="NAME", help="manifest column of row ids (default: recognised)")
+    run.add_argument("--image-column", metavar="NAME", help="manifest column of images (default: recognised)")
+    run.add_argument("--caption-column", metavar="NAME", help="column of one caption per row ('' for none)")
+    run.add_argument("--captions-column", metavar="NAME", help="column of several captions per row (lists)")
     run.add_argument("--output", metavar="URI", help="where the Parquet dataset goes")
-    run.add_argument("--checkpoint", metavar="PATH_OR_URI", help="sam3.pt or model.safetensors; none: random")
+    run.add_argument("--checkpoint", metavar="PATH_OR_URI", help="sam3.pt or model.safetensors (or hf://facebook/sam3)")
+    run.add_argument(
+        "--random-weights", action="store_true", help="run without a checkpoint, on random weights (tests, demos)"
+    )
     run.add_argument("--model-config", choices=["sam3", "tiny"])
     run.add_argument("--imgsz", type=int, help="square input size, a multiple of 14 (default 1008)")
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     run.add_argument("--partition-by", metavar="COL[,COL]", help="hive partition columns of the output")
     run.add_argument("--features", metavar="NAME[,NAME]", help="features to store (see docs/schema.md)")
+    run.add_argument(
+        "--max-error-fraction", type=float, metavar="F", help="error rows allowed before exit 3 (default 0.05)"
+    )
     run.add_argument("--batch-size", type=int)
     run.add_argument("--num-actors", type=int, help="model actors (one GPU each when the cluster has GPUs)")
     run.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, moto, …)")
@@ -91,11 +108,13 @@ def run_command(args: argparse.Namespace) -> int:
             for flag, (path, parse) in RUN_FLAGS.items()
             if getattr(args, flag) is not None
         ]
+        if args.random_weights:
+            overrides.append("model.random_weights=true")
         config = JobConfig.from_dict(apply_overrides(data, overrides + args.overrides))
     except (OSError, ValueError, TypeError) as error:
         print(f"error: cannot build the job config: {error}", file=sys.stderr)
         return exit_codes.USAGE
-    return execute(config, report=args.report)
+    return execute(config, report=args.report, verbose=args.verbose)
 
 
 def demo_command(args: argparse.Namespace) -> int:
@@ -112,7 +131,12 @@ def demo_command(args: argparse.Namespace) -> int:
         {
             "input": {"uri": str(dataset.manifest), "format": "manifest"},
             "output": {"uri": str(embeddings), "partition_by": ["split"]},
-            "model": {"checkpoint": args.checkpoint, "config": model_config, "imgsz": imgsz},
+            "model": {
+                "checkpoint": args.checkpoint,
+                "random_weights": args.checkpoint is None,
+                "config": model_config,
+                "imgsz": imgsz,
+            },
             "compute": {"batch_size": 4},
         }
     )
@@ -122,7 +146,7 @@ def demo_command(args: argparse.Namespace) -> int:
             f"NOTE: no --checkpoint given, so the {model_config!r} model has RANDOM weights: the pipeline "
             "runs for real, but the embeddings mean nothing. Pass --checkpoint sam3.pt for real features."
         )
-    code = execute(config)
+    code = execute(config, verbose=args.verbose)
     if code in (exit_codes.OK, exit_codes.FINISHED_WITH_ERROR_ROWS):
         print()
         inspect_output(str(embeddings), rows=3)
@@ -177,10 +201,16 @@ def inspect_output(uri: str, rows: int, storage_options: dict[str, Any] | None =
         vector = f"[{', '.join(f'{v:.3f}' for v in embedding[:4])}, …] ({len(embedding)} dims)" if embedding else None
         text = row.get("caption", row.get("captions"))
         print(f"  {row['id']}: status={row['status']} caption={text!r} image_embedding={vector}")
+        print(f"      source_uri: {row.get('source_uri')}")
         if row.get("error"):
             print(f"      error: {row['error']}")
     if errors:
-        print(f"{errors} rows have status=error; their `error` column says why")
+        columns = [name for name in ("id", "source_uri", "error") if name in dataset.schema.names]
+        failed = dataset.scanner(columns=columns, filter=ds.field("status") == "error").head(rows).to_pylist()
+        print(f"{errors} rows have status=error; the first {len(failed)}:")
+        for row in failed:
+            print(f"  {row['id']}: {row.get('source_uri')}")
+            print(f"      error: {row.get('error')}")
 
 
 def main(argv: list[str] | None = None) -> int:

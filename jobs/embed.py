@@ -9,6 +9,7 @@ outcome into an exit code (see `jobs.exit_codes`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -18,7 +19,9 @@ from typing import Any
 from jobs import exit_codes
 from jobs.cli_common import configure_logging, write_report
 from jobs.job_config import add_config_arguments, load_job_config
+from jobs.native_stderr import NativeStderrFilter
 from pipeline.config import JobConfig
+from pipeline.outcome import error_fraction, run_outcome
 from pipeline.run_summary import summary_counts, summary_to_dict
 
 logger = logging.getLogger("jobs.embed")
@@ -39,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint location shared by the cluster: a rerun with the same value skips rows already written",
     )
     parser.add_argument("--report", metavar="PATH_OR_URI", help="also write the run summary as JSON here")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="run without a checkpoint, on random weights (model.random_weights: true); for tests and demos",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -53,18 +61,28 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
     return config
 
 
-def exit_code_for(summary: dict[str, Any]) -> int:
-    _, error_rows = summary_counts(summary)
-    return exit_codes.FINISHED_WITH_ERROR_ROWS if error_rows else exit_codes.OK
+def exit_code_for(summary: dict[str, Any], max_error_fraction: float) -> int:
+    return exit_codes.exit_code(run_outcome(summary, max_error_fraction))
 
 
 def render_summary(config: JobConfig, summary: dict[str, Any], code: int) -> str:
     """A few lines for the job log; the whole summary (config included) goes to --report and `_summary.json`."""
     rows, error_rows = summary_counts(summary)
+    fraction = error_fraction(rows, error_rows)
+    budget = config.output.max_error_fraction
     lines = [
         f"run {config.run_id}: {_count(rows)} rows, {_count(error_rows)} error rows",
         f"  output:       {summary.get('output_uri', config.output.uri)}",
     ]
+    if fraction is not None:
+        verdict = "within" if fraction <= budget else "ABOVE"
+        lines.append(
+            f"  error rows:   {fraction:.2%}, {verdict} the budget of {budget:.2%} (output.max_error_fraction)"
+        )
+    if summary.get("random_weights"):
+        lines.append(
+            f"  model:        {config.model.config}, RANDOM WEIGHTS (no checkpoint): the embeddings mean nothing"
+        )
     this_attempt = summary.get("rows_this_run")
     if isinstance(this_attempt, int) and rows is not None and this_attempt < rows:
         lines.append(f"  resumed:      {rows - this_attempt} rows were already written by an earlier attempt")
@@ -85,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         config = resolve_config(args)
+        if args.random_weights:
+            config.model.random_weights = True
     except (OSError, ValueError, TypeError) as error:
         print(f"error: cannot load job config {args.config}: {error}", file=sys.stderr)
         return exit_codes.USAGE
@@ -92,29 +112,34 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.to_dict(), indent=1, sort_keys=True))
         return exit_codes.OK
 
-    return execute(config, report=args.report)
+    return execute(config, report=args.report, verbose=args.verbose)
 
 
-def execute(config: JobConfig, report: str | None = None) -> int:
-    """Run the job, print its summary, optionally write it as JSON; the exit code says how it went."""
-    from pipeline import run_job  # imported late: loading the pipeline pulls in Ray and torch
-    from pipeline.job import validate
+def execute(config: JobConfig, report: str | None = None, verbose: bool = False) -> int:
+    """Check the job (exit 2 on a mistake, before Ray starts), run it, print its summary, optionally write it as
+    JSON; the exit code says how it went."""
+    from pipeline import console
+    from pipeline.preflight import PreflightError, preflight
 
+    console.set_verbose(verbose)
     try:
-        validate(config)
-    except ValueError as error:
-        print(f"error: invalid job config: {error}", file=sys.stderr)
+        plan = preflight(config)
+    except PreflightError as error:
+        print(f"error: {error}", file=sys.stderr)
         return exit_codes.USAGE
-    try:
-        summary = summary_to_dict(run_job(config))
-    except KeyboardInterrupt:
-        print(f"run {config.run_id}: interrupted", file=sys.stderr)
-        return exit_codes.INTERRUPTED
-    except Exception as error:
-        traceback.print_exc()
-        print(f"run {config.run_id}: FAILED: {type(error).__name__}: {error}", file=sys.stderr)
-        return exit_codes.FAILED
-    code = exit_code_for(summary)
+    from pipeline import run_job  # imported late: loading the pipeline pulls in Ray and torch
+
+    with contextlib.nullcontext() if verbose else NativeStderrFilter():
+        try:
+            summary = summary_to_dict(run_job(config, plan))
+        except KeyboardInterrupt:
+            print(f"run {config.run_id}: interrupted", file=sys.stderr)
+            return exit_codes.INTERRUPTED
+        except Exception as error:
+            traceback.print_exc()
+            print(f"run {config.run_id}: FAILED: {type(error).__name__}: {error}", file=sys.stderr)
+            return exit_codes.FAILED
+    code = exit_code_for(summary, config.output.max_error_fraction)
     print(render_summary(config, summary, code), flush=True)
     if report:
         write_report(report, json.dumps({**summary, "exit_code": code}, indent=1, sort_keys=True, default=str))

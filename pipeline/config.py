@@ -54,16 +54,19 @@ class S3Options:
 class InputConfig:
     uri: str | list[str] = ""
     format: InputFormat = "manifest"
-    # Manifest columns. `id` is optional in the data: when the column is absent, ids derive from the source.
-    id_column: str = "id"
-    image_column: str = "image"
-    caption_column: str | None = "caption"
+    # Manifest columns; None (the default) means "recognise the common names" (pipeline/columns.py), and "" for
+    # a caption column means "no caption". The id column is optional in the data: without one, ids derive from
+    # the source. For WebDataset, caption_column / captions_column are keys of each sample's .json member.
+    id_column: str | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
     captions_column: str | None = None
 
 
 @dataclass
 class ModelConfig:
-    checkpoint: str | None = None  # local path, fsspec URI or hf://facebook/sam3; None means random weights
+    checkpoint: str | None = None  # local path, fsspec URI or hf://facebook/sam3
+    random_weights: bool = False  # no checkpoint is refused unless this says random weights are meant
     config: str = "sam3"
     imgsz: int = 1008
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
@@ -88,6 +91,8 @@ class OutputConfig:
     feature_dtype: Literal["float16", "float32"] = "float16"
     min_rows_per_file: int = 1024
     compression: str = "zstd"
+    # The error budget: a run whose share of error rows is at most this exits 0, above it 3 (see pipeline/outcome)
+    max_error_fraction: float = 0.05
 
 
 @dataclass

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline import schema
-from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig
+from pipeline import console, schema
+from pipeline.config import FEATURES_DEFAULT, JobConfig
 from pipeline.markers import data_files, remove_markers, write_markers
+from pipeline.outcome import error_fraction
+from pipeline.preflight import Plan, preflight
 from pipeline.records import PrepareSettings, prepare_batch
 from pipeline.sources import SourceSpec, input_protocol, input_uris, read_source
 from pipeline.storage import Location, arrow_filesystem, fsspec_filesystem, parse_uri
@@ -42,56 +44,49 @@ class RunSummary:
     config: dict[str, Any]
     checkpoint_sha256: str | None = None
     package_version: str = ""
+    random_weights: bool = False  # no checkpoint: the embeddings mean nothing
+    error_fraction: float = 0.0  # rows_error / rows_total
+    max_error_fraction: float = 0.05  # the budget (output.max_error_fraction): above it the run exits 3
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def validate(config: JobConfig) -> None:
-    input_uris(config.input.uri)
-    if not config.output.uri:
-        raise ValueError("output.uri is empty: where should the Parquet dataset go?")
-    known = set(FEATURES_DEFAULT) | set(FEATURES_OPTIONAL)
-    unknown = sorted(set(config.output.features) - known)
-    if unknown:
-        raise ValueError(f"unknown output.features {unknown}; choose from {sorted(known)}")
-    if config.output.feature_dtype not in ("float16", "float32"):
-        raise ValueError(f"output.feature_dtype must be float16 or float32, not {config.output.feature_dtype!r}")
-    if config.output.min_rows_per_file < 1:
-        raise ValueError("output.min_rows_per_file must be at least 1")
-    if config.compute.batch_size < 1 or config.compute.num_actors < 1:
-        raise ValueError("compute.batch_size and compute.num_actors must be at least 1")
-    if config.model.imgsz % 14:
-        raise ValueError(f"model.imgsz must be a multiple of the patch size 14, got {config.model.imgsz}")
-    if config.resume_path and parse_uri(config.resume_path) == parse_uri(config.output.uri):
-        raise ValueError("resume_path must differ from output.uri (Ray Data keeps its own files there)")
+def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
+    """Run one embedding job to completion; starts a local Ray cluster when none is initialised.
 
-
-def run_job(config: JobConfig) -> RunSummary:
-    """Run one embedding job to completion; starts a local Ray cluster when none is initialised."""
+    The job is checked first (`pipeline.preflight`; pass the `Plan` of a check already made): a mistake raises
+    PreflightError before Ray starts and before anything is written.
+    """
     import ray
 
-    validate(config)
     started_wall = datetime.now(timezone.utc)
     started = time.monotonic()
-    if not ray.is_initialized():
-        ray.init()  # honours RAY_ADDRESS; otherwise starts a local cluster on this machine
+    plan = plan or preflight(config)
+    config = plan.config  # the manifest's columns resolved
+    for note in plan.notes:
+        (logger.warning if note.startswith("RANDOM WEIGHTS") else logger.info)(note)
+    console.start_ray()
     storage_options = config.storage_options()
     uris = input_uris(config.input.uri)
     source = SourceSpec.from_config(config.input, input_protocol(uris))
     output = parse_uri(config.output.uri)
-    _check_output_is_fresh(output, config, storage_options)
+    total = plan.total_rows
+    if data_files(output, storage_options):
+        # Resuming (preflight allowed it): the earlier files are not complete until this run commits again.
+        remove_markers(output, storage_options)
+        total = None  # how many rows are left is only known once Ray Data has read the checkpoint
 
     with _checkpointing(config, source, storage_options):
         memory = decode_memory(config.model.imgsz)
         dataset = read_source(source, uris, storage_options)
         dataset = _prepare(dataset, config, source, storage_options, memory)
-        from pipeline.progress import ProgressCounter, ProgressLogger
+        from pipeline.progress import ProgressCounter, ProgressReporter
 
         counter = ProgressCounter.remote()
         try:
             dataset = _embed(dataset, config, source, storage_options, counter)
-            with ProgressLogger(counter) as progress:
+            with ProgressReporter(counter, total) as progress:
                 _write(dataset, config, output, storage_options)
                 done = progress.snapshot()
         finally:
@@ -116,42 +111,22 @@ def run_job(config: JobConfig) -> RunSummary:
         config=config.to_dict(),
         checkpoint_sha256=checkpoint_sha,
         package_version=package_version(),
+        random_weights=config.model.checkpoint is None,
+        error_fraction=round(error_fraction(sum(counts.values()), counts.get(schema.STATUS_ERROR, 0)) or 0.0, 6),
+        max_error_fraction=config.output.max_error_fraction,
     )
     _commit(output, summary, storage_options)
     logger.info(
-        "run %s finished: %d rows (%d ok, %d error) in %s; summary at %s",
+        "run %s finished: %d rows (%d ok, %d error) in %s%s; summary at %s",
         config.run_id,
         summary.rows_total,
         summary.rows_ok,
         summary.rows_error,
         output.uri(),
+        " with RANDOM WEIGHTS" if summary.random_weights else "",
         output.join(schema.SUMMARY_FILE).uri(),
     )
     return summary
-
-
-def _check_output_is_fresh(output: Location, config: JobConfig, storage_options: dict[str, Any]) -> None:
-    existing = data_files(output, storage_options)
-    if existing and config.resume_path is None:
-        raise FileExistsError(
-            f"{output.uri()} already holds {len(existing)} Parquet files; writing again would duplicate rows. "
-            "Set resume_path to continue an interrupted run, or choose an empty output.uri."
-        )
-    if existing and config.resume_path and not _any_file(parse_uri(config.resume_path), storage_options):
-        # Every file a checkpointed run writes is recorded (pending, then committed) before it is written.
-        raise FileExistsError(
-            f"{output.uri()} already holds {len(existing)} Parquet files but {config.resume_path} records none of "
-            "them: they were not written by a run resuming from there, and their rows would be written twice."
-        )
-    if existing:
-        # This run appends to earlier files; they are not complete until this run commits again.
-        remove_markers(output, storage_options)
-
-
-def _any_file(location: Location, storage_options: dict[str, Any]) -> bool:
-    fs = fsspec_filesystem(location.protocol, storage_options)
-    fs.invalidate_cache(location.path)
-    return fs.exists(location.path) and bool(fs.find(location.path, withdirs=False))
 
 
 @contextlib.contextmanager

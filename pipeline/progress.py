@@ -1,18 +1,27 @@
-"""Progress while a job runs: the model actors report counts to one small actor; the driver logs them periodically.
+"""Progress while a job runs: the model actors report counts to one small actor; the driver shows them.
 
-Ray Data's own progress bars show per-operator progress; this adds one line a user can grep in job logs.
+One line: rows done (of the total when the input's size is cheap to know), ok and error rows, rows per second and
+the time left. On a terminal it is rewritten in place every second; otherwise (job logs, CI) it is logged every
+`interval_s` seconds, so a long run's log grows by one line per interval.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import TextIO
 
 import ray
 
+from pipeline import console
+
 logger = logging.getLogger("pipeline.progress")
+
+LOG_INTERVAL_S = 30.0
+TTY_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -20,6 +29,7 @@ class ProgressSnapshot:
     ok: int
     error: int
     elapsed_s: float
+    total: int | None = None  # rows this run will process, when known
 
     @property
     def done(self) -> int:
@@ -29,8 +39,32 @@ class ProgressSnapshot:
     def rows_per_s(self) -> float:
         return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    def eta_s(self) -> float | None:
+        if self.total is None or self.rows_per_s <= 0 or self.done >= self.total:
+            return None
+        return (self.total - self.done) / self.rows_per_s
+
     def line(self) -> str:
-        return f"rows done {self.done} (ok {self.ok}, error {self.error}), {self.rows_per_s:.2f} rows/s"
+        if self.total:
+            rows = f"rows {self.done}/{self.total} ({100 * self.done / self.total:.0f}%)"
+        else:
+            rows = f"rows {self.done}"
+        text = f"{rows}: {self.ok} ok, {self.error} error, {self.rows_per_s:.2f} rows/s"
+        eta = self.eta_s()
+        if eta is not None:
+            text += f", ETA {format_duration(eta)}"
+        return text
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{seconds}s"
 
 
 @ray.remote(num_cpus=0)
@@ -48,29 +82,60 @@ class ProgressCounter:
         return ProgressSnapshot(self.ok, self.error, time.monotonic() - self.started)
 
 
-class ProgressLogger:
-    """Logs a progress line every `interval_s` seconds from a daemon thread until stopped."""
+class ProgressReporter:
+    """Shows the counter's progress from a daemon thread until stopped: in place on a TTY, else a log line."""
 
-    def __init__(self, counter: ray.actor.ActorHandle, interval_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        counter: ray.actor.ActorHandle,
+        total: int | None = None,
+        *,
+        stream: TextIO | None = None,
+        interval_s: float | None = None,
+    ) -> None:
         self.counter = counter
-        self.interval_s = interval_s
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.in_place = console.interactive() if stream is None else _is_tty(stream)
+        self.interval_s = interval_s or (TTY_INTERVAL_S if self.in_place else LOG_INTERVAL_S)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sam3-embed-progress", daemon=True)
+        self._width = 0
 
-    def __enter__(self) -> ProgressLogger:
+    def __enter__(self) -> ProgressReporter:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self.in_place and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
 
     def snapshot(self) -> ProgressSnapshot:
-        return ray.get(self.counter.snapshot.remote(), timeout=30)
+        snapshot = ray.get(self.counter.snapshot.remote(), timeout=30)
+        snapshot.total = self.total
+        return snapshot
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                logger.info(self.snapshot().line())
+                line = self.snapshot().line()
             except Exception as exc:  # progress is best effort; never disturb the job
                 logger.debug("progress unavailable: %s", exc)
+                continue
+            if self.in_place:
+                # \r back to the line's start; pad with spaces over a longer previous line
+                self.stream.write("\r" + line.ljust(self._width))
+                self.stream.flush()
+                self._width = len(line)
+            else:
+                logger.info(line)
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

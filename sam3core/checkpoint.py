@@ -10,12 +10,15 @@ RoPE tables (`freqs_cis`) in a file are never used: they only fit 1008 px, and t
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any
 
 import fsspec
 import torch
@@ -89,19 +92,155 @@ def _download_from_hub(uri: str) -> str:
     return hf_hub_download(repo_id=repo_id, filename=filename)
 
 
+@dataclass(frozen=True)
+class CheckpointProbe:
+    """What a cheap look at a checkpoint found: its container format, key layout and number of entries."""
+
+    source: str
+    format: str  # "safetensors" | "torch zip" | "torch legacy" | "hub" (hf:// files are not fetched to look)
+    layout: str  # "sam3.pt" | "transformers" | "sam3core" | "unknown" (hub only)
+    entries: int  # tensors (or other values) in the state dict; 0 when not inspected
+
+
+def checkpoint_layout(keys: Iterable[str]) -> str | None:
+    """Which of the understood key layouts these state-dict keys follow, or None."""
+    keys = list(keys)
+    if any(key.startswith(OFFICIAL_PREFIX) for key in keys):
+        return "sam3.pt"
+    if any(key.startswith(HF_PREFIX + "vision_encoder.") for key in keys):
+        return "transformers"
+    if any(key.startswith(NATIVE_PREFIXES) for key in keys):
+        return "sam3core"
+    return None
+
+
+def probe_checkpoint(source: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> CheckpointProbe:
+    """Decide cheaply whether `source` is a SAM 3 checkpoint this package can load, without reading its tensors.
+
+    safetensors: the JSON header; a torch.save zip: its `data.pkl` only, unpickled without importing anything and
+    without touching the storages (a 3.4 GB file costs a few range reads). hf:// files are checked for form only:
+    they are downloaded where the model is built. Raises CheckpointError with one sentence saying what is wrong.
+    """
+    source = os.fspath(source)
+    if source.startswith("hf://"):
+        parts = source.removeprefix("hf://").strip("/").split("/")
+        if len(parts) < 2 or not all(parts[:2]):
+            raise CheckpointError(f"expected hf://<owner>/<repo>[/<file>], got {source}")
+        return CheckpointProbe(source, "hub", "unknown", 0)
+    try:
+        fs, path = fsspec.core.url_to_fs(source, **dict(storage_options or {}))
+        if fs.isdir(path):
+            raise CheckpointError(f"checkpoint {source} is a directory; name the file (sam3.pt or model.safetensors)")
+        with fs.open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(0)
+            if _looks_like_safetensors(head):
+                container, keys = "safetensors", _safetensors_keys(f)
+            elif head.startswith(b"PK"):
+                container, keys = "torch zip", _torch_zip_keys(f)
+            elif head[:1] == b"\x80":
+                container, keys = "torch legacy", _torch_legacy_keys(f)
+            else:
+                raise CheckpointError(
+                    f"{source} is not a checkpoint: neither a PyTorch file (sam3.pt) nor safetensors "
+                    f"(it starts with {head[:12]!r})"
+                )
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint not found: {source}") from exc
+    except CheckpointError:
+        raise
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as exc:
+        raise CheckpointError(f"{source} is not a readable PyTorch or safetensors checkpoint: {exc}") from exc
+    layout = checkpoint_layout(keys)
+    if layout is None:
+        sample = ", ".join(sorted(keys)[:5]) or "no entries at all"
+        raise CheckpointError(
+            f"{source} is not a SAM 3 checkpoint: no '{OFFICIAL_PREFIX}*' (sam3.pt) or '{HF_PREFIX}*' "
+            f"(transformers) keys; it starts with {sample}"
+        )
+    return CheckpointProbe(source, container, layout, len(keys))
+
+
+def _safetensors_keys(f: IO[bytes]) -> list[str]:
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("the safetensors header is not a JSON object")
+    return [key for key in header if key != "__metadata__"]
+
+
+class _Placeholder:
+    """Stands in for every class a checkpoint's pickle names (tensors, storages): nothing is imported or built."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _KeysUnpickler(pickle.Unpickler):
+    """Rebuilds the dicts of a state dict and nothing else; storages (the tensor bytes) are never read."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        return _Placeholder
+
+    def persistent_load(self, pid: Any) -> Any:
+        return None
+
+
+def _state_keys(obj: Any) -> list[str]:
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"it holds a {type(obj).__name__}, not a dict of tensors")
+    return [str(key) for key in obj]
+
+
+def _torch_zip_keys(f: IO[bytes]) -> list[str]:
+    with zipfile.ZipFile(f) as archive:
+        pickles = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
+        if not pickles:
+            raise ValueError("a zip archive without data.pkl is not a torch.save file")
+        with archive.open(pickles[0]) as data:
+            return _state_keys(_KeysUnpickler(data).load())
+
+
+def _torch_legacy_keys(f: IO[bytes]) -> list[str]:
+    """torch.save's pre-1.6 format: pickles of the magic number, protocol version and system info, then the data."""
+    unpickler = _KeysUnpickler(f)
+    if unpickler.load() != 0x1950A86A20F9469CFC6C:
+        raise ValueError("a pickle that is not a torch.save file")
+    unpickler.load()  # protocol version
+    unpickler.load()  # system info
+    return _state_keys(unpickler.load())
+
+
 def backbone_state_dict(
     state: Mapping[str, Tensor], scale_factors: tuple[float, ...], source: str = "checkpoint"
 ) -> dict[str, Tensor]:
     """The backbone's tensors under this package's names, whatever the file's layout."""
-    if any(key.startswith(OFFICIAL_PREFIX) for key in state):
+    layout = checkpoint_layout(state)
+    if layout == "sam3.pt":
         return {
             key.removeprefix(OFFICIAL_PREFIX): value
             for key, value in state.items()
             if key.startswith(OFFICIAL_PREFIX) and not key.endswith("freqs_cis")
         }
-    if any(key.startswith(HF_PREFIX + "vision_encoder.") for key in state):
+    if layout == "transformers":
         return _from_transformers(state, scale_factors)
-    if any(key.startswith(NATIVE_PREFIXES) for key in state):
+    if layout == "sam3core":
         return {k: v for k, v in state.items() if k.startswith(NATIVE_PREFIXES) and not k.endswith("freqs_cis")}
     sample = ", ".join(sorted(state)[:5]) or "no tensors at all"
     raise CheckpointError(

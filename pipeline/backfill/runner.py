@@ -24,13 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from jobs import exit_codes
 from pipeline.backfill.commit import commit_partition, read_manifest
 from pipeline.backfill.lease import DEFAULT_TTL_S, PartitionLease
 from pipeline.backfill.partitions import Partition, partition_input
 from pipeline.backfill.staging import StagingArea, StagingState, config_fingerprint
 from pipeline.backfill.storage import Location
 from pipeline.config import JobConfig
+from pipeline.outcome import Outcome, error_fraction, within_budget
 from pipeline.run_summary import summary_counts, summary_to_dict
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class PartitionResult:
     status: Status
     rows: int | None = None
     error_rows: int | None = None
+    error_fraction: float | None = None  # error rows / rows of the partition's run
     files: int | None = None
     seconds: float = 0.0
     message: str = ""
@@ -60,23 +61,32 @@ class BackfillReport:
     started_at: float
     finished_at: float = 0.0
     overwrite: bool = False
+    max_error_fraction: float = 0.05  # output.max_error_fraction: the error budget of each partition
     results: list[PartitionResult] = field(default_factory=list)
 
     def by_status(self, status: Status) -> list[PartitionResult]:
         return [result for result in self.results if result.status == status]
 
-    def exit_code(self) -> int:
+    def over_budget(self) -> list[PartitionResult]:
+        """Partitions committed with a share of error rows above the budget (the same rule as a single run)."""
+        return [
+            result
+            for result in self.by_status("committed")
+            if not within_budget(result.rows, result.error_rows, self.max_error_fraction)
+        ]
+
+    def outcome(self) -> Outcome:
         if self.by_status("failed"):
-            return exit_codes.FAILED
+            return Outcome.FAILED
         if self.by_status("busy"):
-            return exit_codes.PARTITIONS_BUSY
-        if any(result.error_rows for result in self.by_status("committed")):
-            return exit_codes.FINISHED_WITH_ERROR_ROWS
-        return exit_codes.OK
+            return Outcome.PARTITIONS_BUSY
+        if self.over_budget():
+            return Outcome.ERROR_ROWS_OVER_BUDGET
+        return Outcome.OK
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["exit_code"] = self.exit_code()
+        data["outcome"] = self.outcome().value
         return data
 
     def to_json(self) -> str:
@@ -127,6 +137,7 @@ class Backfill:
             column=self.options.column,
             started_at=self._clock(),
             overwrite=self.options.overwrite,
+            max_error_fraction=self.config.output.max_error_fraction,
         )
         for partition in self.partitions:
             began = time.monotonic()
@@ -203,7 +214,7 @@ class Backfill:
             summary = summary_to_dict(self.run_pipeline(config))
             area.mark_staged(summary)
         lease.check()
-        _, error_rows = summary_counts(summary)
+        rows, error_rows = summary_counts(summary)
         manifest = commit_partition(
             area.data,
             final,
@@ -218,6 +229,7 @@ class Backfill:
             "committed",
             rows=manifest.rows,
             error_rows=error_rows,
+            error_fraction=error_fraction(rows, error_rows),
             files=len(manifest.files),
             message=f"staging was {state.value}",
         )
@@ -266,8 +278,11 @@ def render_report(report: BackfillReport) -> str:
         for status in ("committed", "skipped", "busy", "failed", "pending")
         if report.by_status(status) or status != "pending"
     )
-    code = report.exit_code()
-    lines.append(f"{counts}; exit code {code} ({exit_codes.describe(code)})")
+    over = report.over_budget()
+    if over:
+        names = ", ".join(result.partition for result in over)
+        counts += f"; {len(over)} above the error budget of {report.max_error_fraction:.2%} ({names})"
+    lines.append(counts)
     return "\n".join(lines)
 
 

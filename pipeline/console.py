@@ -1,0 +1,79 @@
+"""What a run prints: the pipeline's own lines by default, Ray's progress blocks and internal logs only when asked.
+
+Ray, left alone, prints a token-authentication warning and "Started a local Ray instance" at `ray.init`, and
+Ray Data prints its execution plan, a progress block per operator (13 lines every 10 s when stderr is not a
+terminal) and per-dataset statistics. `set_verbose(False)` (the default) turns those off through their own
+switches; the pipeline's progress line (pipeline/progress.py) and summary remain. Everything Ray logs still goes
+to its session's log files (`ray-data.log` and friends under the Ray temp dir).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+logger = logging.getLogger("pipeline")
+
+_verbose = False
+_interactive: bool | None = None
+
+
+def set_verbose(verbose: bool) -> None:
+    """Called by the entry points before anything redirects stderr (it also notes whether stderr is a terminal)."""
+    global _verbose, _interactive
+    _verbose = verbose
+    _interactive = _isatty()
+
+
+def interactive() -> bool:
+    """Whether the user's stderr is a terminal (progress is then rewritten in place)."""
+    return _isatty() if _interactive is None else _interactive
+
+
+def _isatty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
+def start_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local one, unless Ray is already initialised."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            # the "ray" logger of this process: its warnings (token auth) and info lines (local instance started)
+            logging_level=logging.INFO if _verbose else logging.ERROR,
+            # workers' stdout / stderr copied to this console, prefixed "(MapWorker pid=…)"; always in log files
+            log_to_driver=_verbose,
+        )
+        resources = ray.cluster_resources()
+        logger.info(
+            "Ray: %s, %g CPUs, %g GPUs",
+            "the cluster in RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "a local cluster",
+            resources.get("CPU", 0),
+            resources.get("GPU", 0),
+        )
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars, execution-start lines and console log level, for datasets created after this."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = _verbose
+    context.print_on_execution_start = _verbose
+    context.verbose_stats_logs = _verbose
+    # `ray.data` logs to a session file and to the console through its own handlers (propagate=False); only the
+    # console one is turned down. Its file keeps every line.
+    level = logging.INFO if _verbose else logging.ERROR
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(level)
