@@ -116,7 +116,7 @@ def end_to_end(
         {
             "input": {"uri": str(manifest), "format": "manifest"},
             "output": {"uri": str(output)},
-            "model": {"config": config, "imgsz": imgsz, "dtype": dtype, "compile": compile},
+            "model": {"config": config, "imgsz": imgsz, "dtype": dtype, "compile": compile, "random_weights": True},
             "compute": {"batch_size": batch_size},
         }
     )

@@ -40,7 +40,7 @@ def dataset(tmp_path: Path) -> tuple[JobConfig, list[str]]:
         {
             "input": {"uri": str(tmp_path / "in"), "format": "manifest"},
             "output": {"uri": str(tmp_path / "out")},
-            "model": {"config": "tiny", "imgsz": 56},
+            "model": {"config": "tiny", "imgsz": 56, "random_weights": True},
             "compute": {"batch_size": 2, "num_actors": 1},
         }
     )

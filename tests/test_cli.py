@@ -59,7 +59,7 @@ def test_run_takes_a_job_file_and_flags_override_it(tmp_path, ray_local, capsys)
             {
                 "input": {"uri": str(dataset.manifest), "format": "manifest"},
                 "output": {"uri": str(tmp_path / "ignored"), "partition_by": []},
-                "model": {"config": "tiny", "imgsz": 1008},
+                "model": {"config": "tiny", "imgsz": 1008, "random_weights": True},
                 "compute": {"batch_size": 2},
             }
         )
@@ -143,6 +143,7 @@ def test_run_to_s3_with_a_broken_image_exits_3_and_inspect_reads_it_back_from_s3
 
     code = main(
         ["run", "--input", str(dataset.manifest), "--output", output, "--model-config", "tiny", "--imgsz", "112",
+         "--random-weights",
          "--batch-size", "4", "--s3-endpoint-url", s3_server, "--run-id", "s3-cli"]
     )  # fmt: skip
     assert code == exit_codes.FINISHED_WITH_ERROR_ROWS

@@ -181,7 +181,7 @@ def manifest_rows(bucket: S3Bucket, ids: list[str]) -> list[dict[str, Any]]:
 def write_job_file(directory: Path, bucket: S3Bucket, **sections: Any) -> Path:
     data: dict[str, Any] = {
         "input": {"format": "manifest"},
-        "model": {"config": "tiny", "imgsz": IMGSZ},
+        "model": {"config": "tiny", "imgsz": IMGSZ, "random_weights": True},
         "compute": {"batch_size": 2, "num_actors": 1},
         "s3": {"endpoint_url": bucket.endpoint, "region": "us-east-1"},
     }

@@ -54,7 +54,7 @@ def output(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "partition_by": ["split"],
                 "features": ["image_embedding", "text_embedding", "vision_features"],
             },
-            "model": {"config": "tiny", "imgsz": 56},
+            "model": {"config": "tiny", "imgsz": 56, "random_weights": True},
         }
     )
     run_job(config)

@@ -32,6 +32,7 @@ from PIL import Image, ImageOps
 from pipeline import JobConfig, embeddings_to_numpy, read_embeddings, read_embeddings_numpy, read_run_metadata, run_job
 from pipeline.ids import derive_id
 from pipeline.job import PREPARE_BATCH_ROWS
+from pipeline.preflight import PreflightError
 from sam3core import build_sam3_vl_backbone, preprocess_images
 from tests.s3_bucket import S3Bucket
 
@@ -78,6 +79,8 @@ def job(bucket: S3Bucket, **sections: Any) -> JobConfig:
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values} if isinstance(values, dict) else values
+    # random weights (the pipeline's fixed seed) unless a test brings a checkpoint
+    data["model"].setdefault("random_weights", data["model"].get("checkpoint") is None)
     return JobConfig.from_dict(data)
 
 
@@ -217,11 +220,11 @@ def test_parquet_manifest_with_partitions_and_passthrough(ray_local: None, bucke
     assert read_run_metadata(bucket.uri("out"), storage_options=bucket.storage_options)["summary"]["rows_total"] == 8
 
     # Writing the same job into a non-empty output without resume_path would duplicate rows: refused up front.
-    with pytest.raises(FileExistsError, match="resume_path"):
+    with pytest.raises(PreflightError, match="already holds a finished run"):
         run_job(config)
     # So would resuming from a checkpoint location that never recorded those files.
     config.resume_path = bucket.uri("never-used-checkpoint")
-    with pytest.raises(FileExistsError, match="records none of them"):
+    with pytest.raises(PreflightError, match="records none of them"):
         run_job(config)
     assert "out/_SUCCESS" in bucket.keys("out")  # refused runs leave the committed output alone
 
@@ -428,7 +431,7 @@ def test_optional_dense_features_in_float32(ray_local: None, tmp_path: Path, ref
         {
             "input": {"uri": f"file://{folder}", "format": "images"},
             "output": {"uri": str(tmp_path / "out"), "features": features, "feature_dtype": "float32"},
-            "model": {"config": "tiny", "imgsz": IMGSZ},
+            "model": {"config": "tiny", "imgsz": IMGSZ, "random_weights": True},
             "compute": {"batch_size": 2},
         }
     )
@@ -566,13 +569,14 @@ def test_resume_after_an_interrupted_run(ray_local: None, bucket: S3Bucket, sile
 
 @pytest.mark.timeout(60)
 def test_progress_is_logged_periodically(ray_local: None, caplog: pytest.LogCaptureFixture) -> None:
-    from pipeline.progress import ProgressCounter, ProgressLogger
+    from pipeline.progress import ProgressCounter, ProgressReporter
 
     counter = ProgressCounter.remote()
     counter.add.remote(3, 1)
-    with caplog.at_level(logging.INFO, logger="pipeline.progress"), ProgressLogger(counter, interval_s=0.1):
+    reporter = ProgressReporter(counter, total=10, stream=io.StringIO(), interval_s=0.1)  # not a TTY: log lines
+    with caplog.at_level(logging.INFO, logger="pipeline.progress"), reporter:
         deadline = time.monotonic() + 30
-        while not any("rows done 4 (ok 3, error 1)" in r.getMessage() for r in caplog.records):
+        while not any("rows 4/10 (40%): 3 ok, 1 error" in r.getMessage() for r in caplog.records):
             assert time.monotonic() < deadline, "no progress line was logged"
             time.sleep(0.05)
-    assert "rows/s" in caplog.records[-1].getMessage()
+    assert "rows/s, ETA " in caplog.records[-1].getMessage()
