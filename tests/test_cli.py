@@ -18,6 +18,18 @@ from pipeline import read_embeddings
 from pipeline.demo import write_sample_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# What Ray printed on every run before the pipeline turned it down (see pipeline/console.py, jobs/native_stderr.py)
+RAY_NOISE = (
+    "Token authentication",
+    "Started a local Ray instance",
+    "core_worker.cc",
+    "constructor arguments",
+    "Running Dataset",
+    "Execution plan",
+    "Total Progress",
+    "logging_progress",
+    "(raylet)",
+)
 
 
 def _env() -> dict[str, str]:
@@ -38,7 +50,13 @@ def test_demo_writes_a_dataset_embeds_it_and_says_the_weights_are_random(tmp_pat
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "RANDOM weights" in result.stdout
+    assert "RANDOM weights" in result.stdout and "RANDOM WEIGHTS" in result.stdout
+    # Quiet by default: the pipeline's own few lines, none of Ray's banners, progress blocks or internal errors.
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 10, result.stderr
+    for noise in RAY_NOISE:
+        assert noise not in result.stderr, f"{noise!r} in:\n{result.stderr}"
+    assert any("RANDOM WEIGHTS" in line for line in lines)
     assert "rows:       12 (12 ok, 0 error)" in result.stdout
     assert "partitions: split=train, split=val" in result.stdout
     table = read_embeddings(str(tmp_path / "demo" / "embeddings"))
@@ -79,6 +97,8 @@ def test_run_takes_a_job_file_and_flags_override_it(tmp_path, ray_local, capsys)
     assert b'"run_id": "cli-test"' in pq.read_schema(files[0]).metadata[b"sam3_embed"]
     printed = capsys.readouterr().out
     assert "run cli-test: 12 rows, 0 error rows" in printed
+    assert "RANDOM WEIGHTS" in printed
+    assert json.loads((out / "_summary.json").read_text())["random_weights"] is True
 
     assert main(["inspect", str(out), "--rows", "2"]) == exit_codes.OK
     shown = capsys.readouterr().out
@@ -155,3 +175,33 @@ def test_run_to_s3_with_a_broken_image_exits_3_and_inspect_reads_it_back_from_s3
     assert "run s3-cli" in shown
     assert "truncated: status=error" in shown
     assert "1 rows have status=error" in shown
+    assert f"      source_uri: {broken}" in shown  # where each row came from
+    assert f"  truncated: {broken}\n      error: " in shown  # the error rows, with their source and cause
+
+
+@pytest.mark.timeout(300)
+def test_recognised_columns_and_error_rows_within_the_budget_exit_0(tmp_path, ray_local, capsys):
+    """A manifest that names its columns `url` and `text` (as many do) runs without flags; one unreadable image
+    among twelve is within a 10% budget: exit 0, and the summary says the share and the budget."""
+    dataset = write_sample_dataset(tmp_path / "data")
+    rows = [json.loads(line) for line in dataset.manifest.read_text().splitlines()][:11]
+    rows.append({"id": "gone", "image": str(tmp_path / "missing.jpg"), "caption": "not there", "split": "val"})
+    manifest = tmp_path / "web.jsonl"
+    manifest.write_text(
+        "\n".join(json.dumps({"url": r["image"], "text": r["caption"], "split": r["split"]}) for r in rows)
+    )
+    out = tmp_path / "out"
+
+    code = main(
+        ["run", "--input", str(manifest), "--output", str(out), "--model-config", "tiny", "--imgsz", "56",
+         "--random-weights", "--max-error-fraction", "0.1", "--run-id", "budget"]
+    )  # fmt: skip
+    assert code == exit_codes.OK
+    printed = capsys.readouterr()
+    assert "image column: 'url' (recognised" in printed.err and "caption column: 'text'" in printed.err
+    assert "error rows:   8.33%, within the budget of 10.00%" in printed.out
+    summary = json.loads((out / "_summary.json").read_text())
+    assert (summary["rows_error"], summary["error_fraction"], summary["max_error_fraction"]) == (1, 0.083333, 0.1)
+    table = read_embeddings(str(out))
+    captions = {row["source_uri"]: row["caption"] for row in table.to_pylist()}
+    assert captions[str(dataset.samples[0].path)] == dataset.samples[0].caption  # `text` became the caption

@@ -111,3 +111,58 @@ def test_backfill_dry_run_shows_each_partition_state(tmp_path: Path, capsys: pyt
     states = {line.split("\t")[0]: line.split("\t")[1] for line in lines}
     assert states == {"date=2025-01-01": "skipped", "date=2025-01-02": "busy", "date=2025-01-03": "pending"}
     assert "someone-else" in lines[1]
+
+
+def test_embed_refuses_to_run_without_a_checkpoint_unless_random_weights_are_asked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "m.csv").write_text(f"image\n{tmp_path / 'a.jpg'}\n")
+    path = write_job(tmp_path, input={"uri": str(tmp_path / "m.csv")}, output={"uri": str(tmp_path / "out")})
+    assert embed.main(["--config", str(path)]) == exit_codes.USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: no checkpoint: pass --checkpoint") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    assert embed.main(["--config", str(path), "--random-weights", "--dry-run"]) == exit_codes.OK
+    assert json.loads(capsys.readouterr().out)["model"]["random_weights"] is True
+
+
+def test_backfill_refuses_a_bad_checkpoint_before_any_partition(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "in" / "date=2025-01-01").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("not weights\n")
+    path = write_job(
+        tmp_path,
+        input={"uri": str(tmp_path / "in")},
+        output={"uri": str(tmp_path / "out")},
+        model={"checkpoint": str(tmp_path / "notes.txt")},
+    )
+    assert backfill.main(["--config", str(path), "--partition-column", "date"]) == exit_codes.USAGE
+    assert "is not a checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_exit_codes_map_every_outcome() -> None:
+    from pipeline.outcome import Outcome, run_outcome
+
+    assert {exit_codes.exit_code(outcome) for outcome in Outcome} == {0, 1, 2, 3, 4, 130}
+    assert run_outcome({"rows_total": 100, "rows_error": 5}, 0.05) is Outcome.OK
+    assert run_outcome({"rows_total": 100, "rows_error": 6}, 0.05) is Outcome.ERROR_ROWS_OVER_BUDGET
+    assert run_outcome({"rows_total": 10, "rows_error": 1}, 0.0) is Outcome.ERROR_ROWS_OVER_BUDGET
+    assert run_outcome({"rows_total": 0, "rows_error": 0}, 0.0) is Outcome.OK
+
+
+def test_backfill_applies_the_error_budget_per_partition() -> None:
+    from pipeline.backfill.runner import BackfillReport, PartitionResult, render_report
+    from pipeline.outcome import Outcome
+
+    report = BackfillReport(run_id="r", output="s3://b/o", column="date", started_at=0.0, max_error_fraction=0.05)
+    report.results = [
+        PartitionResult("2025-01-01", "committed", rows=1000, error_rows=3),  # 0.3%: a few broken JPEGs
+        PartitionResult("2025-01-02", "skipped", rows=10),
+    ]
+    assert report.outcome() is Outcome.OK
+    report.results.append(PartitionResult("2025-01-03", "committed", rows=100, error_rows=100))  # all broken
+    assert report.outcome() is Outcome.ERROR_ROWS_OVER_BUDGET
+    assert "1 above the error budget of 5.00% (2025-01-03)" in render_report(report)
+    assert report.to_dict()["outcome"] == "error rows over budget"
