@@ -71,12 +71,10 @@ class NativeStderrFilter:
                 pending = b""
 
     def _emit(self, line: bytes, target: int) -> None:
-        if _SYNC in line:
-            line = line.replace(_SYNC, b"")
-            self._synced.set()
-            if not line:
-                return
-        if any(pattern.search(line) for pattern in self.noise):
-            return
-        with contextlib.suppress(OSError):  # the original stderr is gone (a closed terminal): nothing to tell
-            os.write(target, line)
+        synced = _SYNC in line
+        line = line.replace(_SYNC, b"")
+        if line and not any(pattern.search(line) for pattern in self.noise):
+            with contextlib.suppress(OSError):  # the original stderr is gone (a closed terminal): nothing to tell
+                os.write(target, line)
+        if synced:
+            self._synced.set()  # only now: everything written before the sync mark is out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 logger = logging.getLogger("pipeline")
 
@@ -74,6 +75,10 @@ def quiet_ray_data() -> None:
     # `ray.data` logs to a session file and to the console through its own handlers (propagate=False); only the
     # console one is turned down. Its file keeps every line.
     level = logging.INFO if _verbose else logging.ERROR
+    if not _verbose:
+        # Ray Data's tuning hints (Python warnings such as "the operator only received 0 inputs", seen when a
+        # resumed run has nothing left to do) are for whoever tunes Ray, not for the user of a finished job.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\.")
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
             handler.setLevel(level)

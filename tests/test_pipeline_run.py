@@ -580,3 +580,28 @@ def test_progress_is_logged_periodically(ray_local: None, caplog: pytest.LogCapt
             assert time.monotonic() < deadline, "no progress line was logged"
             time.sleep(0.05)
     assert "rows/s, ETA " in caplog.records[-1].getMessage()
+
+
+@pytest.mark.timeout(60)
+def test_progress_is_rewritten_in_place_on_a_terminal(ray_local: None) -> None:
+    import os
+    import pty
+
+    from pipeline.progress import ProgressCounter, ProgressReporter
+
+    counter = ProgressCounter.remote()
+    counter.add.remote(5, 0)
+    import ray
+
+    ray.get(counter.snapshot.remote())  # the actor is up: updates come every interval from now on
+    leader, follower = pty.openpty()
+    with open(follower, "w", closefd=True) as terminal:
+        reporter = ProgressReporter(counter, total=20, stream=terminal, interval_s=0.1)
+        assert reporter.in_place
+        with reporter:
+            time.sleep(1.5)
+        shown = os.read(leader, 65536).decode()
+    os.close(leader)
+    updates = [part for part in shown.split("\r") if part.strip()]
+    assert len(updates) >= 2 and all(u.strip().startswith("rows 5/20 (25%): 5 ok, 0 error") for u in updates)
+    assert "ETA" in updates[0] and shown.endswith("\n")  # a newline once done, so later lines start clean

@@ -1,0 +1,54 @@
+"""Quiet by default, everything with -v: the switches in pipeline/console.py and the stderr filter."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from jobs.native_stderr import NativeStderrFilter
+from pipeline import console
+
+CORE_WORKER_LINE = (
+    b"[2026-11-22 05:48:22,849 E 4749 4749] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches("
+    b"EmbedWorker))' and ID: '535f' has constructor arguments in the object store and max_restarts > 0. If the "
+    b"arguments in the object store go out of scope or are lost, the actor restart will fail.\n"
+)
+
+
+def test_the_filter_drops_rays_core_worker_line_and_passes_everything_else_in_order(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with NativeStderrFilter():
+        os.write(2, b"first line\n")
+        os.write(2, CORE_WORKER_LINE)
+        os.write(2, b"[2026-11-22 05:48:23,000 E 1 1] raylet.cc:1: a real native error\n")
+        os.write(2, b"\rrows 3/10: 3 ok")  # an in-place progress update, no newline
+    os.write(2, b"\nafter\n")
+    err = capfd.readouterr().err
+    assert err == (
+        "first line\n[2026-11-22 05:48:23,000 E 1 1] raylet.cc:1: a real native error\n\rrows 3/10: 3 ok\nafter\n"
+    )
+
+
+def test_verbose_turns_ray_datas_progress_and_console_logs_back_on(ray_local: None) -> None:
+    from ray.data import DataContext
+
+    def console_levels() -> set[int]:
+        handlers = logging.getLogger("ray.data").handlers
+        return {h.level for h in handlers if type(h).__name__ not in ("SessionFileHandler", "FileHandler")}
+
+    try:
+        console.set_verbose(True)
+        console.quiet_ray_data()
+        context = DataContext.get_current()
+        assert context.enable_progress_bars and context.print_on_execution_start
+        assert console_levels() == {logging.INFO}
+        console.set_verbose(False)
+        console.quiet_ray_data()
+        assert not context.enable_progress_bars and not context.print_on_execution_start
+        assert console_levels() == {logging.ERROR}
+    finally:
+        console.set_verbose(False)
+        console.quiet_ray_data()
