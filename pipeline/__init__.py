@@ -1,6 +1,7 @@
 """sam3-embed pipeline: Ray Data job that embeds images and captions with SAM 3's backbone into partitioned Parquet.
 
-Public API: `run_job(JobConfig) -> RunSummary`, and for consumers `read_embeddings`, `read_embeddings_numpy`,
+Public API: `run_job(JobConfig) -> RunSummary` (checked first by `preflight`, which raises `PreflightError`), and
+for consumers `read_embeddings`, `read_embeddings_numpy`,
 `embeddings_to_numpy`, `read_run_metadata`, `list_committed_files`, `open_embeddings`.
 """
 
@@ -13,6 +14,8 @@ from pipeline.config import (
     S3Options,
 )
 from pipeline.job import RunSummary, run_job
+from pipeline.outcome import Outcome
+from pipeline.preflight import Plan, PreflightError, preflight
 from pipeline.reader import (
     embeddings_to_numpy,
     list_committed_files,
@@ -27,12 +30,16 @@ __all__ = [
     "InputConfig",
     "JobConfig",
     "ModelConfig",
+    "Outcome",
     "OutputConfig",
+    "Plan",
+    "PreflightError",
     "RunSummary",
     "S3Options",
     "embeddings_to_numpy",
     "list_committed_files",
     "open_embeddings",
+    "preflight",
     "read_embeddings",
     "read_embeddings_numpy",
     "read_run_metadata",
