@@ -16,7 +16,7 @@ def test_fingerprint_tracks_what_changes_the_rows_only() -> None:
     same = JobConfig.from_dict(
         {
             "input": {"uri": "s3://b/in/date=1/"},
-            "output": {"uri": "s3://b/elsewhere"},
+            "output": {"uri": "s3://b/elsewhere", "max_error_fraction": 0.5},
             "compute": {"num_actors": 7, "batch_size": 3},
             "resume_path": "s3://b/ckpt",
         }

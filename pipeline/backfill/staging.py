@@ -104,5 +104,6 @@ def config_fingerprint(config: JobConfig) -> str:
         data.pop(volatile, None)
     data["output"].pop("uri", None)
     data["output"].pop("min_rows_per_file", None)
+    data["output"].pop("max_error_fraction", None)  # judges the rows, does not change them
     canonical = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
