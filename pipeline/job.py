@@ -103,7 +103,7 @@ def run_job(config: JobConfig) -> RunSummary:
     elapsed = time.monotonic() - started
     summary = RunSummary(
         run_id=config.run_id,
-        output_uri=output.uri(),
+        output_uri=output.uri,
         rows_total=sum(counts.values()),
         rows_ok=counts.get(schema.STATUS_OK, 0),
         rows_error=counts.get(schema.STATUS_ERROR, 0),
@@ -124,8 +124,8 @@ def run_job(config: JobConfig) -> RunSummary:
         summary.rows_total,
         summary.rows_ok,
         summary.rows_error,
-        output.uri(),
-        output.join(schema.SUMMARY_FILE).uri(),
+        output.uri,
+        output.join(schema.SUMMARY_FILE).uri,
     )
     return summary
 
@@ -134,13 +134,13 @@ def _check_output_is_fresh(output: Location, config: JobConfig, storage_options:
     existing = data_files(output, storage_options)
     if existing and config.resume_path is None:
         raise FileExistsError(
-            f"{output.uri()} already holds {len(existing)} Parquet files; writing again would duplicate rows. "
+            f"{output.uri} already holds {len(existing)} Parquet files; writing again would duplicate rows. "
             "Set resume_path to continue an interrupted run, or choose an empty output.uri."
         )
     if existing and config.resume_path and not _any_file(parse_uri(config.resume_path), storage_options):
         # Every file a checkpointed run writes is recorded (pending, then committed) before it is written.
         raise FileExistsError(
-            f"{output.uri()} already holds {len(existing)} Parquet files but {config.resume_path} records none of "
+            f"{output.uri} already holds {len(existing)} Parquet files but {config.resume_path} records none of "
             "them: they were not written by a run resuming from there, and their rows would be written twice."
         )
     if existing:
@@ -149,8 +149,7 @@ def _check_output_is_fresh(output: Location, config: JobConfig, storage_options:
 
 
 def _any_file(location: Location, storage_options: dict[str, Any]) -> bool:
-    fs = fsspec_filesystem(location.protocol, storage_options)
-    fs.invalidate_cache(location.path)
+    fs = fsspec_filesystem(location.protocol, storage_options)  # listings never cached: see pipeline.storage
     return fs.exists(location.path) and bool(fs.find(location.path, withdirs=False))
 
 

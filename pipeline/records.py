@@ -116,7 +116,7 @@ def _fetch_sidecar_captions(
             continue  # no sidecar: a record without a caption, not an error
         if isinstance(result, BaseException):
             location = records.caption_locations[i]
-            errors[i] = _describe_fetch_error(location.uri() if location else None, result, what="caption")
+            errors[i] = _describe_fetch_error(location.uri if location else None, result, what="caption")
         else:
             captions[i] = clean_captions(result)
     return captions, errors
@@ -134,7 +134,7 @@ def _fetch_many(locations: list[Location], storage_options: dict[str, Any] | Non
         try:
             fs = fsspec_filesystem(location.protocol, storage_options)
             # Each filesystem has its own idea of a path (HTTP keeps the scheme, S3 drops it).
-            return fs.cat_file(fs._strip_protocol(location.uri()))
+            return fs.cat_file(fs._strip_protocol(location.uri))
         except Exception as exc:
             return exc
 

@@ -17,7 +17,7 @@ from jobs import backfill, embed, exit_codes
 from jobs.job_config import apply_overrides, load_job_config, parse_override
 from pipeline.backfill.commit import commit_partition
 from pipeline.backfill.lease import PartitionLease
-from pipeline.backfill.storage import Location
+from pipeline.storage import Location
 
 
 def write_job(tmp_path: Path, **data: object) -> Path:
@@ -99,11 +99,11 @@ def test_backfill_dry_run_shows_each_partition_state(tmp_path: Path, capsys: pyt
         (tmp_path / "in" / f"date={day}").mkdir(parents=True)
         (tmp_path / "in" / f"date={day}" / "manifest.csv").write_text("image\nx.jpg\n")
     output = Location.parse(str(tmp_path / "out"))
-    staged = output.child("_staging", "date=2025-01-01", "data")
+    staged = output.join("_staging", "date=2025-01-01", "data")
     staged.fs.makedirs(staged.path, exist_ok=True)
-    pq.write_table(pa.table({"id": ["a"]}), staged.child("part-0.parquet").path)
-    commit_partition(staged, output.child("date=2025-01-01"), partition={"date": "2025-01-01"}, run_id="earlier")
-    assert PartitionLease(output.child("_locks", "date=2025-01-02"), owner="someone-else").try_acquire()
+    pq.write_table(pa.table({"id": ["a"]}), staged.join("part-0.parquet").path)
+    commit_partition(staged, output.join("date=2025-01-01"), partition={"date": "2025-01-01"}, run_id="earlier")
+    assert PartitionLease(output.join("_locks", "date=2025-01-02"), owner="someone-else").try_acquire()
 
     path = write_job(tmp_path, input={"uri": str(tmp_path / "in")}, output={"uri": output.uri})
     assert backfill.main(["--config", str(path), "--partition-column", "date", "--dry-run"]) == exit_codes.OK

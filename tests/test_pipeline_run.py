@@ -576,3 +576,43 @@ def test_progress_is_logged_periodically(ray_local: None, caplog: pytest.LogCapt
             assert time.monotonic() < deadline, "no progress line was logged"
             time.sleep(0.05)
     assert "rows/s" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.timeout(240)
+def test_resume_after_a_kill_between_data_file_and_checkpoint_commit(ray_local: None, bucket: S3Bucket) -> None:
+    """The first rerun after a kill between writing a data file and committing its checkpoint succeeds.
+
+    Ray Data writes `<id>.pending.parquet`, then the data file, then renames the pending entry; a kill between the
+    last two leaves exactly the state built here from a finished run: one entry pending again and no commit markers.
+    On restart a Ray task deletes that data file and the pending entry; the driver must then list the checkpoint
+    directory afresh (a cached listing still showed the deleted entry and the rerun failed with FileNotFoundError).
+    """
+    for part in range(2):
+        uris = [bucket.put(f"img/{part}-{i}.jpg", jpeg(140 + 3 * part + i)) for i in range(3)]
+        lines = ["id,image"] + [f"p{part}r{i},{uri}" for i, uri in enumerate(uris)]
+        bucket.put(f"m/part-{part}.csv", "\n".join(lines).encode())
+    config = job(
+        bucket,
+        input={"uri": bucket.uri("m")},
+        output={"uri": bucket.uri("o"), "min_rows_per_file": 1},
+        resume_path=bucket.uri("ckpt"),
+    )
+    first = run_job(config)
+    assert first.rows_total == 6
+
+    committed = [k for k in bucket.keys("ckpt") if k.endswith(".parquet")]
+    assert committed and not any(".pending" in k for k in committed)
+    victim = committed[0]
+    pending_ids = set(pq.read_table(pa.BufferReader(bucket.get(victim))).column("id").to_pylist())
+    bucket.client.copy_object(
+        Bucket=bucket.name, Key=victim.replace(".parquet", ".pending.parquet"), CopySource=f"{bucket.name}/{victim}"
+    )
+    bucket.client.delete_object(Bucket=bucket.name, Key=victim)
+    for key in ("o/_SUCCESS", "o/_summary.json"):
+        bucket.client.delete_object(Bucket=bucket.name, Key=key)
+
+    rerun = run_job(config)
+    assert rerun.rows_this_run == len(pending_ids) and rerun.rows_total == 6
+    out = by_id(read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options))
+    assert set(out) == {f"p{part}r{i}" for part in range(2) for i in range(3)}
+    assert not any(".pending" in k for k in bucket.keys("ckpt"))
