@@ -49,7 +49,7 @@ def prepare_batch(block: pa.Table | pd.DataFrame, settings: PrepareSettings) -> 
     for i in range(n):
         error = records.problems[i] or fetch_errors[i] or caption_errors[i]
         if error is None:
-            decoded = decode_image(image_bytes[i], settings.imgsz)
+            decoded = decode_image(image_bytes[i], settings.imgsz, records.source_uris[i])
             widths[i], heights[i], digests[i], error = decoded.width, decoded.height, decoded.sha256, decoded.error
             pixels[i] = decoded.pixels
         errors[i] = error

@@ -83,15 +83,16 @@ def test_transparent_pixels_are_composited_on_white() -> None:
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
-        (b"not an image at all", "cannot decode image"),
-        (_jpeg(64, 64)[:300], "cannot decode image"),
+        (b"not an image at all", "cannot decode image s3://b/x.jpg: not an image format Pillow can read"),
+        (_jpeg(64, 64)[:300], "cannot decode image s3://b/x.jpg: OSError: "),
         (b"", "empty image file"),
         (None, "no image bytes"),
     ],
 )
 def test_undecodable_bytes_become_a_reason(data: bytes | None, reason: str) -> None:
-    decoded = decode_image(data, IMGSZ)
+    decoded = decode_image(data, IMGSZ, "s3://b/x.jpg")
     assert decoded.pixels is None and decoded.error is not None and decoded.error.startswith(reason)
+    assert " at 0x" not in decoded.error
     if data:
         assert decoded.sha256 == hashlib.sha256(data).hexdigest()
 
@@ -162,7 +163,11 @@ def test_prepare_batch_marks_every_failure_and_keeps_every_row(tmp_path: Path) -
     out = prepare_batch(table, settings)
     assert out.column(schema.STATUS).to_pylist() == ["ok", "error", "error", "ok"]
     errors = out.column(schema.ERROR).to_pylist()
-    assert errors[0] is None and errors[1].startswith("cannot decode image") and errors[2].startswith("image not found")
+    assert (
+        errors[0] is None
+        and errors[1] == f"cannot decode image {garbage}: not an image format Pillow can read"
+        and errors[2].startswith("image not found")
+    )
     tokens = out.column(schema.TOKENS).to_pylist()
     assert len(tokens[0]) == 2 and len(tokens[0][0]) == 32
     assert tokens[1] is None and tokens[2] is None and tokens[3] is None
