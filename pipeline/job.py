@@ -14,9 +14,10 @@ from typing import Any
 
 from pipeline import schema
 from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig
+from pipeline.duplicate_ids import check_layout_ids
 from pipeline.markers import data_files, remove_markers, write_markers
 from pipeline.records import PrepareSettings, prepare_batch
-from pipeline.sources import SourceSpec, input_protocol, input_uris, read_source
+from pipeline.sources import SourceSpec, input_protocol, input_uris, log_renamed_columns, plan_source, read_source
 from pipeline.storage import Location, arrow_filesystem, fsspec_filesystem, parse_uri
 from pipeline.version import package_version
 
@@ -74,17 +75,20 @@ def run_job(config: JobConfig) -> RunSummary:
     validate(config)
     started_wall = datetime.now(timezone.utc)
     started = time.monotonic()
-    if not ray.is_initialized():
-        ray.init()  # honours RAY_ADDRESS; otherwise starts a local cluster on this machine
     storage_options = config.storage_options()
     uris = input_uris(config.input.uri)
-    source = SourceSpec.from_config(config.input, input_protocol(uris))
+    # What the driver can see of the input (manifest files, schema), and duplicate ids refused, before Ray starts.
+    source, layout = plan_source(SourceSpec.from_config(config.input, input_protocol(uris)), uris, storage_options)
+    check_layout_ids(source, layout, storage_options)
+    log_renamed_columns(source, layout)
+    if not ray.is_initialized():
+        ray.init()  # honours RAY_ADDRESS; otherwise starts a local cluster on this machine
     output = parse_uri(config.output.uri)
     _check_output_is_fresh(output, config, storage_options)
 
     with _checkpointing(config, source, storage_options):
         memory = decode_memory(config.model.imgsz)
-        dataset = read_source(source, uris, storage_options)
+        dataset = read_source(source, uris, storage_options, layout)
         dataset = _prepare(dataset, config, source, storage_options, memory)
         from pipeline.progress import ProgressCounter, ProgressLogger
 
