@@ -30,7 +30,11 @@ def check_unique_ids(config: JobConfig) -> None:
     """Raise ValueError naming a few duplicate ids and what to change; the whole check for one job config."""
     uris = input_uris(config.input.uri)
     storage_options = config.storage_options()
-    spec, layout = plan_source(SourceSpec.from_config(config.input, input_protocol(uris)), uris, storage_options)
+    spec = SourceSpec.from_config(config.input, input_protocol(uris))
+    try:
+        spec, layout = plan_source(spec, uris, storage_options)
+    except FileNotFoundError:
+        return  # a missing input is reported by the input checks, with its own message
     check_layout_ids(spec, layout, storage_options)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import schema
 from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig
-from pipeline.duplicate_ids import check_layout_ids
+from pipeline.duplicate_ids import check_unique_ids
 from pipeline.markers import data_files, remove_markers, write_markers
 from pipeline.records import PrepareSettings, prepare_batch
 from pipeline.sources import SourceSpec, input_protocol, input_uris, log_renamed_columns, plan_source, read_source
@@ -66,6 +66,7 @@ def validate(config: JobConfig) -> None:
         raise ValueError(f"model.imgsz must be a multiple of the patch size 14, got {config.model.imgsz}")
     if config.resume_path and parse_uri(config.resume_path) == parse_uri(config.output.uri):
         raise ValueError("resume_path must differ from output.uri (Ray Data keeps its own files there)")
+    check_unique_ids(config)  # reads the manifest's id column (or the columns ids derive from)
 
 
 def run_job(config: JobConfig) -> RunSummary:
@@ -77,9 +78,8 @@ def run_job(config: JobConfig) -> RunSummary:
     started = time.monotonic()
     storage_options = config.storage_options()
     uris = input_uris(config.input.uri)
-    # What the driver can see of the input (manifest files, schema), and duplicate ids refused, before Ray starts.
+    # What the driver can see of the input (manifest files, schema) before Ray starts.
     source, layout = plan_source(SourceSpec.from_config(config.input, input_protocol(uris)), uris, storage_options)
-    check_layout_ids(source, layout, storage_options)
     log_renamed_columns(source, layout)
     if not ray.is_initialized():
         ray.init()  # honours RAY_ADDRESS; otherwise starts a local cluster on this machine

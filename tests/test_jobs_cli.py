@@ -111,3 +111,47 @@ def test_backfill_dry_run_shows_each_partition_state(tmp_path: Path, capsys: pyt
     states = {line.split("\t")[0]: line.split("\t")[1] for line in lines}
     assert states == {"date=2025-01-01": "skipped", "date=2025-01-02": "busy", "date=2025-01-03": "pending"}
     assert "someone-else" in lines[1]
+
+
+def test_duplicate_ids_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [
+        {"key": k, "image": f"/photos/{i}.jpg"} for i, k in enumerate(["a", "b", "a", "c", "b", "d", "e", "e", "f"])
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
+    path = write_job(
+        tmp_path,
+        input={"uri": str(tmp_path / "manifest.parquet"), "id_column": "key"},
+        output={"uri": str(tmp_path / "out")},
+        model={"config": "tiny", "imgsz": 56},
+    )
+    assert embed.main(["--config", str(path)]) == exit_codes.USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "3 ids occur more than once in the manifest's column 'key': 'a', 'b', 'e'" in err[0]
+    assert "--id-column" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_repeated_images_without_ids_are_refused_and_distinct_captions_are_not(tmp_path: Path) -> None:
+    from pipeline.config import JobConfig
+    from pipeline.duplicate_ids import check_unique_ids
+
+    lines = [
+        {"image": "s3://b/1.jpg", "caption": "one"},
+        {"image": "s3://b/1.jpg", "caption": "another caption: another row"},
+        {"image": "s3://b/2.jpg", "caption": None},
+        {"image": " s3://b/2.jpg ", "caption": ""},  # the same image, the same (absent) caption
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines))
+    config = JobConfig.from_dict({"input": {"uri": str(manifest)}, "output": {"uri": str(tmp_path / "out")}})
+    with pytest.raises(ValueError, match=r"1 images are listed more than once .*'s3://b/2.jpg'.*--id-column"):
+        check_unique_ids(config)
+    manifest.write_text("\n".join(json.dumps(line) for line in lines[:3]))
+    check_unique_ids(config)
+    # Rows with an id column: only given ids count, null ids derive from the image.
+    manifest.write_text("id,image\n1,/x.jpg\n,/y.jpg\n,/z.jpg\n2,/x.jpg\n")
+    csv = tmp_path / "m.csv"
+    csv.write_text(manifest.read_text())
+    manifest.unlink()
+    check_unique_ids(JobConfig.from_dict({"input": {"uri": str(csv)}, "output": {"uri": str(tmp_path / "o")}}))
