@@ -370,47 +370,83 @@ def tar_shard(members: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
+def img2dataset_meta(key: str, url: str, body: bytes, **extra: Any) -> str:
+    """A sample's `.json` member as img2dataset writes it (json.dumps(meta, indent=4))."""
+    width, height = Image.open(io.BytesIO(body)).size
+    meta = {
+        "url": url,
+        **extra,
+        "key": key,
+        "status": "success",
+        "error_message": None,
+        "width": width,
+        "height": height,
+        "original_width": width * 4,
+        "original_height": height * 4,
+        "exif": None,
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
+    return json.dumps(meta, indent=4)
+
+
 @pytest.mark.timeout(240)
 def test_webdataset_shards(ray_local: None, bucket: S3Bucket, reference: Any) -> None:
-    images = {key: jpeg(40 + i) for i, key in enumerate(["s0", "s1", "s2", "s3"])}
+    """Hand-made members in one shard; img2dataset's layout, written by the `webdataset` package, in the other."""
+    import webdataset
+
+    images = {key: jpeg(40 + i) for i, key in enumerate(["s0", "s1", "000010000", "000010001"])}
+    s1_json = json.dumps({"caption": "from json", "other": 1})
     shard0 = tar_shard(
         [
             ("s0.jpg", images["s0"]),
             ("s0.txt", b"first sample"),
             ("s1.jpg", images["s1"]),
-            ("s1.json", json.dumps({"caption": "from json", "other": 1}).encode()),
+            ("s1.json", s1_json.encode()),
             ("lonely.txt", b"a sample with no image"),
         ]
     )
-    shard1 = tar_shard([("s2.jpg", images["s2"]), ("s3.jpg", images["s3"]), ("s3.txt", b"last")])
-    for index, body in enumerate((shard0, shard1)):
-        bucket.put(f"wds/shard-{index:04d}.tar", body)
+    meta = {
+        "000010000": img2dataset_meta("000010000", "http://example.com/a.jpg", images["000010000"], mine="kept"),
+        "000010001": img2dataset_meta("000010001", "http://example.com/b.jpg", images["000010001"]),
+    }
+    buffer = io.BytesIO()
+    with webdataset.TarWriter(buffer) as writer:
+        writer.write({"__key__": "000010000", "jpg": images["000010000"], "txt": "last", "json": meta["000010000"]})
+        writer.write({"__key__": "000010001", "jpg": images["000010001"], "json": meta["000010001"]})
+    bucket.put("wds/shard-0000.tar", shard0)
+    bucket.put("wds/00001.tar", buffer.getvalue())
+    # img2dataset's per-shard metadata beside the tar: not a shard, ignored.
+    bucket.put("wds/00001.parquet", b"PAR1 not read")
+    bucket.put("wds/00001_stats.json", b"{}")
 
     summary = run_job(
         job(bucket, input={"uri": bucket.uri("wds"), "format": "webdataset"}, output={"uri": bucket.uri("o")})
     )
     assert (summary.rows_total, summary.rows_ok, summary.rows_error) == (5, 4, 1)
-    rows = {
-        row["source_uri"]: row
-        for row in read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options).to_pylist()
+    table = read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options)
+    assert table.schema.field("json").type == pa.string()
+    rows = {row["source_uri"]: row for row in table.to_pylist()}
+    shard = {0: bucket.uri("wds/shard-0000.tar"), 1: bucket.uri("wds/00001.tar")}
+    expected = {
+        f"{shard[0]}#s0": ("first sample", None),
+        f"{shard[0]}#s1": ("from json", s1_json),
+        f"{shard[1]}#000010000": ("last", meta["000010000"]),
+        f"{shard[1]}#000010001": (None, meta["000010001"]),
     }
-    shard = {0: bucket.uri("wds/shard-0000.tar"), 1: bucket.uri("wds/shard-0001.tar")}
-    expected_caption = {
-        f"{shard[0]}#s0": "first sample",
-        f"{shard[0]}#s1": "from json",
-        f"{shard[1]}#s2": None,
-        f"{shard[1]}#s3": "last",
-    }
-    for uri, caption in expected_caption.items():
+    for uri, (caption, member) in expected.items():
         assert rows[uri]["status"] == "ok" and rows[uri]["caption"] == caption
         assert rows[uri]["id"] == derive_id(uri)
+        assert rows[uri]["json"] == member  # the member's text, byte for byte
+    carried = json.loads(rows[f"{shard[1]}#000010000"]["json"])
+    assert carried["url"] == "http://example.com/a.jpg" and carried["mine"] == "kept"
+    assert carried["original_width"] == 4 * 48
     lonely = rows[f"{shard[0]}#lonely"]
     assert lonely["status"] == "error" and lonely["error"].startswith("no image member")
-    assert lonely["caption"] == "a sample with no image"
-    keys = ["s0", "s1", "s2", "s3"]
-    uris = [f"{shard[0]}#s0", f"{shard[0]}#s1", f"{shard[1]}#s2", f"{shard[1]}#s3"]
+    assert lonely["caption"] == "a sample with no image" and lonely["json"] is None
+    uris = list(expected)
     assert_close(
-        [rows[u]["image_embedding"] for u in uris], reference_image_embeddings(reference, [images[k] for k in keys])
+        [rows[u]["image_embedding"] for u in uris],
+        reference_image_embeddings(reference, [images[u.rsplit("#", 1)[1]] for u in uris]),
     )
 
 
