@@ -9,6 +9,7 @@ columns the duplicate-id check has to read.
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ MANIFEST_EXTENSIONS = {
     "ndjson": "json",
     "json": "json",
 }
+logger = logging.getLogger(__name__)
+
 SCHEMA_PROBE_BYTES = 1 << 20  # JSON Lines: the first line must fit (a line holding base64 images may not)
 
 
@@ -44,13 +47,22 @@ class ManifestLayout:
 def manifest_kind(paths: Iterable[str]) -> tuple[str, list[str]]:
     """The manifest format shared by every file (by extension, compression suffix ignored) and the file list."""
     by_kind: dict[str, list[str]] = {}
+    plain_json: list[str] = []
     for path in paths:
         name = posixpath.basename(path).lower()
         for suffix in (".gz", ".zst", ".bz2"):
             name = name.removesuffix(suffix)
-        kind = MANIFEST_EXTENSIONS.get(name.rsplit(".", 1)[-1]) if "." in name else None
-        if kind is not None:
+        extension = name.rsplit(".", 1)[-1] if "." in name else ""
+        kind = MANIFEST_EXTENSIONS.get(extension)
+        if extension == "json":
+            plain_json.append(path)
+        elif kind is not None:
             by_kind.setdefault(kind, []).append(path)
+    if plain_json and not by_kind:
+        by_kind["json"] = plain_json
+    elif plain_json:
+        # Beside Parquet or CSV shards, `.json` files are side files (img2dataset's `00000_stats.json`), not rows.
+        logger.info("ignoring %d .json files beside the %s manifest files", len(plain_json), next(iter(by_kind)))
     if not by_kind:
         raise ValueError(
             "no manifest files found (expected .parquet, .csv, .tsv, .jsonl or .json files); "

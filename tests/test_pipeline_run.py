@@ -450,6 +450,123 @@ def test_webdataset_shards(ray_local: None, bucket: S3Bucket, reference: Any) ->
     )
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.mark.timeout(240)
+def test_hugging_face_image_parquet(ray_local: None, bucket: S3Bucket, reference: Any) -> None:
+    """The layout `datasets` writes for an Image feature: struct<bytes, path>, bytes null when the path is a URI."""
+    bodies = [jpeg(170 + i) for i in range(3)]
+    remote = jpeg(175)
+    remote_uri = bucket.put("elsewhere/remote.jpg", remote)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images = [
+        {"bytes": bodies[0], "path": "cat.jpg"},
+        {"bytes": bodies[1], "path": None},
+        {"bytes": bodies[2], "path": "dog.png"},
+        {"bytes": None, "path": remote_uri},
+        {"bytes": GARBAGE, "path": "broken.jpg"},
+    ]
+    table = pa.table(
+        {
+            "image": pa.array(images, image_type),
+            "text": ["a cat", None, "a dog", "far away", "broken"],
+            "label": [0, 1, 2, 3, 4],
+        }
+    )
+    file_uri = bucket.put("hf/data/train-00000-of-00001.parquet", parquet_bytes(table))
+
+    summary = run_job(
+        job(bucket, input={"uri": bucket.uri("hf/data"), "caption_column": "text"}, output={"uri": bucket.uri("o")})
+    )
+    assert (summary.rows_total, summary.rows_ok, summary.rows_error) == (5, 4, 1)
+    out = {
+        row["label"]: row
+        for row in read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options).to_pylist()
+    }
+    assert set(out[0]) >= {"id", "source_uri", "label", "caption", "status"} and "image" not in out[0]
+    assert "path" not in out[0]  # Ray Data's file column is consumed, not written
+    content_id = derive_id(f"sha256:{hashlib.sha256(bodies[1]).hexdigest()}")
+    assert out[0]["source_uri"] == f"{file_uri}#cat.jpg"
+    assert out[1]["source_uri"] == f"{file_uri}#{content_id}" and out[1]["id"] == content_id
+    assert out[2]["source_uri"] == f"{file_uri}#dog.png" and out[2]["caption"] == "a dog"
+    assert out[3]["source_uri"] == remote_uri and out[3]["id"] == derive_id(remote_uri, ["far away"])
+    assert out[4]["status"] == "error"
+    assert out[4]["error"] == f"cannot decode image {file_uri}#broken.jpg: not an image format Pillow can read"
+    assert out[0]["image_sha256"] == hashlib.sha256(bodies[0]).hexdigest()
+    assert_close(
+        [out[i]["image_embedding"] for i in range(4)], reference_image_embeddings(reference, [*bodies, remote])
+    )
+
+
+@pytest.mark.timeout(240)
+def test_img2dataset_parquet_output(
+    ray_local: None, bucket: S3Bucket, reference: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """img2dataset's `output_format=parquet`: its columns, the image in `jpg`, failed downloads with a null image."""
+    bodies = {f"00000000{i}": jpeg(180 + i) for i in range(3)}
+    rows = []
+    for i, (key, body) in enumerate(bodies.items()):
+        meta = json.loads(img2dataset_meta(key, f"http://example.com/{i}.jpg", body, caption=f"photo {i}"))
+        rows.append({**meta, "jpg": body})
+    failed = {
+        "url": "http://example.com/gone.jpg",
+        "caption": "gone",
+        "key": "000000003",
+        "status": "failed_to_download",
+    }
+    rows.append({**{name: None for name in rows[0]}, **failed, "error_message": "HTTP Error 404: Not Found"})
+    order = ["url", "caption", "key", "status", "error_message", "width", "height", "original_width"]
+    order += ["original_height", "exif", "sha256", "jpg"]
+    schema = pa.schema(
+        [
+            ("url", pa.string()),
+            ("caption", pa.string()),
+            ("key", pa.string()),
+            ("status", pa.string()),
+            ("error_message", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("original_width", pa.int32()),
+            ("original_height", pa.int32()),
+            ("exif", pa.string()),
+            ("sha256", pa.string()),
+            ("jpg", pa.binary()),
+        ]
+    )
+    assert schema.names == order
+    file_uri = bucket.put("i2d/00000.parquet", parquet_bytes(pa.Table.from_pylist(rows, schema)))
+    bucket.put("i2d/00000_stats.json", b"{}")  # written beside each shard; not a manifest
+
+    config = job(
+        bucket,
+        input={"uri": bucket.uri("i2d"), "id_column": "key", "image_column": "jpg"},
+        output={"uri": bucket.uri("o")},
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+        summary = run_job(config)
+    assert "manifest column 'status' has the name of an output column; it is written as 'input_status'" in [
+        r.getMessage() for r in caplog.records
+    ]
+    assert (summary.rows_total, summary.rows_ok, summary.rows_error) == (4, 3, 1)
+    out = by_id(read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options))
+    assert set(out) == {*bodies, "000000003"}
+    for i, key in enumerate(bodies):
+        row = out[key]
+        assert row["status"] == "ok" and row["input_status"] == "success" and row["caption"] == f"photo {i}"
+        assert row["source_uri"] == f"{file_uri}#{key}" and row["url"] == f"http://example.com/{i}.jpg"
+        assert row["original_width"] == 4 * 48 and row["sha256"] == row["image_sha256"]
+    gone = out["000000003"]
+    assert gone["status"] == "error" and gone["error"] == "missing image bytes in column 'jpg'"
+    assert gone["input_status"] == "failed_to_download" and gone["error_message"] == "HTTP Error 404: Not Found"
+    assert_close(
+        [out[k]["image_embedding"] for k in bodies], reference_image_embeddings(reference, list(bodies.values()))
+    )
+
+
 @pytest.mark.timeout(240)
 def test_optional_dense_features_in_float32(ray_local: None, tmp_path: Path, reference: Any) -> None:
     folder = tmp_path / "images"

@@ -118,6 +118,9 @@ def test_clean_captions() -> None:
 def test_manifest_kind_requires_one_format() -> None:
     assert manifest_kind(["a/x.parquet", "a/y.pq", "a/readme.md"]) == ("parquet", ["a/x.parquet", "a/y.pq"])
     assert manifest_kind(["m.jsonl.gz"]) == ("json", ["m.jsonl.gz"])
+    assert manifest_kind(["m.json", "n.json"]) == ("json", ["m.json", "n.json"])
+    # img2dataset's output: Parquet shards with a statistics file each.
+    assert manifest_kind(["00000.parquet", "00000_stats.json"]) == ("parquet", ["00000.parquet"])
     with pytest.raises(ValueError, match="one format"):
         manifest_kind(["a.csv", "b.parquet"])
     with pytest.raises(ValueError, match="no manifest files"):
