@@ -27,6 +27,7 @@ from pipeline.model_cache import local_checkpoint
 from pipeline.records import PrepareSettings, prepare_batch
 from pipeline.sources import SourceSpec, clean_captions, describe_block
 from pipeline.storage import parse_uri
+from tests.s3_bucket import S3Bucket
 
 IMGSZ = 56
 
@@ -396,3 +397,19 @@ def test_model_stage_pads_short_batches_for_a_compiled_trunk_without_changing_re
         ok_rows = (0, 2, 3)
         np.testing.assert_allclose(np.asarray([a[i] for i in ok_rows]), np.asarray([b[i] for i in ok_rows]), atol=1e-6)
     assert plain.column(schema.STATUS).to_pylist() == ["ok", "error", "ok", "ok"]
+
+
+def test_object_store_listings_are_never_cached(bucket: S3Bucket) -> None:
+    """Files another process adds or deletes show up at the next listing (resume checkpoints, markers, leases)."""
+    from pipeline.storage import Location, fsspec_filesystem
+
+    root = Location.parse(bucket.uri("ckpt"), bucket.storage_options)
+    bucket.put("ckpt/a.pending.parquet", b"x")
+    assert root.files() == ["a.pending.parquet"]
+    fs = fsspec_filesystem("s3", bucket.storage_options)
+    assert fs.find(root.path) == [f"{root.path}/a.pending.parquet"]
+    bucket.client.delete_object(Bucket=bucket.name, Key="ckpt/a.pending.parquet")  # as a Ray task would
+    bucket.put("ckpt/a.parquet", b"y")
+    assert root.files() == ["a.parquet"] and fs.find(root.path) == [f"{root.path}/a.parquet"]
+    assert root.join("a.parquet").exists() and not root.join("a.pending.parquet").exists()
+    assert root.join("a.parquet").uri == bucket.uri("ckpt/a.parquet")
