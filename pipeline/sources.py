@@ -229,9 +229,7 @@ def _describe_manifest(rows: list[dict[str, Any]], table: pa.Table | None, spec:
             # recompute them from any read block.
             content = f"sha256:{hashlib.sha256(data).hexdigest()}"
             row_id = given_id or derive_id(content, captions)
-            source_file = row.get(spec.file_column) if spec.file_column else None
-            manifest_uri = to_uri(spec.protocol, source_file) if source_file else spec.input_uri
-            source_uri = f"{manifest_uri}#{name or row_id}"
+            source_uri = f"{_manifest_uri(row, spec)}#{name or row_id}"
         else:
             if problem is not None:
                 pass
@@ -249,6 +247,8 @@ def _describe_manifest(rows: list[dict[str, Any]], table: pa.Table | None, spec:
             else:
                 row_id = derive_id_from_row(row)
             source_uri = image_uri or None
+            if source_uri is None and spec.image_bytes:
+                source_uri = f"{_manifest_uri(row, spec)}#{name or row_id}"  # the row, for an error without an image
         records.ids.append(row_id)
         records.source_uris.append(source_uri)
         records.image_bytes.append(data)
@@ -264,6 +264,12 @@ def _describe_manifest(rows: list[dict[str, Any]], table: pa.Table | None, spec:
     else:
         records.passthrough = pa.Table.from_pylist([{renamed: row.get(name) for name, renamed in keep} for row in rows])
     return records
+
+
+def _manifest_uri(row: dict[str, Any], spec: SourceSpec) -> str:
+    """The manifest file a row was read from, or the input URI where the reader did not record the file."""
+    source_file = row.get(spec.file_column) if spec.file_column else None
+    return to_uri(spec.protocol, source_file) if source_file else spec.input_uri
 
 
 def _describe_images(rows: list[dict[str, Any]], spec: SourceSpec) -> SourceRecords:

@@ -561,6 +561,7 @@ def test_img2dataset_parquet_output(
         assert row["original_width"] == 4 * 48 and row["sha256"] == row["image_sha256"]
     gone = out["000000003"]
     assert gone["status"] == "error" and gone["error"] == "missing image bytes in column 'jpg'"
+    assert gone["source_uri"] == f"{file_uri}#000000003"
     assert gone["input_status"] == "failed_to_download" and gone["error_message"] == "HTTP Error 404: Not Found"
     assert_close(
         [out[k]["image_embedding"] for k in bodies], reference_image_embeddings(reference, list(bodies.values()))

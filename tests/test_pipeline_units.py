@@ -211,7 +211,7 @@ def test_manifest_rows_holding_image_bytes() -> None:
         "s3://b/m/train-0.parquet#cat.jpg",
         "s3://b/dog.jpg",
         f"s3://b/m/train-0.parquet#{records.ids[2]}",
-        None,
+        f"s3://b/m/train-0.parquet#{records.ids[3]}",  # no image: the row is still named
     ]
     assert records.image_bytes[0] == body and records.image_bytes[1] is None
     assert records.image_locations[1] is not None and records.image_locations[1].uri == "s3://b/dog.jpg"
