@@ -41,7 +41,7 @@ def decode_image(data: bytes | None, imgsz: int, uri: str | None = None) -> Deco
     try:
         image = load_rgb(data)
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        return DecodedImage(None, None, None, digest, f"cannot decode image {uri or '(no URI)'}: {decode_reason(exc)}")
+        return DecodedImage(None, None, None, digest, f"cannot decode image {uri or '(no URI)'}: {error_reason(exc)}")
     width, height = image.size
     resized = resize_image(image, imgsz)
     pixels = np.ascontiguousarray(resized, dtype=np.uint8)
@@ -50,7 +50,7 @@ def decode_image(data: bytes | None, imgsz: int, uri: str | None = None) -> Deco
     return DecodedImage(pixels.tobytes(), width, height, digest, None)
 
 
-def decode_reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
     """The cause in words, without object addresses."""
     if isinstance(exc, UnidentifiedImageError):
         return "not an image format Pillow can read"

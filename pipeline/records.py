@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schema
-from pipeline.decode import decode_image
+from pipeline.decode import decode_image, error_reason
 from pipeline.sources import SourceRecords, SourceSpec, clean_captions, describe_block
 from pipeline.storage import Location, fsspec_filesystem
 
@@ -147,7 +147,7 @@ def _fetch_many(locations: list[Location], storage_options: dict[str, Any] | Non
 def _describe_fetch_error(uri: str | None, exc: BaseException, what: str = "image") -> str:
     if isinstance(exc, FileNotFoundError):
         return f"{what} not found: {uri}"
-    return f"cannot read {what} {uri}: {type(exc).__name__}: {exc}"
+    return f"cannot read {what} {uri}: {error_reason(exc)}"
 
 
 @functools.lru_cache(maxsize=4)

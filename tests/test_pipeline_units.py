@@ -413,3 +413,14 @@ def test_object_store_listings_are_never_cached(bucket: S3Bucket) -> None:
     assert root.files() == ["a.parquet"] and fs.find(root.path) == [f"{root.path}/a.parquet"]
     assert root.join("a.parquet").exists() and not root.join("a.pending.parquet").exists()
     assert root.join("a.parquet").uri == bucket.uri("ckpt/a.parquet")
+
+
+def test_error_reasons_carry_no_object_addresses() -> None:
+    from PIL import UnidentifiedImageError
+
+    from pipeline.decode import error_reason
+
+    raw = UnidentifiedImageError("cannot identify image file <_io.BytesIO object at 0x7f3a2b1c0d90>")
+    assert error_reason(raw) == "not an image format Pillow can read"
+    wrapped = OSError("read failed on <s3fs.core.S3File object at 0x7f00deadbeef>: connection reset")
+    assert error_reason(wrapped) == "OSError: read failed on: connection reset"
