@@ -33,8 +33,8 @@ def check_unique_ids(config: JobConfig) -> None:
     spec = SourceSpec.from_config(config.input, input_protocol(uris))
     try:
         spec, layout = plan_source(spec, uris, storage_options)
-    except FileNotFoundError:
-        return  # a missing input is reported by the input checks, with its own message
+    except OSError:
+        return  # a missing or unreadable input is reported by the input checks, with their own message
     check_layout_ids(spec, layout, storage_options)
 
 
