@@ -5,23 +5,28 @@ the second would be skipped as already done. So duplicates are refused up front 
 `ValueError` into exit code 2), never suffixed: a suffixed id would not match the user's own id any more.
 
 What is read: a manifest with an id column, only that column (Parquet reads just its column chunks); a manifest of
-image URIs without ids, the image and caption columns the ids derive from. Not checked: ids derived from image
-bytes held in the manifest (that would mean reading every image in the driver) and the `images` / `webdataset`
-formats, whose ids derive from distinct file names and sample keys.
+image URIs without ids, the image and caption columns the ids derive from. Not checked up front: ids derived
+from image bytes held in the manifest (that would mean reading every image in the driver): after such a run the
+id column of the output is counted and repeated ids are reported (`report_repeated_content_ids`). Not checked at
+all: the `images` / `webdataset` formats, whose ids derive from distinct file names and sample keys.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any
 
 import pyarrow.compute as pc
 
+from pipeline import schema
 from pipeline.config import JobConfig
 from pipeline.ids import id_to_string
 from pipeline.manifest_layout import ManifestLayout, read_columns
 from pipeline.sources import SourceSpec, describe_block, input_protocol, input_uris, plan_source
-from pipeline.storage import arrow_filesystem
+from pipeline.storage import Location, arrow_filesystem
+
+logger = logging.getLogger(__name__)
 
 NAMED = 3  # duplicates named in the message
 
@@ -69,6 +74,31 @@ def check_layout_ids(spec: SourceSpec, layout: ManifestLayout | None, storage_op
             f"repeat: {_examples(repeated_uris)}. Remove the repeated rows, or give each row an id with --id-column "
             "(input.id_column)"
         )
+
+
+def ids_derive_from_content(spec: SourceSpec, layout: ManifestLayout | None) -> bool:
+    return layout is not None and spec.image_bytes and spec.id_column not in layout.column_names
+
+
+def report_repeated_content_ids(output: Location, files: list[str], filesystem: Any) -> int:
+    """Count ids written more than once (identical image bytes with identical captions); log them. Returns the
+    number of repeated ids."""
+    from pipeline.reader import open_dataset
+
+    if not files:
+        return 0
+    ids = open_dataset(output, files, filesystem).to_table(columns=[schema.ID]).column(schema.ID)
+    repeated = [item["values"] for item in pc.value_counts(ids).to_pylist() if item["counts"] > 1]
+    if repeated:
+        logger.warning(
+            "%d ids occur more than once in %s: the manifest holds identical images with identical captions, "
+            "which get one content-derived id (%s); give each row an id with --id-column (input.id_column) to keep "
+            "them apart",
+            len(repeated),
+            output.uri,
+            _examples(repeated),
+        )
+    return len(repeated)
 
 
 def _examples(values: list[str | None]) -> str:

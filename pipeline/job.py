@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import schema
 from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig
-from pipeline.duplicate_ids import check_unique_ids
+from pipeline.duplicate_ids import check_unique_ids, ids_derive_from_content, report_repeated_content_ids
 from pipeline.markers import data_files, remove_markers, write_markers
 from pipeline.records import PrepareSettings, prepare_batch
 from pipeline.sources import SourceSpec, input_protocol, input_uris, log_renamed_columns, plan_source, read_source
@@ -103,6 +103,10 @@ def run_job(config: JobConfig) -> RunSummary:
     logger.info("written: %s", done.line())
 
     counts, files, checkpoint_sha = _scan_output(output, storage_options)
+    if ids_derive_from_content(source, layout):
+        report_repeated_content_ids(
+            output, data_files(output, storage_options), arrow_filesystem(output.protocol, storage_options)
+        )
     finished_wall = datetime.now(timezone.utc)
     elapsed = time.monotonic() - started
     summary = RunSummary(

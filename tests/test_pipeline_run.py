@@ -457,7 +457,9 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 @pytest.mark.timeout(240)
-def test_hugging_face_image_parquet(ray_local: None, bucket: S3Bucket, reference: Any) -> None:
+def test_hugging_face_image_parquet(
+    ray_local: None, bucket: S3Bucket, reference: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """The layout `datasets` writes for an Image feature: struct<bytes, path>, bytes null when the path is a URI."""
     bodies = [jpeg(170 + i) for i in range(3)]
     remote = jpeg(175)
@@ -469,20 +471,23 @@ def test_hugging_face_image_parquet(ray_local: None, bucket: S3Bucket, reference
         {"bytes": bodies[2], "path": "dog.png"},
         {"bytes": None, "path": remote_uri},
         {"bytes": GARBAGE, "path": "broken.jpg"},
+        {"bytes": bodies[1], "path": None},  # the same image again, no caption: the same content-derived id
     ]
     table = pa.table(
         {
             "image": pa.array(images, image_type),
-            "text": ["a cat", None, "a dog", "far away", "broken"],
-            "label": [0, 1, 2, 3, 4],
+            "text": ["a cat", None, "a dog", "far away", "broken", None],
+            "label": [0, 1, 2, 3, 4, 5],
         }
     )
     file_uri = bucket.put("hf/data/train-00000-of-00001.parquet", parquet_bytes(table))
 
-    summary = run_job(
-        job(bucket, input={"uri": bucket.uri("hf/data"), "caption_column": "text"}, output={"uri": bucket.uri("o")})
+    config = job(
+        bucket, input={"uri": bucket.uri("hf/data"), "caption_column": "text"}, output={"uri": bucket.uri("o")}
     )
-    assert (summary.rows_total, summary.rows_ok, summary.rows_error) == (5, 4, 1)
+    with caplog.at_level(logging.WARNING, logger="pipeline.duplicate_ids"):
+        summary = run_job(config)
+    assert (summary.rows_total, summary.rows_ok, summary.rows_error) == (6, 5, 1)
     out = {
         row["label"]: row
         for row in read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options).to_pylist()
@@ -492,6 +497,9 @@ def test_hugging_face_image_parquet(ray_local: None, bucket: S3Bucket, reference
     content_id = derive_id(f"sha256:{hashlib.sha256(bodies[1]).hexdigest()}")
     assert out[0]["source_uri"] == f"{file_uri}#cat.jpg"
     assert out[1]["source_uri"] == f"{file_uri}#{content_id}" and out[1]["id"] == content_id
+    # Not checkable before the run without reading every image; reported after it, never silently.
+    assert out[5]["id"] == content_id
+    assert f"1 ids occur more than once in {bucket.uri('o')}" in caplog.text and repr(content_id) in caplog.text
     assert out[2]["source_uri"] == f"{file_uri}#dog.png" and out[2]["caption"] == "a dog"
     assert out[3]["source_uri"] == remote_uri and out[3]["id"] == derive_id(remote_uri, ["far away"])
     assert out[4]["status"] == "error"
