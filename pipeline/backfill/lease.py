@@ -118,6 +118,13 @@ class PartitionLease:
         if not self.directory.join(record_name(generation)).create_exclusive(record.to_json()):
             logger.info("lease %s: lost the race for generation %d", self.directory.uri, generation)
             return False
+        newest = self._generations()
+        if newest and newest[-1] > generation:
+            # Our listing was stale: a winner had already taken a later generation and deleted this one, so the
+            # name was free again (a local directory scan can miss both a file added and one removed during it).
+            self.directory.join(record_name(generation)).remove()
+            logger.info("lease %s: generation %d was already superseded", self.directory.uri, generation)
+            return False
         self._held = record
         self._lost_reason = None
         self._forget_older_generations(generation)
