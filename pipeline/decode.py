@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# `<_io.BytesIO object at 0x7f...>` and the like: Pillow names the buffer it read, which tells a user nothing.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 # Pillow modes whose samples are wider than 8 bits; `convert("RGB")` would clip them, so they are rescaled.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -25,7 +29,8 @@ class DecodedImage:
     error: str | None
 
 
-def decode_image(data: bytes | None, imgsz: int) -> DecodedImage:
+def decode_image(data: bytes | None, imgsz: int, uri: str | None = None) -> DecodedImage:
+    """uri: where the bytes came from, named in the error (a reason without it cannot be acted on)."""
     from sam3core import resize_image
 
     if data is None:
@@ -36,13 +41,21 @@ def decode_image(data: bytes | None, imgsz: int) -> DecodedImage:
     try:
         image = load_rgb(data)
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        return DecodedImage(None, None, None, digest, f"cannot decode image: {type(exc).__name__}: {exc}")
+        return DecodedImage(None, None, None, digest, f"cannot decode image {uri or '(no URI)'}: {error_reason(exc)}")
     width, height = image.size
     resized = resize_image(image, imgsz)
     pixels = np.ascontiguousarray(resized, dtype=np.uint8)
     if pixels.shape != (imgsz, imgsz, 3):
         raise RuntimeError(f"resize_image returned shape {pixels.shape}, expected {(imgsz, imgsz, 3)}")
     return DecodedImage(pixels.tobytes(), width, height, digest, None)
+
+
+def error_reason(exc: BaseException) -> str:
+    """The cause in words, without object addresses."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format Pillow can read"
+    text = _OBJECT_REPR.sub("", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def load_rgb(data: bytes) -> Image.Image:

@@ -14,11 +14,12 @@ from typing import Any
 
 from pipeline import console, schema
 from pipeline.config import FEATURES_DEFAULT, JobConfig
+from pipeline.duplicate_ids import ids_derive_from_content, report_repeated_content_ids
 from pipeline.markers import data_files, remove_markers, write_markers
 from pipeline.outcome import error_fraction
 from pipeline.preflight import Plan, preflight
 from pipeline.records import PrepareSettings, prepare_batch
-from pipeline.sources import SourceSpec, input_protocol, input_uris, read_source
+from pipeline.sources import SourceSpec, input_protocol, input_uris, log_renamed_columns, plan_source, read_source
 from pipeline.storage import Location, arrow_filesystem, fsspec_filesystem, parse_uri
 from pipeline.version import package_version
 
@@ -66,10 +67,12 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
     config = plan.config  # the manifest's columns resolved
     for note in plan.notes:
         (logger.warning if note.startswith("RANDOM WEIGHTS") else logger.info)(note)
-    console.start_ray()
     storage_options = config.storage_options()
     uris = input_uris(config.input.uri)
-    source = SourceSpec.from_config(config.input, input_protocol(uris))
+    # What the driver can see of the input (manifest files, schema) before Ray starts.
+    source, layout = plan_source(SourceSpec.from_config(config.input, input_protocol(uris)), uris, storage_options)
+    log_renamed_columns(source, layout)
+    console.start_ray()
     output = parse_uri(config.output.uri)
     total = plan.total_rows
     if data_files(output, storage_options):
@@ -79,7 +82,7 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
 
     with _checkpointing(config, source, storage_options):
         memory = decode_memory(config.model.imgsz)
-        dataset = read_source(source, uris, storage_options)
+        dataset = read_source(source, uris, storage_options, layout)
         dataset = _prepare(dataset, config, source, storage_options, memory)
         from pipeline.progress import ProgressCounter, ProgressReporter
 
@@ -94,11 +97,15 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
     logger.info("written: %s", done.line())
 
     counts, files, checkpoint_sha = _scan_output(output, storage_options)
+    if ids_derive_from_content(source, layout):
+        report_repeated_content_ids(
+            output, data_files(output, storage_options), arrow_filesystem(output.protocol, storage_options)
+        )
     finished_wall = datetime.now(timezone.utc)
     elapsed = time.monotonic() - started
     summary = RunSummary(
         run_id=config.run_id,
-        output_uri=output.uri(),
+        output_uri=output.uri,
         rows_total=sum(counts.values()),
         rows_ok=counts.get(schema.STATUS_OK, 0),
         rows_error=counts.get(schema.STATUS_ERROR, 0),
@@ -122,9 +129,9 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
         summary.rows_total,
         summary.rows_ok,
         summary.rows_error,
-        output.uri(),
+        output.uri,
         " with RANDOM WEIGHTS" if summary.random_weights else "",
-        output.join(schema.SUMMARY_FILE).uri(),
+        output.join(schema.SUMMARY_FILE).uri,
     )
     return summary
 

@@ -18,19 +18,10 @@ PARQUET_SUFFIX = ".parquet"
 
 
 def _listing(location: Location, storage_options: dict[str, Any] | None, raw_options: bool) -> list[str]:
-    fs = _filesystem(location, storage_options, raw_options)
-    fs.invalidate_cache(location.path)  # object-store listings are cached per process; this one must be fresh
+    fs = fsspec_filesystem(location.protocol, storage_options, raw_options=raw_options)  # listings never cached
     if not fs.exists(location.path):
         return []
     return sorted(fs.find(location.path, withdirs=False))
-
-
-def _filesystem(location: Location, storage_options: dict[str, Any] | None, raw_options: bool) -> Any:
-    if raw_options and not location.is_local:
-        import fsspec
-
-        return fsspec.filesystem(location.protocol, **(storage_options or {}))
-    return fsspec_filesystem(location.protocol, storage_options)
 
 
 def _is_hidden(path: str, root: str) -> bool:

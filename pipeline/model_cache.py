@@ -48,7 +48,7 @@ def local_checkpoint(checkpoint: str | None, storage_options: dict[str, Any] | N
         raise IsADirectoryError(f"model.checkpoint must name a file, not a directory: {checkpoint}")
     # The cache entry is keyed by what identifies this exact object: its URI, size and version tag.
     version = {k: str(info.get(k)) for k in ("size", "ETag", "etag", "mtime", "LastModified") if info.get(k)}
-    key = hashlib.sha256(json.dumps([location.uri(), version], sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([location.uri, version], sort_keys=True).encode()).hexdigest()[:24]
     entry = cache_root() / key
     entry.mkdir(parents=True, exist_ok=True)
     target = entry / posixpath.basename(location.path)

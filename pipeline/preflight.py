@@ -18,9 +18,11 @@ from typing import Any
 from pipeline import schema
 from pipeline.columns import ColumnError, read_manifest_schema, resolve_columns
 from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig
+from pipeline.duplicate_ids import check_unique_ids
+from pipeline.manifest_layout import manifest_kind
 from pipeline.markers import data_files
-from pipeline.sources import IMAGE_EXTENSIONS, input_protocol, input_uris, list_files, manifest_kind
-from pipeline.storage import Location, fsspec_filesystem, options_for, parse_uri
+from pipeline.sources import IMAGE_EXTENSIONS, input_protocol, input_uris
+from pipeline.storage import Location, fsspec_filesystem, list_files, options_for, parse_uri
 
 logger = logging.getLogger("pipeline.preflight")
 
@@ -99,6 +101,7 @@ def preflight(config: JobConfig) -> Plan:
         columns = _check_input(plan, uris, protocol, storage_options)
         _check_partition_columns(config, columns)
         _check_output(config, storage_options)
+        check_unique_ids(plan.config)  # with the manifest's columns resolved
     except PreflightError:
         raise
     except (ValueError, OSError) as error:
@@ -143,7 +146,7 @@ def _check_input(plan: Plan, uris: list[str], protocol: str, storage_options: di
     for location in locations:
         fs.invalidate_cache(location.path)
         if not fs.exists(location.path):
-            raise PreflightError(f"input {location.uri()} does not exist (--input / input.uri)")
+            raise PreflightError(f"input {location.uri} does not exist (--input / input.uri)")
     if config.input.format == "images":
         if not any(_holds_file(fs, location, IMAGE_EXTENSIONS) for location in locations):
             raise PreflightError(
@@ -249,19 +252,19 @@ def _check_output(config: JobConfig, storage_options: dict[str, Any]) -> None:
     fs = fsspec_filesystem(output.protocol, storage_options)
     fs.invalidate_cache(output.path)
     if fs.isfile(output.path):
-        raise PreflightError(f"output {output.uri()} is a file; --output must be a directory or prefix")
+        raise PreflightError(f"output {output.uri} is a file; --output must be a directory or prefix")
     existing = data_files(output, storage_options)
     if not existing:
         return
-    delete = f"rm -r {output.uri()}" if output.is_local else f"aws s3 rm --recursive {output.uri()}"
+    delete = f"rm -r {output.uri}" if output.is_local else f"aws s3 rm --recursive {output.uri}"
     if config.resume_path is None:
         if fs.exists(output.join(schema.SUCCESS_FILE).path):
             raise PreflightError(
-                f"{output.uri()} already holds a finished run ({len(existing)} Parquet files): choose another "
+                f"{output.uri} already holds a finished run ({len(existing)} Parquet files): choose another "
                 f"--output, or delete it first ({delete}) to write it again"
             )
         raise PreflightError(
-            f"{output.uri()} holds {len(existing)} Parquet files of a run that did not finish: rerun with the "
+            f"{output.uri} holds {len(existing)} Parquet files of a run that did not finish: rerun with the "
             f"--resume-path that run used to continue it, or delete them first ({delete}) to start over"
         )
     resume = parse_uri(config.resume_path)
@@ -270,7 +273,7 @@ def _check_output(config: JobConfig, storage_options: dict[str, Any]) -> None:
     if not (resume_fs.exists(resume.path) and resume_fs.find(resume.path, withdirs=False)):
         # Every file a checkpointed run writes is recorded (pending, then committed) before it is written.
         raise PreflightError(
-            f"{output.uri()} already holds {len(existing)} Parquet files but {config.resume_path} records none of "
+            f"{output.uri} already holds {len(existing)} Parquet files but {config.resume_path} records none of "
             f"them: they were not written by a run resuming from there; choose another --output or delete them "
             f"first ({delete})"
         )

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.markers import committed_files
-from pipeline.storage import Location, parse_uri, to_uri
+from pipeline.storage import Location, arrow_filesystem, parse_uri, to_uri
 
 logger = logging.getLogger(__name__)
 
@@ -23,13 +23,7 @@ Filters = pc.Expression | Sequence[tuple[str, str, Any]] | Sequence[Sequence[tup
 
 
 def _arrow_filesystem(location: Location, storage_options: dict[str, Any] | None) -> Any:
-    import pyarrow.fs as pafs
-
-    if location.is_local:
-        return pafs.LocalFileSystem()
-    import fsspec
-
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(location.protocol, **(storage_options or {}))))
+    return arrow_filesystem(location.protocol, storage_options, raw_options=True)
 
 
 def open_dataset(location: Location, files: list[str], filesystem: Any) -> ds.Dataset:

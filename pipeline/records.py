@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schema
-from pipeline.decode import decode_image
+from pipeline.decode import decode_image, error_reason
 from pipeline.sources import SourceRecords, SourceSpec, clean_captions, describe_block
 from pipeline.storage import Location, fsspec_filesystem
 
@@ -49,7 +49,7 @@ def prepare_batch(block: pa.Table | pd.DataFrame, settings: PrepareSettings) -> 
     for i in range(n):
         error = records.problems[i] or fetch_errors[i] or caption_errors[i]
         if error is None:
-            decoded = decode_image(image_bytes[i], settings.imgsz)
+            decoded = decode_image(image_bytes[i], settings.imgsz, records.source_uris[i])
             widths[i], heights[i], digests[i], error = decoded.width, decoded.height, decoded.sha256, decoded.error
             pixels[i] = decoded.pixels
         errors[i] = error
@@ -116,7 +116,7 @@ def _fetch_sidecar_captions(
             continue  # no sidecar: a record without a caption, not an error
         if isinstance(result, BaseException):
             location = records.caption_locations[i]
-            errors[i] = _describe_fetch_error(location.uri() if location else None, result, what="caption")
+            errors[i] = _describe_fetch_error(location.uri if location else None, result, what="caption")
         else:
             captions[i] = clean_captions(result)
     return captions, errors
@@ -134,7 +134,7 @@ def _fetch_many(locations: list[Location], storage_options: dict[str, Any] | Non
         try:
             fs = fsspec_filesystem(location.protocol, storage_options)
             # Each filesystem has its own idea of a path (HTTP keeps the scheme, S3 drops it).
-            return fs.cat_file(fs._strip_protocol(location.uri()))
+            return fs.cat_file(fs._strip_protocol(location.uri))
         except Exception as exc:
             return exc
 
@@ -147,7 +147,7 @@ def _fetch_many(locations: list[Location], storage_options: dict[str, Any] | Non
 def _describe_fetch_error(uri: str | None, exc: BaseException, what: str = "image") -> str:
     if isinstance(exc, FileNotFoundError):
         return f"{what} not found: {uri}"
-    return f"cannot read {what} {uri}: {type(exc).__name__}: {exc}"
+    return f"cannot read {what} {uri}: {error_reason(exc)}"
 
 
 @functools.lru_cache(maxsize=4)

@@ -56,7 +56,7 @@ def checkpoint_config(
     location = parse_uri(resume_path)
     config = SourceIdCheckpointConfig(
         source,
-        location.uri() if not location.is_local else location.path,
+        location.uri if not location.is_local else location.path,
         override_filesystem=arrow_filesystem(location.protocol, storage_options),
         # Keep the ids after success: rerunning a finished job must add nothing, not start over.
         delete_checkpoint_on_success=False,

@@ -17,6 +17,7 @@ VISION_FEATURES = "vision_features"
 LANGUAGE_FEATURES = "language_features"
 LANGUAGE_MASK = "language_mask"
 LANGUAGE_EMBEDS = "language_embeds"
+WEBDATASET_JSON = "json"  # webdataset input only: each sample's `.json` member, as text
 FPN_LEVELS = 3  # backbone_fpn_0 (4x the ViT grid), _1 (2x), _2 (the grid itself)
 
 STATUS_OK = "ok"

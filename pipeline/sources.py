@@ -1,15 +1,19 @@
 """The three input layouts, read with Ray Data's own readers, and the canonical view of one read block.
 
-- manifest: Parquet, CSV/TSV or JSON Lines rows naming an image URI, optional id and caption(s); other columns
-  pass through to the output.
+- manifest: Parquet, CSV/TSV or JSON Lines rows naming an image URI (or, in Parquet, holding the image bytes:
+  a binary column or the Hugging Face image struct), optional id and caption(s); other columns pass through to the
+  output, under the prefix `input_` where their name is one the pipeline writes.
 - images: a prefix of images, each with an optional sidecar caption (`name.jpg` + `name.txt`).
-- webdataset: tar shards, one sample per key: an image member plus `.txt` and/or `.json` members.
+- webdataset: tar shards, one sample per key: an image member plus `.txt` and/or `.json` members; the `.json`
+  member's text is carried into the output column `json`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-import posixpath
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,24 +23,20 @@ import pyarrow as pa
 from pipeline import schema
 from pipeline.config import InputConfig
 from pipeline.ids import derive_id, derive_id_from_row, id_to_string
-from pipeline.storage import Location, arrow_filesystem, list_files, parse_uri, to_uri
+from pipeline.manifest_layout import ManifestLayout, holds_image_bytes, manifest_layout
+from pipeline.storage import Location, arrow_filesystem, parse_uri, to_uri
 
 if TYPE_CHECKING:
     import pandas as pd
     import ray.data
 
+logger = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-MANIFEST_EXTENSIONS = {
-    "parquet": "parquet",
-    "pq": "parquet",
-    "csv": "csv",
-    "tsv": "tsv",
-    "jsonl": "json",
-    "ndjson": "json",
-    "json": "json",
-}
 CAPTION_SIDECAR_EXTENSION = "txt"
 WEBDATASET_TEXT_MEMBERS = ("txt", "text", "caption")
+CLASH_PREFIX = "input_"  # manifest columns named like an output column are written as input_<name>
+RAY_PATH_COLUMN = "path"  # the column Ray Data's `include_paths` adds: the file each row was read from
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,9 @@ class SourceSpec:
     image_column: str = "image"
     caption_column: str | None = "caption"
     captions_column: str | None = None
+    image_bytes: bool = False  # the manifest's image column holds the images (binary or the HF image struct)
+    file_column: str | None = None  # Ray Data's per-row file path column, when the reader adds one
+    input_uri: str = ""  # names the source of in-manifest images when the file itself is not known
 
     @property
     def multi_caption(self) -> bool:
@@ -108,40 +111,41 @@ def input_protocol(uris: list[str]) -> str:
     return protocols.pop()
 
 
-def manifest_kind(paths: Iterable[str]) -> tuple[str, list[str]]:
-    """The manifest format shared by every file (by extension, compression suffix ignored) and the file list."""
-    by_kind: dict[str, list[str]] = {}
-    for path in paths:
-        name = posixpath.basename(path).lower()
-        for suffix in (".gz", ".zst", ".bz2"):
-            name = name.removesuffix(suffix)
-        kind = MANIFEST_EXTENSIONS.get(name.rsplit(".", 1)[-1]) if "." in name else None
-        if kind is not None:
-            by_kind.setdefault(kind, []).append(path)
-    if not by_kind:
-        raise ValueError(
-            "no manifest files found (expected .parquet, .csv, .tsv, .jsonl or .json files); "
-            "for a folder of images use input.format=images"
-        )
-    if len(by_kind) > 1:
-        raise ValueError(f"a manifest must use one format, found several: {sorted(by_kind)}")
-    kind, files = by_kind.popitem()
-    return kind, files
+def plan_source(
+    spec: SourceSpec, uris: list[str], storage_options: dict[str, Any] | None
+) -> tuple[SourceSpec, ManifestLayout | None]:
+    """The spec completed from what the driver can see of the input, and the manifest's layout (None otherwise)."""
+    if spec.format != "manifest":
+        return spec, None
+    layout = manifest_layout([parse_uri(u) for u in uris], storage_options)
+    image_bytes = layout.kind == "parquet" and holds_image_bytes(layout.schema, spec.image_column)
+    # Ray's `include_paths` would overwrite a manifest column called `path`; then the input URI names the source.
+    file_column = RAY_PATH_COLUMN if image_bytes and RAY_PATH_COLUMN not in layout.column_names else None
+    return dataclasses.replace(spec, image_bytes=image_bytes, file_column=file_column, input_uri=uris[0]), layout
 
 
-def read_source(spec: SourceSpec, uris: list[str], storage_options: dict[str, Any] | None) -> ray.data.Dataset:
+def log_renamed_columns(spec: SourceSpec, layout: ManifestLayout | None) -> None:
+    for name, renamed in output_names(layout.column_names if layout else [], spec):
+        if name != renamed:
+            logger.warning("manifest column %r has the name of an output column; it is written as %r", name, renamed)
+
+
+def read_source(
+    spec: SourceSpec, uris: list[str], storage_options: dict[str, Any] | None, layout: ManifestLayout | None = None
+) -> ray.data.Dataset:
     """The input as a Ray Dataset, through Ray Data's readers and one pyarrow filesystem built from the S3 options."""
     import ray.data
 
     filesystem = arrow_filesystem(spec.protocol, storage_options)
     locations = [parse_uri(u) for u in uris]
     if spec.format == "manifest":
-        files: list[str] = []
-        for location in locations:
-            files.extend(list_files(location, storage_options))
-        kind, files = manifest_kind(files)
+        if layout is None:
+            spec, layout = plan_source(spec, uris, storage_options)
+        kind, files = layout.kind, layout.files
         if kind == "parquet":
-            return ray.data.read_parquet(files, filesystem=filesystem, file_extensions=None)
+            return ray.data.read_parquet(
+                files, filesystem=filesystem, file_extensions=None, include_paths=spec.file_column is not None
+            )
         if kind in ("csv", "tsv"):
             import pyarrow.csv as pacsv
 
@@ -180,54 +184,92 @@ def block_ids(block: pa.Table | pd.DataFrame, spec: SourceSpec) -> list[str]:
     return describe_block(block, spec).ids
 
 
-def passthrough_columns(column_names: Iterable[str], spec: SourceSpec) -> list[str]:
-    consumed = {spec.id_column, spec.image_column, spec.caption_column, spec.captions_column}
-    columns = [name for name in column_names if name not in consumed]
-    clashing = sorted(set(columns) & schema.RESERVED_COLUMNS)
-    if clashing:
-        raise ValueError(
-            f"manifest columns {clashing} clash with columns the pipeline writes; rename them in the manifest "
-            f"(or point input.id_column / caption_column / captions_column at them)"
-        )
-    return columns
+def consumed_columns(spec: SourceSpec) -> set[str | None]:
+    return {spec.id_column, spec.image_column, spec.caption_column, spec.captions_column, spec.file_column}
+
+
+def output_names(column_names: Iterable[str], spec: SourceSpec) -> list[tuple[str, str]]:
+    """(manifest column, output column) for every column passed through.
+
+    A column named like one the pipeline writes (`status`, `error`, `image_embedding`, ...) keeps its values under
+    `input_<name>` (prefixed again while that name is taken too), so manifests from other tools need no editing.
+    """
+    names = list(column_names)
+    taken = set(names) | schema.RESERVED_COLUMNS | {schema.PIXELS, schema.TOKENS}
+    consumed = consumed_columns(spec)
+    result = []
+    for name in names:
+        if name in consumed:
+            continue
+        renamed = name
+        if name in schema.RESERVED_COLUMNS or name in (schema.PIXELS, schema.TOKENS):
+            renamed = CLASH_PREFIX + name
+            while renamed in taken:
+                renamed = CLASH_PREFIX + renamed
+            taken.add(renamed)
+        result.append((name, renamed))
+    return result
 
 
 def _describe_manifest(rows: list[dict[str, Any]], table: pa.Table | None, spec: SourceSpec) -> SourceRecords:
     records = SourceRecords()
     for row in rows:
         captions, problem = _row_captions(row, spec)
+        given_id = id_to_string(row.get(spec.id_column))
         image_value = row.get(spec.image_column)
+        name = None  # the image's name inside the manifest: the HF struct's path
+        if isinstance(image_value, dict):  # Hugging Face `datasets.Image`: bytes, or a path when bytes are null
+            name = image_value.get("path") or None
+            image_value = image_value.get("bytes") if image_value.get("bytes") is not None else name
+        data = bytes(image_value) if isinstance(image_value, (bytes, bytearray, memoryview)) else None
         image_uri = image_value.strip() if isinstance(image_value, str) else None
         location = None
-        if problem is not None:
-            pass
-        elif not image_uri:
-            problem = f"missing image URI in column {spec.image_column!r}"
-        elif _is_relative(image_uri):
-            problem = f"image path {image_uri!r} is relative; the manifest must hold absolute paths or URIs"
+        if data is not None:
+            # Ids of images held in the manifest derive from their content: row-local, so the resume filter can
+            # recompute them from any read block.
+            content = f"sha256:{hashlib.sha256(data).hexdigest()}"
+            row_id = given_id or derive_id(content, captions)
+            source_uri = f"{_manifest_uri(row, spec)}#{name or row_id}"
         else:
-            location = parse_uri(image_uri)
-        given_id = id_to_string(row.get(spec.id_column))
-        if given_id is not None:
-            row_id = given_id
-        elif image_uri:
-            row_id = derive_id(image_uri, captions)
-        else:
-            row_id = derive_id_from_row(row)
+            if problem is not None:
+                pass
+            elif not image_uri:
+                what = "image bytes" if spec.image_bytes else "image URI"
+                problem = f"missing {what} in column {spec.image_column!r}"
+            elif _is_relative(image_uri):
+                problem = f"image path {image_uri!r} is relative; the manifest must hold absolute paths or URIs"
+            else:
+                location = parse_uri(image_uri)
+            if given_id is not None:
+                row_id = given_id
+            elif image_uri:
+                row_id = derive_id(image_uri, captions)
+            else:
+                row_id = derive_id_from_row(row)
+            source_uri = image_uri or None
+            if source_uri is None and spec.image_bytes:
+                source_uri = f"{_manifest_uri(row, spec)}#{name or row_id}"  # the row, for an error without an image
         records.ids.append(row_id)
-        records.source_uris.append(image_uri or None)
-        records.image_bytes.append(None)
+        records.source_uris.append(source_uri)
+        records.image_bytes.append(data)
         records.image_locations.append(location)
         records.caption_locations.append(None)
         records.captions.append(captions)
         records.problems.append(problem)
     names = table.column_names if table is not None else (list(rows[0]) if rows else [])
-    keep = passthrough_columns(names, spec)
+    keep = output_names(names, spec)
     if table is not None:
-        records.passthrough = table.select(keep)
+        columns = {renamed: table.column(name) for name, renamed in keep}
+        records.passthrough = pa.table(columns) if columns else None
     else:
-        records.passthrough = pa.Table.from_pylist([{name: row.get(name) for name in keep} for row in rows])
+        records.passthrough = pa.Table.from_pylist([{renamed: row.get(name) for name, renamed in keep} for row in rows])
     return records
+
+
+def _manifest_uri(row: dict[str, Any], spec: SourceSpec) -> str:
+    """The manifest file a row was read from, or the input URI where the reader did not record the file."""
+    source_file = row.get(spec.file_column) if spec.file_column else None
+    return to_uri(spec.protocol, source_file) if source_file else spec.input_uri
 
 
 def _describe_images(rows: list[dict[str, Any]], spec: SourceSpec) -> SourceRecords:
@@ -248,7 +290,9 @@ def _describe_images(rows: list[dict[str, Any]], spec: SourceSpec) -> SourceReco
 
 def _describe_webdataset(rows: list[dict[str, Any]], spec: SourceSpec) -> SourceRecords:
     records = SourceRecords()
+    metadata: list[str | None] = []
     for row in rows:
+        metadata.append(_json_member_text(row))
         key = str(row.get("__key__"))
         source_uri = f"{to_uri(spec.protocol, str(row.get('__url__')))}#{key}"
         image = next((row[ext] for ext in _member_names(row, IMAGE_EXTENSIONS) if _present(row[ext])), None)
@@ -263,7 +307,20 @@ def _describe_webdataset(rows: list[dict[str, Any]], spec: SourceSpec) -> Source
         records.caption_locations.append(None)
         records.captions.append(captions)
         records.problems.append(problem)
+    # One string column whatever the members hold: their keys and value types vary from sample to sample, and
+    # per-key columns would give each written file its own schema.
+    records.passthrough = pa.table({schema.WEBDATASET_JSON: pa.array(metadata, pa.string())})
     return records
+
+
+def _json_member_text(row: dict[str, Any]) -> str | None:
+    """The sample's `.json` member as text, exactly as stored (None when the sample has none)."""
+    member = next((row[name] for name in _member_names(row, ("json",)) if _present(row[name])), None)
+    if member is None:
+        return None
+    if isinstance(member, (bytes, bytearray, memoryview)):
+        return bytes(member).decode("utf-8", errors="replace")
+    return member if isinstance(member, str) else json.dumps(member)
 
 
 def _member_names(row: dict[str, Any], extensions: Iterable[str]) -> list[str]:

@@ -127,7 +127,7 @@ def ray_local(model_cache_dir: Path) -> Iterator[None]:
 @pytest.fixture(params=["local", "s3"])
 def storage_root(request: pytest.FixtureRequest, tmp_path: Path):
     """An empty output root for the backfill protocol: a local directory, or a prefix in a fresh moto bucket."""
-    from pipeline.backfill.storage import Location
+    from pipeline.storage import Location
 
     if request.param == "local":
         return Location.parse(str(tmp_path / "out"))

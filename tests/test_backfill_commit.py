@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.backfill.commit import SUCCESS_MARKER, commit_partition, is_committed, read_manifest, uncommit
-from pipeline.backfill.storage import Location
+from pipeline.storage import Location
 
 
 def write_parquet(location: Location, ids: list[str]) -> None:
@@ -19,11 +19,11 @@ def write_parquet(location: Location, ids: list[str]) -> None:
 
 
 def stage(root: Location, files: dict[str, list[str]]) -> Location:
-    staged = root.child("_staging", "date=2025-01-01", "data")
+    staged = root.join("_staging", "date=2025-01-01", "data")
     for name, ids in files.items():
-        write_parquet(staged.child(name), ids)
-    staged.child(SUCCESS_MARKER).write_text("{}")  # the pipeline's own marker, not carried over
-    staged.child("_summary.json").write_text(json.dumps({"rows": 5}))
+        write_parquet(staged.join(name), ids)
+    staged.join(SUCCESS_MARKER).write_text("{}")  # the pipeline's own marker, not carried over
+    staged.join("_summary.json").write_text(json.dumps({"rows": 5}))
     return staged
 
 
@@ -33,7 +33,7 @@ def read_ids(partition: Location) -> list[str]:
     ids: list[str] = []
     for entry in manifest.files:
         if entry.path.endswith(".parquet"):
-            with partition.fs.open(partition.child(entry.path).path, "rb") as f:
+            with partition.fs.open(partition.join(entry.path).path, "rb") as f:
                 ids.extend(pq.read_table(f).column("id").to_pylist())
     return ids
 
@@ -41,7 +41,7 @@ def read_ids(partition: Location) -> list[str]:
 @pytest.mark.timeout(60)
 def test_commit_copies_files_and_writes_a_manifest_last(storage_root: Location) -> None:
     staged = stage(storage_root, {"part-0.parquet": ["a", "b", "c"], "part-1.parquet": ["d", "e"]})
-    final = storage_root.child("date=2025-01-01")
+    final = storage_root.join("date=2025-01-01")
 
     manifest = commit_partition(staged, final, partition={"date": "2025-01-01"}, run_id="run-1", details={"note": "x"})
 
@@ -63,8 +63,8 @@ def test_commit_copies_files_and_writes_a_manifest_last(storage_root: Location) 
 @pytest.mark.timeout(60)
 def test_a_commit_interrupted_before_the_marker_stays_invisible_and_is_replaced(storage_root: Location) -> None:
     staged = stage(storage_root, {"part-0.parquet": ["a", "b"]})
-    final = storage_root.child("date=2025-01-01")
-    write_parquet(final.child("debris-from-an-older-crash.parquet"), ["zzz"])
+    final = storage_root.join("date=2025-01-01")
+    write_parquet(final.join("debris-from-an-older-crash.parquet"), ["zzz"])
 
     def crash() -> None:
         raise RuntimeError("lost the lease")
@@ -82,7 +82,7 @@ def test_a_commit_interrupted_before_the_marker_stays_invisible_and_is_replaced(
 
 @pytest.mark.timeout(60)
 def test_recommit_replaces_the_previous_commit(storage_root: Location) -> None:
-    final = storage_root.child("date=2025-01-01")
+    final = storage_root.join("date=2025-01-01")
     first = stage(storage_root, {"old.parquet": ["a"]})
     commit_partition(first, final, partition={"date": "2025-01-01"}, run_id="first")
     first.remove()
@@ -96,7 +96,7 @@ def test_recommit_replaces_the_previous_commit(storage_root: Location) -> None:
 @pytest.mark.timeout(60)
 def test_nested_side_outputs_are_carried_but_not_counted_as_rows(storage_root: Location) -> None:
     staged = stage(storage_root, {"part-0.parquet": ["a"], "_errors/part-0.parquet": ["bad"]})
-    final = storage_root.child("date=2025-01-01")
+    final = storage_root.join("date=2025-01-01")
     manifest = commit_partition(staged, final, partition={"date": "2025-01-01"}, run_id="r")
     assert manifest.rows == 1
     assert "_errors/part-0.parquet" in final.files()
@@ -104,8 +104,8 @@ def test_nested_side_outputs_are_carried_but_not_counted_as_rows(storage_root: L
 
 @pytest.mark.timeout(60)
 def test_empty_partition_commits_with_zero_rows(storage_root: Location) -> None:
-    staged = storage_root.child("_staging", "date=2025-01-09", "data")
-    final = storage_root.child("date=2025-01-09")
+    staged = storage_root.join("_staging", "date=2025-01-09", "data")
+    final = storage_root.join("date=2025-01-09")
     manifest = commit_partition(staged, final, partition={"date": "2025-01-09"}, run_id="r")
     assert manifest.rows == 0
     assert manifest.files == []
@@ -115,7 +115,7 @@ def test_empty_partition_commits_with_zero_rows(storage_root: Location) -> None:
 @pytest.mark.timeout(60)
 def test_uncommit_hides_then_removes(storage_root: Location) -> None:
     staged = stage(storage_root, {"part-0.parquet": ["a"]})
-    final = storage_root.child("date=2025-01-01")
+    final = storage_root.join("date=2025-01-01")
     commit_partition(staged, final, partition={"date": "2025-01-01"}, run_id="r")
     uncommit(final)
     assert not is_committed(final)
@@ -126,8 +126,8 @@ def test_uncommit_hides_then_removes(storage_root: Location) -> None:
 def test_nested_markers_of_a_partitioned_run_are_copied_only_after_the_lease_check(storage_root: Location) -> None:
     staged = stage(storage_root, {"split=a/part-0.parquet": ["a"], "split=b/part-0.parquet": ["b"]})
     for split in ("a", "b"):
-        staged.child(f"split={split}", SUCCESS_MARKER).write_text("{}")
-    final = storage_root.child("date=2025-01-01")
+        staged.join(f"split={split}", SUCCESS_MARKER).write_text("{}")
+    final = storage_root.join("date=2025-01-01")
 
     def crash() -> None:
         raise RuntimeError("lost the lease")

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pipeline.backfill.lease import LeaseLost, PartitionLease, record_name
-from pipeline.backfill.storage import Location
+from pipeline.storage import Location
 
 
 class FakeClock:
@@ -22,7 +22,7 @@ class FakeClock:
 
 @pytest.mark.timeout(60)
 def test_second_contender_is_refused_until_release(storage_root: Location) -> None:
-    directory = storage_root.child("_locks", "date=2025-01-01")
+    directory = storage_root.join("_locks", "date=2025-01-01")
     first = PartitionLease(directory, ttl_s=60, owner="first")
     second = PartitionLease(directory, ttl_s=60, owner="second")
 
@@ -39,7 +39,7 @@ def test_second_contender_is_refused_until_release(storage_root: Location) -> No
 
 @pytest.mark.timeout(60)
 def test_expired_lease_is_taken_over_and_the_old_holder_finds_out(storage_root: Location) -> None:
-    directory = storage_root.child("_locks", "date=2025-01-02")
+    directory = storage_root.join("_locks", "date=2025-01-02")
     clock = FakeClock()
     stale = PartitionLease(directory, ttl_s=30, owner="stale", clock=clock)
     assert stale.try_acquire()
@@ -68,7 +68,7 @@ def test_expired_lease_is_taken_over_and_the_old_holder_finds_out(storage_root: 
 
 @pytest.mark.timeout(120)
 def test_exactly_one_of_many_concurrent_contenders_wins(storage_root: Location) -> None:
-    directory = storage_root.child("_locks", "date=2025-01-03")
+    directory = storage_root.join("_locks", "date=2025-01-03")
     contenders = [PartitionLease(directory, ttl_s=60, owner=f"c{index}") for index in range(8)]
     start = threading.Barrier(len(contenders))
     outcomes: dict[str, bool] = {}
@@ -90,7 +90,7 @@ def test_exactly_one_of_many_concurrent_contenders_wins(storage_root: Location) 
 
 @pytest.mark.timeout(120)
 def test_exactly_one_contender_takes_over_an_expired_lease(storage_root: Location) -> None:
-    directory = storage_root.child("_locks", "date=2025-01-04")
+    directory = storage_root.join("_locks", "date=2025-01-04")
     clock = FakeClock()
     assert PartitionLease(directory, ttl_s=5, owner="dead", clock=clock).try_acquire()
     clock.now += 60
@@ -113,7 +113,7 @@ def test_exactly_one_contender_takes_over_an_expired_lease(storage_root: Locatio
 
 @pytest.mark.timeout(60)
 def test_keep_alive_renews_while_the_work_runs(storage_root: Location) -> None:
-    directory = storage_root.child("_locks", "date=2025-01-05")
+    directory = storage_root.join("_locks", "date=2025-01-05")
     holder = PartitionLease(directory, ttl_s=2.0, owner="holder")
     assert holder.try_acquire()
     first_expiry = holder.held.expires_at
@@ -128,7 +128,7 @@ def test_keep_alive_renews_while_the_work_runs(storage_root: Location) -> None:
 
 @pytest.mark.timeout(60)
 def test_keep_alive_reports_a_takeover_at_the_next_check(storage_root: Location) -> None:
-    directory = storage_root.child("_locks", "date=2025-01-06")
+    directory = storage_root.join("_locks", "date=2025-01-06")
     holder = PartitionLease(directory, ttl_s=600, owner="holder")
     assert holder.try_acquire()
     future = FakeClock(time.time() + 3600)  # a contender that sees the lease long expired
@@ -141,8 +141,8 @@ def test_keep_alive_reports_a_takeover_at_the_next_check(storage_root: Location)
 
 @pytest.mark.timeout(60)
 def test_unreadable_record_counts_as_held_until_ttl_after_its_write(storage_root: Location) -> None:
-    directory = storage_root.child("_locks", "date=2025-01-07")
-    directory.child(record_name(0)).write_text("{not json")
+    directory = storage_root.join("_locks", "date=2025-01-07")
+    directory.join(record_name(0)).write_text("{not json")
     now = time.time()
     assert not PartitionLease(directory, ttl_s=300, clock=lambda: now).try_acquire()
     later = PartitionLease(directory, ttl_s=300, owner="later", clock=lambda: now + 400)
@@ -152,14 +152,14 @@ def test_unreadable_record_counts_as_held_until_ttl_after_its_write(storage_root
 
 @pytest.mark.timeout(60)
 def test_record_content_names_the_holder(storage_root: Location) -> None:
-    directory = storage_root.child("_locks", "date=2025-01-08")
+    directory = storage_root.join("_locks", "date=2025-01-08")
     holder = PartitionLease(directory, ttl_s=60, owner="run-1@host:1")
     assert holder.try_acquire()
-    record = json.loads(directory.child(record_name(0)).read_text())
+    record = json.loads(directory.join(record_name(0)).read_text())
     assert record["owner"] == "run-1@host:1"
     assert record["expires_at"] - record["acquired_at"] == pytest.approx(60)
     holder.release()
-    assert json.loads(directory.child(record_name(0)).read_text())["released"] is True
+    assert json.loads(directory.join(record_name(0)).read_text())["released"] is True
 
 
 def test_ttl_must_be_positive(tmp_path) -> None:

@@ -13,7 +13,7 @@ from pipeline.backfill.partitions import (
     parse_partition_values,
     partition_input,
 )
-from pipeline.backfill.storage import Location
+from pipeline.storage import Location
 
 TODAY = dt.date(2025, 3, 2)
 
@@ -84,7 +84,7 @@ def test_discovery_on_s3(s3_server: str, s3_bucket: str) -> None:
     options = {"client_kwargs": {"endpoint_url": s3_server}}
     root = Location.parse(f"s3://{s3_bucket}/in", options)
     for value in ("2025-01-01", "2025-01-03"):
-        root.child(f"date={value}", "manifest.jsonl").write_text("{}\n")
+        root.join(f"date={value}", "manifest.jsonl").write_text("{}\n")
     assert discover_partition_values(root.uri, "date", options) == ["2025-01-01", "2025-01-03"]
     assert discover_partition_values(root.uri + "/date={date}/manifest.jsonl", "date", options) == [
         "2025-01-01",

@@ -19,7 +19,7 @@ from pipeline.backfill.commit import is_committed, read_manifest
 from pipeline.backfill.lease import PartitionLease
 from pipeline.backfill.runner import Backfill, BackfillOptions
 from pipeline.backfill.staging import STAGING_DIR
-from pipeline.backfill.storage import Location
+from pipeline.storage import Location
 
 DAY = "2025-03-01"
 
@@ -74,21 +74,21 @@ def test_a_partition_staged_before_a_crash_is_committed_without_running_again(
     assert [r.status for r in first.results] == ["failed"]
     assert "driver lost" in first.results[0].message
     output = Location.parse(config.output.uri)
-    assert not is_committed(output.child(f"date={DAY}"))
-    assert output.child(STAGING_DIR, f"date={DAY}", "data", "_SUCCESS").exists()
+    assert not is_committed(output.join(f"date={DAY}"))
+    assert output.join(STAGING_DIR, f"date={DAY}", "data", "_SUCCESS").exists()
 
     second = backfill(config, must_not_run, "second").run()
     (result,) = second.results
     assert (result.status, result.rows, result.message) == ("committed", 3, "staging was staged")
     assert sorted(output_ids(config)) == ids
-    assert not output.child(STAGING_DIR, f"date={DAY}").exists()
+    assert not output.join(STAGING_DIR, f"date={DAY}").exists()
 
     # Committed now: a plain rerun skips it, --overwrite redoes it (new files, same rows, no duplicates).
     assert [r.status for r in backfill(config, must_not_run, "third").run().results] == ["skipped"]
-    old_files = {f.path for f in read_manifest(output.child(f"date={DAY}")).files}
+    old_files = {f.path for f in read_manifest(output.join(f"date={DAY}")).files}
     redone = backfill(config, run_job, "fourth", overwrite=True).run()
     assert [r.status for r in redone.results] == ["committed"]
-    manifest = read_manifest(output.child(f"date={DAY}"))
+    manifest = read_manifest(output.join(f"date={DAY}"))
     assert manifest.run_id == "fourth"
     assert {f.path for f in manifest.files}.isdisjoint(old_files - {"_summary.json"})
     assert sorted(output_ids(config)) == ids
@@ -100,7 +100,7 @@ def test_a_holder_whose_lease_was_taken_over_does_not_commit(
 ) -> None:
     config, _ = dataset
     output = Location.parse(config.output.uri)
-    lock = output.child("_locks", f"date={DAY}")
+    lock = output.join("_locks", f"date={DAY}")
     taker = PartitionLease(lock, owner="taker", clock=lambda: time.time() + 3600)
 
     def stall_past_the_lease(partition_config: JobConfig) -> Any:
@@ -113,7 +113,7 @@ def test_a_holder_whose_lease_was_taken_over_does_not_commit(
     (result,) = report.results
     assert result.status == "failed"
     assert "LeaseLost" in result.message
-    assert not is_committed(output.child(f"date={DAY}"))
+    assert not is_committed(output.join(f"date={DAY}"))
     assert taker.current().owner == "taker" and not taker.current().released
     # The new holder finds the staged run and commits it.
     taker.release()

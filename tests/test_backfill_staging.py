@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pipeline.backfill.staging import StagingArea, StagingState, config_fingerprint
-from pipeline.backfill.storage import Location
 from pipeline.config import JobConfig
+from pipeline.storage import Location
 
 
 def test_fingerprint_tracks_what_changes_the_rows_only() -> None:
@@ -37,14 +37,14 @@ def test_attempts_resume_reuse_or_start_over(storage_root: Location) -> None:
     assert area.prepare("fp1", "run-a") is StagingState.FRESH
 
     # A crash after some rows were written and checkpointed: resume.
-    area.data.child("part-0.parquet").write_text("rows")
-    area.checkpoint.child("ckpt-0.parquet").write_text("ids")
+    area.data.join("part-0.parquet").write_text("rows")
+    area.checkpoint.join("ckpt-0.parquet").write_text("ids")
     assert area.prepare("fp1", "run-b") is StagingState.RESUME
     assert area.data.files() == ["part-0.parquet"]
 
     # The pipeline finished (its own _SUCCESS) but the commit never happened: commit what is there.
-    area.data.child("_SUCCESS").write_text("{}")
-    area.data.child("_summary.json").write_text(json.dumps({"rows_total": 4}))
+    area.data.join("_SUCCESS").write_text("{}")
+    area.data.join("_summary.json").write_text(json.dumps({"rows_total": 4}))
     assert area.prepare("fp1", "run-c") is StagingState.STAGED
     assert area.staged_summary() == {"rows_total": 4}
     area.mark_staged({"rows_total": 4, "rows_error": 1})
@@ -60,18 +60,18 @@ def test_attempts_resume_reuse_or_start_over(storage_root: Location) -> None:
 def test_rows_without_a_checkpoint_are_discarded(storage_root: Location) -> None:
     area = StagingArea.for_partition(storage_root, "date=2025-01-02")
     assert area.prepare("fp", "run-a") is StagingState.FRESH
-    area.data.child("part-0.parquet").write_text("rows")
+    area.data.join("part-0.parquet").write_text("rows")
     assert area.prepare("fp", "run-b") is StagingState.FRESH
     assert area.data.files() == []
 
 
 @pytest.mark.timeout(60)
 def test_external_resume_root_holds_one_checkpoint_per_partition(storage_root: Location) -> None:
-    resume_root = storage_root.child("checkpoints")
+    resume_root = storage_root.join("checkpoints")
     area = StagingArea.for_partition(storage_root, "date=2025-01-03", resume_root)
     assert area.checkpoint.uri == resume_root.uri + "/date=2025-01-03"
     area.prepare("fp", "run")
-    area.checkpoint.child("x").write_text("ids")
+    area.checkpoint.join("x").write_text("ids")
     area.clear()
     assert not area.checkpoint.exists()
     assert not area.root.exists()

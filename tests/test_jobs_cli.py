@@ -17,7 +17,7 @@ from jobs import backfill, embed, exit_codes
 from jobs.job_config import apply_overrides, load_job_config, parse_override
 from pipeline.backfill.commit import commit_partition
 from pipeline.backfill.lease import PartitionLease
-from pipeline.backfill.storage import Location
+from pipeline.storage import Location
 
 
 def write_job(tmp_path: Path, **data: object) -> Path:
@@ -99,11 +99,11 @@ def test_backfill_dry_run_shows_each_partition_state(tmp_path: Path, capsys: pyt
         (tmp_path / "in" / f"date={day}").mkdir(parents=True)
         (tmp_path / "in" / f"date={day}" / "manifest.csv").write_text("image\nx.jpg\n")
     output = Location.parse(str(tmp_path / "out"))
-    staged = output.child("_staging", "date=2025-01-01", "data")
+    staged = output.join("_staging", "date=2025-01-01", "data")
     staged.fs.makedirs(staged.path, exist_ok=True)
-    pq.write_table(pa.table({"id": ["a"]}), staged.child("part-0.parquet").path)
-    commit_partition(staged, output.child("date=2025-01-01"), partition={"date": "2025-01-01"}, run_id="earlier")
-    assert PartitionLease(output.child("_locks", "date=2025-01-02"), owner="someone-else").try_acquire()
+    pq.write_table(pa.table({"id": ["a"]}), staged.join("part-0.parquet").path)
+    commit_partition(staged, output.join("date=2025-01-01"), partition={"date": "2025-01-01"}, run_id="earlier")
+    assert PartitionLease(output.join("_locks", "date=2025-01-02"), owner="someone-else").try_acquire()
 
     path = write_job(tmp_path, input={"uri": str(tmp_path / "in")}, output={"uri": output.uri})
     assert backfill.main(["--config", str(path), "--partition-column", "date", "--dry-run"]) == exit_codes.OK
@@ -166,3 +166,51 @@ def test_backfill_applies_the_error_budget_per_partition() -> None:
     assert report.outcome() is Outcome.ERROR_ROWS_OVER_BUDGET
     assert "1 above the error budget of 5.00% (2025-01-03)" in render_report(report)
     assert report.to_dict()["outcome"] == "error rows over budget"
+
+
+def test_duplicate_ids_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [
+        {"key": k, "image": f"/photos/{i}.jpg"} for i, k in enumerate(["a", "b", "a", "c", "b", "d", "e", "e", "f"])
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
+    path = write_job(
+        tmp_path,
+        input={"uri": str(tmp_path / "manifest.parquet"), "id_column": "key"},
+        output={"uri": str(tmp_path / "out")},
+        model={"config": "tiny", "imgsz": 56, "random_weights": True},
+    )
+    assert embed.main(["--config", str(path)]) == exit_codes.USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "3 ids occur more than once in the manifest's column 'key': 'a', 'b', 'e'" in err[0]
+    assert "--id-column" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_repeated_images_without_ids_are_refused_and_distinct_captions_are_not(tmp_path: Path) -> None:
+    from pipeline.config import JobConfig
+    from pipeline.duplicate_ids import check_unique_ids
+
+    lines = [
+        {"image": "s3://b/1.jpg", "caption": "one"},
+        {"image": "s3://b/1.jpg", "caption": "another caption: another row"},
+        {"image": "s3://b/2.jpg", "caption": None},
+        {"image": " s3://b/2.jpg ", "caption": ""},  # the same image, the same (absent) caption
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines))
+    # the columns as preflight resolves them before it calls the check
+    columns = {"id_column": "id", "image_column": "image", "caption_column": "caption"}
+    config = JobConfig.from_dict({"input": {"uri": str(manifest), **columns}, "output": {"uri": str(tmp_path / "out")}})
+    with pytest.raises(ValueError, match=r"1 images are listed more than once .*'s3://b/2.jpg'.*--id-column"):
+        check_unique_ids(config)
+    manifest.write_text("\n".join(json.dumps(line) for line in lines[:3]))
+    check_unique_ids(config)
+    # Rows with an id column: only given ids count, null ids derive from the image.
+    manifest.write_text("id,image\n1,/x.jpg\n,/y.jpg\n,/z.jpg\n2,/x.jpg\n")
+    csv = tmp_path / "m.csv"
+    csv.write_text(manifest.read_text())
+    manifest.unlink()
+    check_unique_ids(
+        JobConfig.from_dict({"input": {"uri": str(csv), **columns, "caption_column": None}, "output": {"uri": "o"}})
+    )

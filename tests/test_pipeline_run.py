@@ -373,47 +373,209 @@ def tar_shard(members: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
+def img2dataset_meta(key: str, url: str, body: bytes, **extra: Any) -> str:
+    """A sample's `.json` member as img2dataset writes it (json.dumps(meta, indent=4))."""
+    width, height = Image.open(io.BytesIO(body)).size
+    meta = {
+        "url": url,
+        **extra,
+        "key": key,
+        "status": "success",
+        "error_message": None,
+        "width": width,
+        "height": height,
+        "original_width": width * 4,
+        "original_height": height * 4,
+        "exif": None,
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
+    return json.dumps(meta, indent=4)
+
+
 @pytest.mark.timeout(240)
 def test_webdataset_shards(ray_local: None, bucket: S3Bucket, reference: Any) -> None:
-    images = {key: jpeg(40 + i) for i, key in enumerate(["s0", "s1", "s2", "s3"])}
+    """Hand-made members in one shard; img2dataset's layout, written by the `webdataset` package, in the other."""
+    import webdataset
+
+    images = {key: jpeg(40 + i) for i, key in enumerate(["s0", "s1", "000010000", "000010001"])}
+    s1_json = json.dumps({"caption": "from json", "other": 1})
     shard0 = tar_shard(
         [
             ("s0.jpg", images["s0"]),
             ("s0.txt", b"first sample"),
             ("s1.jpg", images["s1"]),
-            ("s1.json", json.dumps({"caption": "from json", "other": 1}).encode()),
+            ("s1.json", s1_json.encode()),
             ("lonely.txt", b"a sample with no image"),
         ]
     )
-    shard1 = tar_shard([("s2.jpg", images["s2"]), ("s3.jpg", images["s3"]), ("s3.txt", b"last")])
-    for index, body in enumerate((shard0, shard1)):
-        bucket.put(f"wds/shard-{index:04d}.tar", body)
+    meta = {
+        "000010000": img2dataset_meta("000010000", "http://example.com/a.jpg", images["000010000"], mine="kept"),
+        "000010001": img2dataset_meta("000010001", "http://example.com/b.jpg", images["000010001"]),
+    }
+    buffer = io.BytesIO()
+    with webdataset.TarWriter(buffer) as writer:
+        writer.write({"__key__": "000010000", "jpg": images["000010000"], "txt": "last", "json": meta["000010000"]})
+        writer.write({"__key__": "000010001", "jpg": images["000010001"], "json": meta["000010001"]})
+    bucket.put("wds/shard-0000.tar", shard0)
+    bucket.put("wds/00001.tar", buffer.getvalue())
+    # img2dataset's per-shard metadata beside the tar: not a shard, ignored.
+    bucket.put("wds/00001.parquet", b"PAR1 not read")
+    bucket.put("wds/00001_stats.json", b"{}")
 
     summary = run_job(
         job(bucket, input={"uri": bucket.uri("wds"), "format": "webdataset"}, output={"uri": bucket.uri("o")})
     )
     assert (summary.rows_total, summary.rows_ok, summary.rows_error) == (5, 4, 1)
-    rows = {
-        row["source_uri"]: row
-        for row in read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options).to_pylist()
+    table = read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options)
+    assert table.schema.field("json").type == pa.string()
+    rows = {row["source_uri"]: row for row in table.to_pylist()}
+    shard = {0: bucket.uri("wds/shard-0000.tar"), 1: bucket.uri("wds/00001.tar")}
+    expected = {
+        f"{shard[0]}#s0": ("first sample", None),
+        f"{shard[0]}#s1": ("from json", s1_json),
+        f"{shard[1]}#000010000": ("last", meta["000010000"]),
+        f"{shard[1]}#000010001": (None, meta["000010001"]),
     }
-    shard = {0: bucket.uri("wds/shard-0000.tar"), 1: bucket.uri("wds/shard-0001.tar")}
-    expected_caption = {
-        f"{shard[0]}#s0": "first sample",
-        f"{shard[0]}#s1": "from json",
-        f"{shard[1]}#s2": None,
-        f"{shard[1]}#s3": "last",
-    }
-    for uri, caption in expected_caption.items():
+    for uri, (caption, member) in expected.items():
         assert rows[uri]["status"] == "ok" and rows[uri]["caption"] == caption
         assert rows[uri]["id"] == derive_id(uri)
+        assert rows[uri]["json"] == member  # the member's text, byte for byte
+    carried = json.loads(rows[f"{shard[1]}#000010000"]["json"])
+    assert carried["url"] == "http://example.com/a.jpg" and carried["mine"] == "kept"
+    assert carried["original_width"] == 4 * 48
     lonely = rows[f"{shard[0]}#lonely"]
     assert lonely["status"] == "error" and lonely["error"].startswith("no image member")
-    assert lonely["caption"] == "a sample with no image"
-    keys = ["s0", "s1", "s2", "s3"]
-    uris = [f"{shard[0]}#s0", f"{shard[0]}#s1", f"{shard[1]}#s2", f"{shard[1]}#s3"]
+    assert lonely["caption"] == "a sample with no image" and lonely["json"] is None
+    uris = list(expected)
     assert_close(
-        [rows[u]["image_embedding"] for u in uris], reference_image_embeddings(reference, [images[k] for k in keys])
+        [rows[u]["image_embedding"] for u in uris],
+        reference_image_embeddings(reference, [images[u.rsplit("#", 1)[1]] for u in uris]),
+    )
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.mark.timeout(240)
+def test_hugging_face_image_parquet(
+    ray_local: None, bucket: S3Bucket, reference: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The layout `datasets` writes for an Image feature: struct<bytes, path>, bytes null when the path is a URI."""
+    bodies = [jpeg(170 + i) for i in range(3)]
+    remote = jpeg(175)
+    remote_uri = bucket.put("elsewhere/remote.jpg", remote)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images = [
+        {"bytes": bodies[0], "path": "cat.jpg"},
+        {"bytes": bodies[1], "path": None},
+        {"bytes": bodies[2], "path": "dog.png"},
+        {"bytes": None, "path": remote_uri},
+        {"bytes": GARBAGE, "path": "broken.jpg"},
+        {"bytes": bodies[1], "path": None},  # the same image again, no caption: the same content-derived id
+    ]
+    table = pa.table(
+        {
+            "image": pa.array(images, image_type),
+            "text": ["a cat", None, "a dog", "far away", "broken", None],
+            "label": [0, 1, 2, 3, 4, 5],
+        }
+    )
+    file_uri = bucket.put("hf/data/train-00000-of-00001.parquet", parquet_bytes(table))
+
+    config = job(
+        bucket, input={"uri": bucket.uri("hf/data"), "caption_column": "text"}, output={"uri": bucket.uri("o")}
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.duplicate_ids"):
+        summary = run_job(config)
+    assert (summary.rows_total, summary.rows_ok, summary.rows_error) == (6, 5, 1)
+    out = {
+        row["label"]: row
+        for row in read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options).to_pylist()
+    }
+    assert set(out[0]) >= {"id", "source_uri", "label", "caption", "status"} and "image" not in out[0]
+    assert "path" not in out[0]  # Ray Data's file column is consumed, not written
+    content_id = derive_id(f"sha256:{hashlib.sha256(bodies[1]).hexdigest()}")
+    assert out[0]["source_uri"] == f"{file_uri}#cat.jpg"
+    assert out[1]["source_uri"] == f"{file_uri}#{content_id}" and out[1]["id"] == content_id
+    # Not checkable before the run without reading every image; reported after it, never silently.
+    assert out[5]["id"] == content_id
+    assert f"1 ids occur more than once in {bucket.uri('o')}" in caplog.text and repr(content_id) in caplog.text
+    assert out[2]["source_uri"] == f"{file_uri}#dog.png" and out[2]["caption"] == "a dog"
+    assert out[3]["source_uri"] == remote_uri and out[3]["id"] == derive_id(remote_uri, ["far away"])
+    assert out[4]["status"] == "error"
+    assert out[4]["error"] == f"cannot decode image {file_uri}#broken.jpg: not an image format Pillow can read"
+    assert out[0]["image_sha256"] == hashlib.sha256(bodies[0]).hexdigest()
+    assert_close(
+        [out[i]["image_embedding"] for i in range(4)], reference_image_embeddings(reference, [*bodies, remote])
+    )
+
+
+@pytest.mark.timeout(240)
+def test_img2dataset_parquet_output(
+    ray_local: None, bucket: S3Bucket, reference: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """img2dataset's `output_format=parquet`: its columns, the image in `jpg`, failed downloads with a null image."""
+    bodies = {f"00000000{i}": jpeg(180 + i) for i in range(3)}
+    rows = []
+    for i, (key, body) in enumerate(bodies.items()):
+        meta = json.loads(img2dataset_meta(key, f"http://example.com/{i}.jpg", body, caption=f"photo {i}"))
+        rows.append({**meta, "jpg": body})
+    failed = {
+        "url": "http://example.com/gone.jpg",
+        "caption": "gone",
+        "key": "000000003",
+        "status": "failed_to_download",
+    }
+    rows.append({**{name: None for name in rows[0]}, **failed, "error_message": "HTTP Error 404: Not Found"})
+    order = ["url", "caption", "key", "status", "error_message", "width", "height", "original_width"]
+    order += ["original_height", "exif", "sha256", "jpg"]
+    schema = pa.schema(
+        [
+            ("url", pa.string()),
+            ("caption", pa.string()),
+            ("key", pa.string()),
+            ("status", pa.string()),
+            ("error_message", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("original_width", pa.int32()),
+            ("original_height", pa.int32()),
+            ("exif", pa.string()),
+            ("sha256", pa.string()),
+            ("jpg", pa.binary()),
+        ]
+    )
+    assert schema.names == order
+    file_uri = bucket.put("i2d/00000.parquet", parquet_bytes(pa.Table.from_pylist(rows, schema)))
+    bucket.put("i2d/00000_stats.json", b"{}")  # written beside each shard; not a manifest
+
+    config = job(
+        bucket,
+        input={"uri": bucket.uri("i2d"), "id_column": "key", "image_column": "jpg"},
+        output={"uri": bucket.uri("o")},
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+        summary = run_job(config)
+    assert "manifest column 'status' has the name of an output column; it is written as 'input_status'" in [
+        r.getMessage() for r in caplog.records
+    ]
+    assert (summary.rows_total, summary.rows_ok, summary.rows_error) == (4, 3, 1)
+    out = by_id(read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options))
+    assert set(out) == {*bodies, "000000003"}
+    for i, key in enumerate(bodies):
+        row = out[key]
+        assert row["status"] == "ok" and row["input_status"] == "success" and row["caption"] == f"photo {i}"
+        assert row["source_uri"] == f"{file_uri}#{key}" and row["url"] == f"http://example.com/{i}.jpg"
+        assert row["original_width"] == 4 * 48 and row["sha256"] == row["image_sha256"]
+    gone = out["000000003"]
+    assert gone["status"] == "error" and gone["error"] == "missing image bytes in column 'jpg'"
+    assert gone["source_uri"] == f"{file_uri}#000000003"
+    assert gone["input_status"] == "failed_to_download" and gone["error_message"] == "HTTP Error 404: Not Found"
+    assert_close(
+        [out[k]["image_embedding"] for k in bodies], reference_image_embeddings(reference, list(bodies.values()))
     )
 
 
@@ -605,3 +767,43 @@ def test_progress_is_rewritten_in_place_on_a_terminal(ray_local: None) -> None:
     updates = [part for part in shown.split("\r") if part.strip()]
     assert len(updates) >= 2 and all(u.strip().startswith("rows 5/20 (25%): 5 ok, 0 error") for u in updates)
     assert "ETA" in updates[0] and shown.endswith("\n")  # a newline once done, so later lines start clean
+
+
+@pytest.mark.timeout(240)
+def test_resume_after_a_kill_between_data_file_and_checkpoint_commit(ray_local: None, bucket: S3Bucket) -> None:
+    """The first rerun after a kill between writing a data file and committing its checkpoint succeeds.
+
+    Ray Data writes `<id>.pending.parquet`, then the data file, then renames the pending entry; a kill between the
+    last two leaves exactly the state built here from a finished run: one entry pending again and no commit markers.
+    On restart a Ray task deletes that data file and the pending entry; the driver must then list the checkpoint
+    directory afresh (a cached listing still showed the deleted entry and the rerun failed with FileNotFoundError).
+    """
+    for part in range(2):
+        uris = [bucket.put(f"img/{part}-{i}.jpg", jpeg(140 + 3 * part + i)) for i in range(3)]
+        lines = ["id,image"] + [f"p{part}r{i},{uri}" for i, uri in enumerate(uris)]
+        bucket.put(f"m/part-{part}.csv", "\n".join(lines).encode())
+    config = job(
+        bucket,
+        input={"uri": bucket.uri("m")},
+        output={"uri": bucket.uri("o"), "min_rows_per_file": 1},
+        resume_path=bucket.uri("ckpt"),
+    )
+    first = run_job(config)
+    assert first.rows_total == 6
+
+    committed = [k for k in bucket.keys("ckpt") if k.endswith(".parquet")]
+    assert committed and not any(".pending" in k for k in committed)
+    victim = committed[0]
+    pending_ids = set(pq.read_table(pa.BufferReader(bucket.get(victim))).column("id").to_pylist())
+    bucket.client.copy_object(
+        Bucket=bucket.name, Key=victim.replace(".parquet", ".pending.parquet"), CopySource=f"{bucket.name}/{victim}"
+    )
+    bucket.client.delete_object(Bucket=bucket.name, Key=victim)
+    for key in ("o/_SUCCESS", "o/_summary.json"):
+        bucket.client.delete_object(Bucket=bucket.name, Key=key)
+
+    rerun = run_job(config)
+    assert rerun.rows_this_run == len(pending_ids) and rerun.rows_total == 6
+    out = by_id(read_embeddings(bucket.uri("o"), storage_options=bucket.storage_options))
+    assert set(out) == {f"p{part}r{i}" for part in range(2) for i in range(3)}
+    assert not any(".pending" in k for k in bucket.keys("ckpt"))

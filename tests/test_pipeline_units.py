@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
+import logging
 import threading
 from pathlib import Path
 
@@ -18,11 +21,13 @@ from pipeline import schema
 from pipeline.arrow_features import ragged, tensors, vectors
 from pipeline.decode import decode_image, load_rgb
 from pipeline.ids import derive_id
+from pipeline.manifest_layout import manifest_kind
 from pipeline.markers import committed_files, write_markers
 from pipeline.model_cache import local_checkpoint
 from pipeline.records import PrepareSettings, prepare_batch
-from pipeline.sources import SourceSpec, clean_captions, describe_block, manifest_kind
+from pipeline.sources import SourceSpec, clean_captions, describe_block
 from pipeline.storage import parse_uri
+from tests.s3_bucket import S3Bucket
 
 IMGSZ = 56
 
@@ -83,15 +88,16 @@ def test_transparent_pixels_are_composited_on_white() -> None:
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
-        (b"not an image at all", "cannot decode image"),
-        (_jpeg(64, 64)[:300], "cannot decode image"),
+        (b"not an image at all", "cannot decode image s3://b/x.jpg: not an image format Pillow can read"),
+        (_jpeg(64, 64)[:300], "cannot decode image s3://b/x.jpg: OSError: "),
         (b"", "empty image file"),
         (None, "no image bytes"),
     ],
 )
 def test_undecodable_bytes_become_a_reason(data: bytes | None, reason: str) -> None:
-    decoded = decode_image(data, IMGSZ)
+    decoded = decode_image(data, IMGSZ, "s3://b/x.jpg")
     assert decoded.pixels is None and decoded.error is not None and decoded.error.startswith(reason)
+    assert " at 0x" not in decoded.error
     if data:
         assert decoded.sha256 == hashlib.sha256(data).hexdigest()
 
@@ -113,6 +119,9 @@ def test_clean_captions() -> None:
 def test_manifest_kind_requires_one_format() -> None:
     assert manifest_kind(["a/x.parquet", "a/y.pq", "a/readme.md"]) == ("parquet", ["a/x.parquet", "a/y.pq"])
     assert manifest_kind(["m.jsonl.gz"]) == ("json", ["m.jsonl.gz"])
+    assert manifest_kind(["m.json", "n.json"]) == ("json", ["m.json", "n.json"])
+    # img2dataset's output: Parquet shards with a statistics file each.
+    assert manifest_kind(["00000.parquet", "00000_stats.json"]) == ("parquet", ["00000.parquet"])
     with pytest.raises(ValueError, match="one format"):
         manifest_kind(["a.csv", "b.parquet"])
     with pytest.raises(ValueError, match="no manifest files"):
@@ -139,11 +148,111 @@ def test_manifest_rows_get_ids_and_problems() -> None:
     assert records.passthrough is not None and records.passthrough.column_names == ["split"]
 
 
-def test_manifest_column_clashing_with_output_is_refused() -> None:
+def test_manifest_columns_clashing_with_outputs_are_kept_under_a_prefix(caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.sources import log_renamed_columns, output_names
+
     spec = SourceSpec(format="manifest", protocol="file")
-    table = pa.table({"image": ["/x.jpg"], "status": ["keep"]})
-    with pytest.raises(ValueError, match="clash"):
-        describe_block(table, spec)
+    table = pa.table(
+        {
+            "image": ["/x.jpg"],
+            "status": ["keep"],
+            "error": ["none"],
+            "input_error": ["taken"],
+            "image_embedding": [1.5],
+            "score": [0.5],
+        }
+    )
+    records = describe_block(table, spec)
+    assert records.passthrough is not None
+    assert records.passthrough.to_pylist() == [
+        {
+            "input_status": "keep",
+            "input_input_error": "none",  # input_error is the manifest's own column: prefixed again
+            "input_error": "taken",
+            "input_image_embedding": 1.5,
+            "score": 0.5,
+        }
+    ]
+    assert output_names(["id", "image", "caption", "status"], spec) == [("status", "input_status")]
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+        from pipeline.manifest_layout import ManifestLayout
+
+        log_renamed_columns(spec, ManifestLayout("parquet", ["m.parquet"], table.schema))
+    messages = [r.getMessage() for r in caplog.records]
+    assert "manifest column 'status' has the name of an output column; it is written as 'input_status'" in messages
+    assert len(messages) == 3
+
+
+def test_manifest_rows_holding_image_bytes() -> None:
+    """A binary column and the Hugging Face image struct: bytes, or a path to fetch when the bytes are null."""
+    body = _jpeg(10, 8)
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "image": pa.array(
+                [
+                    {"bytes": body, "path": "cat.jpg"},
+                    {"bytes": None, "path": "s3://b/dog.jpg"},
+                    {"bytes": body, "path": None},
+                    {"bytes": None, "path": None},
+                ],
+                struct,
+            ),
+            "path": ["b/m/train-0.parquet"] * 4,  # what Ray Data's include_paths adds
+            "caption": ["a cat", None, None, "x"],
+        }
+    )
+    spec = SourceSpec(format="manifest", protocol="s3", image_bytes=True, file_column="path", input_uri="s3://b/m")
+    records = describe_block(table, spec)
+    content = f"sha256:{hashlib.sha256(body).hexdigest()}"
+    assert records.ids[0] == derive_id(content, ["a cat"]) and records.ids[2] == derive_id(content)
+    assert records.ids[1] == derive_id("s3://b/dog.jpg")
+    assert records.source_uris == [
+        "s3://b/m/train-0.parquet#cat.jpg",
+        "s3://b/dog.jpg",
+        f"s3://b/m/train-0.parquet#{records.ids[2]}",
+        f"s3://b/m/train-0.parquet#{records.ids[3]}",  # no image: the row is still named
+    ]
+    assert records.image_bytes[0] == body and records.image_bytes[1] is None
+    assert records.image_locations[1] is not None and records.image_locations[1].uri == "s3://b/dog.jpg"
+    assert records.problems[:3] == [None, None, None]
+    assert records.problems[3] == "missing image bytes in column 'image'"
+    assert records.passthrough is None  # the image and Ray's path column are consumed
+
+    binary = pa.table({"key": ["k0", "k1"], "jpg": pa.array([body, None], pa.binary()), "status": ["success", "x"]})
+    spec = SourceSpec(format="manifest", protocol="file", id_column="key", image_column="jpg", image_bytes=True)
+    spec = dataclasses.replace(spec, input_uri="/data/shards")
+    records = describe_block(binary, spec)
+    assert records.ids == ["k0", "k1"] and records.source_uris[0] == "/data/shards#k0"
+    assert records.problems == [None, "missing image bytes in column 'jpg'"]
+    assert records.passthrough is not None and records.passthrough.column_names == ["input_status"]
+
+
+def test_holds_image_bytes_reads_the_column_type() -> None:
+    from pipeline.manifest_layout import holds_image_bytes
+
+    hf = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("a", pa.binary()), ("b", hf), ("c", pa.string()), ("d", pa.large_binary())])
+    assert [holds_image_bytes(schema, c) for c in ("a", "b", "c", "d", "missing")] == [True, True, False, True, False]
+
+
+def test_webdataset_json_members_are_carried_as_text() -> None:
+    import pandas as pd
+
+    document = json.dumps({"url": "http://x/1.jpg", "original_width": 640, "mine": [1, 2]}, indent=4)
+    block = pd.DataFrame(
+        {
+            "__key__": ["000000000", "000000001"],
+            "__url__": ["/shards/00000.tar", "/shards/00000.tar"],
+            "jpg": [_jpeg(8, 8), _jpeg(8, 8)],
+            "txt": [b"a caption", b"another"],
+            "json": [document.encode(), None],
+        }
+    )
+    records = describe_block(block, SourceSpec(format="webdataset", protocol="file"))
+    assert records.passthrough is not None
+    assert records.passthrough.column(schema.WEBDATASET_JSON).to_pylist() == [document, None]
+    assert records.captions == [["a caption"], ["another"]]
 
 
 def test_prepare_batch_marks_every_failure_and_keeps_every_row(tmp_path: Path) -> None:
@@ -162,7 +271,11 @@ def test_prepare_batch_marks_every_failure_and_keeps_every_row(tmp_path: Path) -
     out = prepare_batch(table, settings)
     assert out.column(schema.STATUS).to_pylist() == ["ok", "error", "error", "ok"]
     errors = out.column(schema.ERROR).to_pylist()
-    assert errors[0] is None and errors[1].startswith("cannot decode image") and errors[2].startswith("image not found")
+    assert (
+        errors[0] is None
+        and errors[1] == f"cannot decode image {garbage}: not an image format Pillow can read"
+        and errors[2].startswith("image not found")
+    )
     tokens = out.column(schema.TOKENS).to_pylist()
     assert len(tokens[0]) == 2 and len(tokens[0][0]) == 32
     assert tokens[1] is None and tokens[2] is None and tokens[3] is None
@@ -284,3 +397,30 @@ def test_model_stage_pads_short_batches_for_a_compiled_trunk_without_changing_re
         ok_rows = (0, 2, 3)
         np.testing.assert_allclose(np.asarray([a[i] for i in ok_rows]), np.asarray([b[i] for i in ok_rows]), atol=1e-6)
     assert plain.column(schema.STATUS).to_pylist() == ["ok", "error", "ok", "ok"]
+
+
+def test_object_store_listings_are_never_cached(bucket: S3Bucket) -> None:
+    """Files another process adds or deletes show up at the next listing (resume checkpoints, markers, leases)."""
+    from pipeline.storage import Location, fsspec_filesystem
+
+    root = Location.parse(bucket.uri("ckpt"), bucket.storage_options)
+    bucket.put("ckpt/a.pending.parquet", b"x")
+    assert root.files() == ["a.pending.parquet"]
+    fs = fsspec_filesystem("s3", bucket.storage_options)
+    assert fs.find(root.path) == [f"{root.path}/a.pending.parquet"]
+    bucket.client.delete_object(Bucket=bucket.name, Key="ckpt/a.pending.parquet")  # as a Ray task would
+    bucket.put("ckpt/a.parquet", b"y")
+    assert root.files() == ["a.parquet"] and fs.find(root.path) == [f"{root.path}/a.parquet"]
+    assert root.join("a.parquet").exists() and not root.join("a.pending.parquet").exists()
+    assert root.join("a.parquet").uri == bucket.uri("ckpt/a.parquet")
+
+
+def test_error_reasons_carry_no_object_addresses() -> None:
+    from PIL import UnidentifiedImageError
+
+    from pipeline.decode import error_reason
+
+    raw = UnidentifiedImageError("cannot identify image file <_io.BytesIO object at 0x7f3a2b1c0d90>")
+    assert error_reason(raw) == "not an image format Pillow can read"
+    wrapped = OSError("read failed on <s3fs.core.S3File object at 0x7f00deadbeef>: connection reset")
+    assert error_reason(wrapped) == "OSError: read failed on: connection reset"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.backfill.storage import Location
+from pipeline.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def is_data_file(relative_path: str) -> bool:
 
 def read_manifest(partition_dir: Location) -> CommitManifest | None:
     """The commit manifest, or None when the partition is not committed."""
-    marker = partition_dir.child(SUCCESS_MARKER)
+    marker = partition_dir.join(SUCCESS_MARKER)
     try:
         return CommitManifest.from_json(marker.read_text())
     except FileNotFoundError:
@@ -68,16 +68,16 @@ def read_manifest(partition_dir: Location) -> CommitManifest | None:
 
 
 def is_committed(partition_dir: Location) -> bool:
-    return partition_dir.child(SUCCESS_MARKER).exists()
+    return partition_dir.join(SUCCESS_MARKER).exists()
 
 
 def uncommit(partition_dir: Location) -> None:
     """Hide a partition, then remove its files: every marker goes first (the top one before nested ones written
     by a partitioned pipeline run), so no directory is ever visible with part of its files deleted."""
-    partition_dir.child(SUCCESS_MARKER).remove()
+    partition_dir.join(SUCCESS_MARKER).remove()
     for name in partition_dir.files():
         if _is_marker(name):
-            partition_dir.child(name).remove()
+            partition_dir.join(name).remove()
     partition_dir.remove()
 
 
@@ -127,14 +127,14 @@ def commit_partition(
         rows=sum(entry.rows or 0 for entry in copied if is_data_file(entry.path)),
         details=dict(details or {}),
     )
-    partition_dir.child(SUCCESS_MARKER).write_text(manifest.to_json())
+    partition_dir.join(SUCCESS_MARKER).write_text(manifest.to_json())
     logger.info("committed %s: %d files, %d rows", partition_dir.uri, len(copied), manifest.rows)
     return manifest
 
 
 def _copy(staged_dir: Location, partition_dir: Location, name: str) -> CommittedFile:
-    source = staged_dir.child(name)
-    target = partition_dir.child(name)
+    source = staged_dir.join(name)
+    target = partition_dir.join(name)
     target.fs.makedirs(target.path.rsplit("/", 1)[0], exist_ok=True)
     source.fs.copy(source.path, target.path)
     return _describe(target, name)

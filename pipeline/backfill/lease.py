@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from pipeline.backfill.storage import Location
+from pipeline.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +115,15 @@ class PartitionLease:
             acquired_at=now,
             expires_at=now + self.ttl_s,
         )
-        if not self.directory.child(record_name(generation)).create_exclusive(record.to_json()):
+        if not self.directory.join(record_name(generation)).create_exclusive(record.to_json()):
             logger.info("lease %s: lost the race for generation %d", self.directory.uri, generation)
+            return False
+        newest = self._generations()
+        if newest and newest[-1] > generation:
+            # Our listing was stale: a winner had already taken a later generation and deleted this one, so the
+            # name was free again (a local directory scan can miss both a file added and one removed during it).
+            self.directory.join(record_name(generation)).remove()
+            logger.info("lease %s: generation %d was already superseded", self.directory.uri, generation)
             return False
         self._held = record
         self._lost_reason = None
@@ -139,7 +146,7 @@ class PartitionLease:
         self.check()
         held = self._require_held()
         renewed = LeaseRecord(**{**asdict(held), "expires_at": self._clock() + self.ttl_s})
-        self.directory.child(record_name(held.generation)).write_text(renewed.to_json())
+        self.directory.join(record_name(held.generation)).write_text(renewed.to_json())
         self._held = renewed
 
     def release(self) -> None:
@@ -153,7 +160,7 @@ class PartitionLease:
             return
         released = LeaseRecord(**{**asdict(held), "released": True})
         try:
-            self.directory.child(record_name(held.generation)).write_text(released.to_json())
+            self.directory.join(record_name(held.generation)).write_text(released.to_json())
         except OSError:
             # The lease then simply expires; nothing else depends on this write.
             logger.warning("could not release lease %s; it will expire", self.directory.uri, exc_info=True)
@@ -194,7 +201,7 @@ class PartitionLease:
         return sorted(int(match.group(1)) for name in names if (match := _RECORD_NAME.match(name)))
 
     def _read(self, generation: int) -> LeaseRecord:
-        location = self.directory.child(record_name(generation))
+        location = self.directory.join(record_name(generation))
         try:
             return LeaseRecord.from_json(location.read_text())
         except FileNotFoundError:
@@ -216,6 +223,6 @@ class PartitionLease:
             if older >= generation:
                 break
             try:
-                self.directory.child(record_name(older)).remove()
+                self.directory.join(record_name(older)).remove()
             except OSError:
                 logger.debug("could not delete old lease record %d", older, exc_info=True)

@@ -28,10 +28,10 @@ from pipeline.backfill.commit import commit_partition, read_manifest
 from pipeline.backfill.lease import DEFAULT_TTL_S, PartitionLease
 from pipeline.backfill.partitions import Partition, partition_input
 from pipeline.backfill.staging import StagingArea, StagingState, config_fingerprint
-from pipeline.backfill.storage import Location
 from pipeline.config import JobConfig
 from pipeline.outcome import Outcome, error_fraction, within_budget
 from pipeline.run_summary import summary_counts, summary_to_dict
+from pipeline.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Backfill:
         """What a run would find, without running anything (for --dry-run)."""
         results = []
         for partition in self.partitions:
-            manifest = read_manifest(self.output.child(partition.dirname))
+            manifest = read_manifest(self.output.join(partition.dirname))
             if manifest is not None:
                 results.append(PartitionResult(partition.value, "skipped", rows=manifest.rows, message="committed"))
                 continue
@@ -165,7 +165,7 @@ class Backfill:
         return results
 
     def _process(self, partition: Partition, started_at: float) -> PartitionResult:
-        final = self.output.child(partition.dirname)
+        final = self.output.join(partition.dirname)
         try:
             if not self.options.overwrite and read_manifest(final) is not None:
                 return PartitionResult(partition.value, "skipped", message="already committed")
@@ -240,12 +240,12 @@ class Backfill:
         return config
 
     def _lease_dir(self, partition: Partition) -> Location:
-        return self.output.child(LOCKS_DIR, partition.dirname)
+        return self.output.join(LOCKS_DIR, partition.dirname)
 
     def _settle_busy(self, report: BackfillReport) -> None:
         """A partition that was busy may have been committed by its holder while we worked on the others."""
         for result in report.by_status("busy"):
-            manifest = read_manifest(self.output.child(f"{self.options.column}={result.partition}"))
+            manifest = read_manifest(self.output.join(f"{self.options.column}={result.partition}"))
             if manifest is not None:
                 result.status = "skipped"
                 result.rows = manifest.rows

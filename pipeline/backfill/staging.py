@@ -23,8 +23,8 @@ from enum import Enum
 from typing import Any
 
 from pipeline.backfill.commit import SUCCESS_MARKER
-from pipeline.backfill.storage import Location
 from pipeline.config import JobConfig
+from pipeline.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -47,25 +47,25 @@ class StagingArea:
 
     @classmethod
     def for_partition(cls, output: Location, dirname: str, resume_root: Location | None = None) -> StagingArea:
-        root = output.child(STAGING_DIR, dirname)
-        checkpoint = resume_root.child(dirname) if resume_root is not None else root.child("checkpoint")
+        root = output.join(STAGING_DIR, dirname)
+        checkpoint = resume_root.join(dirname) if resume_root is not None else root.join("checkpoint")
         return cls(root=root, checkpoint=checkpoint)
 
     @property
     def data(self) -> Location:
-        return self.root.child("data")
+        return self.root.join("data")
 
     def prepare(self, fingerprint: str, run_id: str) -> StagingState:
-        started = self._read_json(self.root.child(_STARTED))
+        started = self._read_json(self.root.join(_STARTED))
         if started is None or started.get("fingerprint") != fingerprint:
             if started is not None:
                 logger.info("staging %s was made with other settings; starting over", self.root.uri)
             self.clear()
-            self.root.child(_STARTED).write_text(
+            self.root.join(_STARTED).write_text(
                 json.dumps({"fingerprint": fingerprint, "run_id": run_id, "started_at": time.time()})
             )
             return StagingState.FRESH
-        if self.data.child(SUCCESS_MARKER).exists():
+        if self.data.join(SUCCESS_MARKER).exists():
             return StagingState.STAGED
         if self.data.files() and not self.checkpoint.files():
             # Rows without a checkpoint cannot be told apart from half-written ones: redo them all.
@@ -75,11 +75,11 @@ class StagingArea:
         return StagingState.RESUME
 
     def mark_staged(self, summary: dict[str, Any]) -> None:
-        self.root.child(_STAGED).write_text(json.dumps(summary, sort_keys=True, default=str))
+        self.root.join(_STAGED).write_text(json.dumps(summary, sort_keys=True, default=str))
 
     def staged_summary(self) -> dict[str, Any]:
         """The summary of the run that filled `data/`; the pipeline's own summary if ours was never written."""
-        return self._read_json(self.root.child(_STAGED)) or self._read_json(self.data.child(_PIPELINE_SUMMARY)) or {}
+        return self._read_json(self.root.join(_STAGED)) or self._read_json(self.data.join(_PIPELINE_SUMMARY)) or {}
 
     def clear(self) -> None:
         self.root.remove()

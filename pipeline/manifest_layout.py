@@ -1,0 +1,146 @@
+"""A manifest as the driver sees it before Ray starts: its files, their format and the first file's schema.
+
+Reading the schema costs one Parquet footer or the first block of a CSV / JSON Lines file. It tells the driver
+whether the image column holds URIs or the images themselves (a binary column, or the Hugging Face `datasets`
+image struct `struct<bytes: binary, path: string>`), which manifest columns clash with output columns, and which
+columns the duplicate-id check has to read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.storage import Location, arrow_filesystem, list_files
+
+MANIFEST_EXTENSIONS = {
+    "parquet": "parquet",
+    "pq": "parquet",
+    "csv": "csv",
+    "tsv": "tsv",
+    "jsonl": "json",
+    "ndjson": "json",
+    "json": "json",
+}
+logger = logging.getLogger(__name__)
+
+SCHEMA_PROBE_BYTES = 1 << 20  # JSON Lines: the first line must fit (a line holding base64 images may not)
+
+
+@dataclass(frozen=True)
+class ManifestLayout:
+    kind: str  # parquet, csv, tsv or json
+    files: list[str]  # filesystem paths, sorted
+    schema: pa.Schema  # of the first file
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.schema.names)
+
+
+def manifest_kind(paths: Iterable[str]) -> tuple[str, list[str]]:
+    """The manifest format shared by every file (by extension, compression suffix ignored) and the file list."""
+    by_kind: dict[str, list[str]] = {}
+    plain_json: list[str] = []
+    for path in paths:
+        name = posixpath.basename(path).lower()
+        for suffix in (".gz", ".zst", ".bz2"):
+            name = name.removesuffix(suffix)
+        extension = name.rsplit(".", 1)[-1] if "." in name else ""
+        kind = MANIFEST_EXTENSIONS.get(extension)
+        if extension == "json":
+            plain_json.append(path)
+        elif kind is not None:
+            by_kind.setdefault(kind, []).append(path)
+    if plain_json and not by_kind:
+        by_kind["json"] = plain_json
+    elif plain_json:
+        # Beside Parquet or CSV shards, `.json` files are side files (img2dataset's `00000_stats.json`), not rows.
+        logger.info("ignoring %d .json files beside the %s manifest files", len(plain_json), next(iter(by_kind)))
+    if not by_kind:
+        raise ValueError(
+            "no manifest files found (expected .parquet, .csv, .tsv, .jsonl or .json files); "
+            "for a folder of images use input.format=images"
+        )
+    if len(by_kind) > 1:
+        raise ValueError(f"a manifest must use one format, found several: {sorted(by_kind)}")
+    kind, files = by_kind.popitem()
+    return kind, files
+
+
+def manifest_layout(locations: Sequence[Location], storage_options: dict[str, Any] | None) -> ManifestLayout:
+    files: list[str] = []
+    for location in locations:
+        files.extend(list_files(location, storage_options))
+    kind, files = manifest_kind(files)
+    filesystem = arrow_filesystem(locations[0].protocol, storage_options)
+    return ManifestLayout(kind, files, read_schema(kind, files[0], filesystem))
+
+
+def read_schema(kind: str, path: str, filesystem: Any) -> pa.Schema:
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with filesystem.open_input_file(path) as f:
+            return pq.read_schema(f)
+    if kind in ("csv", "tsv"):
+        import pyarrow.csv as pacsv
+
+        parse = pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",")
+        with filesystem.open_input_stream(path, compression="detect") as f:
+            return pacsv.open_csv(f, parse_options=parse).schema
+    with filesystem.open_input_stream(path, compression="detect") as f:
+        first = f.read(SCHEMA_PROBE_BYTES).split(b"\n", 1)[0].strip()
+    try:
+        row = json.loads(first) if first else {}
+    except ValueError as exc:
+        raise ValueError(f"the first line of {path} is not a JSON object: {exc}") from exc
+    if not isinstance(row, dict):
+        raise ValueError(f"the first line of {path} is not a JSON object")
+    return pa.Table.from_pylist([row]).schema
+
+
+def read_columns(layout: ManifestLayout, columns: list[str], filesystem: Any) -> pa.Table:
+    """Only `columns` (those present) of every manifest file, as one table: Parquet reads just those columns."""
+    present = [c for c in columns if c in layout.column_names]
+    tables = []
+    for path in layout.files:
+        if layout.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            with filesystem.open_input_file(path) as f:
+                table = pq.read_table(f, columns=present)
+        elif layout.kind in ("csv", "tsv"):
+            import pyarrow.csv as pacsv
+
+            parse = pacsv.ParseOptions(delimiter="\t" if layout.kind == "tsv" else ",")
+            convert = pacsv.ConvertOptions(include_columns=present, include_missing_columns=True)
+            with filesystem.open_input_stream(path, compression="detect") as f:
+                table = pacsv.read_csv(f, parse_options=parse, convert_options=convert)
+        else:
+            import pyarrow.json as pajson
+
+            with filesystem.open_input_stream(path, compression="detect") as f:
+                table = pajson.read_json(f)
+            table = table.select([c for c in present if c in table.column_names])
+        tables.append(table)
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def holds_image_bytes(schema: pa.Schema, column: str) -> bool:
+    """A binary column, or a struct with a binary `bytes` field (Hugging Face `datasets.Image`)."""
+    if column not in schema.names:
+        return False
+    kind = schema.field(column).type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+        return True
+    if pa.types.is_struct(kind):
+        index = kind.get_field_index("bytes")
+        return index >= 0 and holds_image_bytes(pa.schema([kind.field(index)]), "bytes")
+    return False
