@@ -37,10 +37,11 @@ IDS = [f"img{i}" for i in range(5)]
 PROMPTS = ["a red car", "two dogs on a sofa", "the sky", "a person with an umbrella", "grass"]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "feature-cache.md"
 
-# Measured on this test's data (tiny configuration, parity weights, 56 px), stored float16 against float32:
-# largest |error| of the rebuilt levels relative to the level's largest |value|, and of the transformers outputs.
-FLOAT16_LEVEL_RELATIVE_ERROR = 2e-3
-FLOAT16_HEAD_ABS_ERROR = 2e-3
+# Bounds for float16 storage, about 4x what this test measures (tiny configuration, parity weights, 56 px; run with
+# -s to print): rebuilt levels within 2.5e-4 of their largest |value|; transformers' pred_logits, pred_boxes and
+# pred_masks within 2.6e-4, 1.2e-4 and 7.7e-5; smallest mask IoU after thresholding at 0: 0.996.
+FLOAT16_LEVEL_RELATIVE_ERROR = 1e-3
+FLOAT16_HEAD_ABS_ERROR = 1e-3
 FLOAT16_MASK_IOU = 0.99
 
 
