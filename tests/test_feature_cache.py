@@ -308,3 +308,27 @@ def test_transformers_example_in_the_docs_runs(outputs: dict[str, Path], workspa
     exec(compile(code, "docs/feature-cache.md", "exec"), namespace)
     assert sorted(namespace["results"]) == IDS
     assert namespace["results"]["img0"]["masks"].shape[-2:] == (16, 16)
+
+
+@pytest.mark.timeout(300)
+def test_a_run_with_random_weights_is_rebuilt_from_the_pipelines_seed(
+    ray_local: None, workspace: dict[str, Any], tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    config = JobConfig.from_dict(
+        {
+            "input": {"uri": str(workspace["root"] / "manifest.jsonl")},
+            "output": {"uri": str(output), "features": ["trunk"], "feature_dtype": "float32"},
+            "model": {"config": "tiny", "imgsz": IMGSZ},
+        }
+    )
+    run_job(config)
+    with pytest.raises(CheckpointMismatchError, match="none \\(random weights\\)"):
+        FeatureCache(str(output), checkpoint=str(workspace["checkpoint"]))
+    images = FeatureCache(str(output), checkpoint=None).load(IDS[:2])
+    torch.manual_seed(0)  # the pipeline's seed for random weights
+    reference = build_sam3_vl_backbone(None, config="tiny", imgsz=IMGSZ)
+    with torch.inference_mode():
+        expected = reference.forward_image(preprocess_images([workspace["images"][i] for i in IDS[:2]], IMGSZ))
+    for got, want in zip(images.backbone_out["backbone_fpn"], expected["backbone_fpn"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
