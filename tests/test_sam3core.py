@@ -333,18 +333,19 @@ def assert_same_image_output(actual: dict, expected: dict) -> None:
                 assert torch.equal(a, b), f"{prefix}{key}[{level}]"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sam2", [False, True])
 @pytest.mark.parametrize("imgsz", [112, 168])
-def test_neck_from_a_trunk_map_equals_forward_image_exactly(sam2, imgsz):
+def test_neck_from_a_trunk_map_equals_forward_image_exactly(sam2, imgsz, dtype):
     torch.manual_seed(0)
-    model = build_sam3_vl_backbone(config="tiny", imgsz=imgsz, add_sam2_neck=sam2)
+    model = build_sam3_vl_backbone(config="tiny", imgsz=imgsz, add_sam2_neck=sam2, dtype=dtype)
     images = torch.rand(2, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(imgsz)) * 2 - 1
     with torch.no_grad():
         expected = model.forward_image(images)
         trunk = model.forward_trunk(images)
         actual = model.forward_image_from_trunk(trunk)
     grid, width = imgsz // 14, model.config.vision.width
-    assert trunk.shape == (2, width, grid, grid)
+    assert trunk.shape == (2, width, grid, grid) and trunk.dtype == dtype
     assert_same_image_output(actual, expected)
     assert len(actual["backbone_fpn"]) == 3  # scalp=1 honoured: the 0.5x level is dropped
 
