@@ -86,7 +86,11 @@ class SAM3VLBackbone(nn.Module):
 
         The map is cast to the neck's device and dtype first (a float16 cache feeds a float32 or bfloat16 model).
         """
-        levels = self.vision_backbone.forward_from_trunk(self._trunk_input(trunk_map))
+        x = self._trunk_input(trunk_map)
+        if self.act_ckpt_whole_vision_backbone and self.training:
+            levels = checkpoint(self.vision_backbone.forward_from_trunk, x, use_reentrant=False)
+        else:
+            levels = self.vision_backbone.forward_from_trunk(x)
         sam3_features, sam3_pos, sam2_features, sam2_pos = levels
         sam3_features, sam3_pos = self._scalped(sam3_features), self._scalped(sam3_pos)
         sam2_output = None
