@@ -4,8 +4,9 @@
 - `hf_transformers`: Hugging Face transformers' `Sam3Model(vision_embeds=..., text_embeds=...)`;
 - `ultralytics_sam3`: ultralytics' `SAM3SemanticPredictor.inference_features`.
 
-None of them imports its client: they build the inputs those packages read (keys, shapes, conventions taken from
-their code; see docs/feature-cache.md), so the pipeline does not depend on any of them.
+They build the inputs those packages read (keys, shapes, conventions taken from their code; see
+docs/feature-cache.md). Only the transformers adapter imports its client (its output classes, when called), so the
+pipeline depends on none of them.
 """
 
 from pipeline.heads.hf_transformers import transformers_text_embeds, transformers_vision_embeds
