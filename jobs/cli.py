@@ -182,6 +182,7 @@ def inspect_output(uri: str, rows: int, storage_options: dict[str, Any] | None =
     print("schema:")
     for field in dataset.schema:
         print(f"  {field.name}: {field.type}")
+    print_feature_sizes(dataset)
     run = read_run_metadata(uri, storage_options=storage_options)
     metadata, summary = run["metadata"], run["summary"]
     if metadata:
@@ -211,6 +212,17 @@ def inspect_output(uri: str, rows: int, storage_options: dict[str, Any] | None =
         for row in failed:
             print(f"  {row['id']}: {row.get('source_uri')}")
             print(f"      error: {row.get('error')}")
+
+
+def print_feature_sizes(dataset: Any) -> None:
+    from pipeline.sizes import feature_sizes
+
+    sizes = feature_sizes(dataset)
+    if sizes:
+        print("per row (raw; in the files, zstd, over the first files):")
+    for size in sizes:
+        shape = "x".join(str(d) for d in size.shape)
+        print(f"  {size.name}: [{shape}] {size.dtype}, {size.raw_bytes:,} B; {size.stored_bytes:,.0f} B stored")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """sam3-embed pipeline: Ray Data job that embeds images and captions with SAM 3's backbone into partitioned Parquet.
 
 Public API: `run_job(JobConfig) -> RunSummary` (checked first by `preflight`, which raises `PreflightError`), and
-for consumers `read_embeddings`, `read_embeddings_numpy`,
-`embeddings_to_numpy`, `read_run_metadata`, `list_committed_files`, `open_embeddings`.
+for consumers `read_embeddings`, `read_embeddings_numpy`, `embeddings_to_numpy`, `read_run_metadata`,
+`list_committed_files`, `open_embeddings`; the feature cache
+(`pipeline.feature_cache.FeatureCache`, adapters in `pipeline.heads`) imports torch and is imported on its own.
 """
 
 from pipeline.config import (

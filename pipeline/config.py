@@ -18,6 +18,7 @@ InputFormat = Literal["manifest", "images", "webdataset"]
 FEATURES_DEFAULT = ("image_embedding", "text_embedding")
 # Everything a user may ask to store; the two pooled embeddings are always written.
 FEATURES_OPTIONAL = (
+    "trunk",
     "vision_features",
     "backbone_fpn",
     "language_features",

@@ -117,9 +117,14 @@ class EmbedWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.array([s == schema.STATUS_OK for s in batch.column(schema.STATUS).to_pylist()], dtype=bool)
         with torch.inference_mode():
-            image_columns = self._image_columns(batch.column(schema.PIXELS), ok)
+            image_columns, failures = self._image_columns(batch.column(schema.PIXELS), ok)
+            if failures:
+                ok = ok.copy()
+                ok[list(failures)] = False
             text_columns = self._text_columns(batch.column(schema.TOKENS), ok)
         out = batch.drop_columns([schema.PIXELS, schema.TOKENS])
+        if failures:
+            out = _mark_failed(out, failures)
         features = {**image_columns, **text_columns}
         # The two pooled embeddings first, then the optional dense features in a fixed order.
         for name in sorted(features, key=lambda n: n not in (schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING)):
@@ -130,7 +135,8 @@ class EmbedWorker:
 
     # Images ---------------------------------------------------------------------------------------------------
 
-    def _image_columns(self, pixels: pa.ChunkedArray, ok: np.ndarray) -> dict[str, pa.Array]:
+    def _image_columns(self, pixels: pa.ChunkedArray, ok: np.ndarray) -> tuple[dict[str, pa.Array], dict[int, str]]:
+        """The image columns, and the rows that failed here (row -> reason), which are null in every column."""
         from sam3core import normalize_images
 
         n, size = len(ok), self.settings.imgsz
@@ -147,9 +153,13 @@ class EmbedWorker:
                 uint8 = np.concatenate([uint8, padding])
             # uint8 crosses to the device (4x less than float32) and is normalized there.
             x = normalize_images(torch.from_numpy(uint8).to(self.device, non_blocking=True))
-            out = _drop_padding(self.backbone.forward_image(x), len(rows))
+            # forward_image is exactly these two calls; the trunk map is kept for the `trunk` feature.
+            trunk = self.backbone.forward_trunk(x)
+            out = _drop_padding(self.backbone.forward_image_from_trunk(trunk), len(rows))
             vision = out["vision_features"].float()  # [B, d, g, g]
             pooled[rows] = self._to_numpy(F.normalize(vision.mean(dim=(2, 3)), dim=-1))
+            if schema.TRUNK in wanted:
+                dense[schema.TRUNK] = self._to_numpy(trunk[: len(rows)])  # [B, width, g, g]
             if schema.VISION_FEATURES in wanted:
                 dense[schema.VISION_FEATURES] = self._to_numpy(vision)
             if "backbone_fpn" in wanted:
@@ -161,18 +171,23 @@ class EmbedWorker:
                     raise RuntimeError("sam2_backbone_fpn requested but the backbone has no SAM 2 neck")
                 for level, tensor in enumerate(sam2["backbone_fpn"]):
                     dense[schema.fpn_column(level, sam2=True)] = self._to_numpy(tensor)
-        columns = {schema.IMAGE_EMBEDDING: arrow_features.vectors(pooled, ok)}
+        failures = _non_finite_rows(dense, rows, self.settings.feature_dtype)
+        valid = ok.copy()
+        valid[list(failures)] = False
+        columns = {schema.IMAGE_EMBEDDING: arrow_features.vectors(pooled, valid)}
         for name in self._dense_image_columns():
             shape = self._dense_image_shape(name)
             full = arrow_features.empty_rows(n, shape, self.output_dtype)
             if name in dense:
                 full[rows] = dense[name]
-            columns[name] = arrow_features.tensors(full, ok)
-        return columns
+            columns[name] = arrow_features.tensors(full, valid)
+        return columns, failures
 
     def _dense_image_columns(self) -> list[str]:
         wanted = set(self.settings.features)
-        names = [schema.VISION_FEATURES] if schema.VISION_FEATURES in wanted else []
+        names = [schema.TRUNK] if schema.TRUNK in wanted else []
+        if schema.VISION_FEATURES in wanted:
+            names.append(schema.VISION_FEATURES)
         if "backbone_fpn" in wanted:
             names += [schema.fpn_column(level) for level in range(schema.FPN_LEVELS)]
         if "sam2_backbone_fpn" in wanted:
@@ -181,6 +196,8 @@ class EmbedWorker:
 
     def _dense_image_shape(self, name: str) -> tuple[int, int, int]:
         grid = self.settings.imgsz // self.backbone.config.vision.patch_size
+        if name == schema.TRUNK:
+            return (self.backbone.config.vision.width, grid, grid)
         if name == schema.VISION_FEATURES:
             return (self.d_model, grid, grid)
         level = int(name.rsplit("_", 1)[1])
@@ -245,6 +262,38 @@ class EmbedWorker:
 
     def _to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
         return tensor.detach().float().cpu().numpy().astype(self.output_dtype, copy=False)
+
+
+def _non_finite_rows(dense: dict[str, np.ndarray], rows: np.ndarray, feature_dtype: str) -> dict[int, str]:
+    """Rows whose stored maps hold inf or NaN (batch row -> reason): never written as numbers, failed instead.
+
+    Casting to float16 turns anything beyond +-65504 into inf. The trunk map is the residual stream of a ViT,
+    the one feature where large values are plausible (see docs/feature-cache.md), so the check covers every map.
+    """
+    failures: dict[int, str] = {}
+    for name, values in dense.items():
+        flat = values.reshape(len(values), -1)
+        for index in np.flatnonzero(~np.isfinite(flat).all(axis=1)):
+            row = int(rows[index])
+            if row in failures:
+                continue
+            if feature_dtype == "float16":
+                failures[row] = (
+                    f"{name} has values beyond float16's range (+-65504) or not finite; "
+                    "store it with output.feature_dtype: float32"
+                )
+            else:
+                failures[row] = f"{name} holds non-finite values (the model's output overflowed)"
+    return failures
+
+
+def _mark_failed(table: pa.Table, failures: dict[int, str]) -> pa.Table:
+    status = table.column(schema.STATUS).to_pylist()
+    error = table.column(schema.ERROR).to_pylist()
+    for row, reason in failures.items():
+        status[row], error[row] = schema.STATUS_ERROR, reason
+    table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
+    return table.set_column(table.schema.get_field_index(schema.ERROR), schema.ERROR, pa.array(error, pa.string()))
 
 
 def _drop_padding(out: dict[str, Any], rows: int) -> dict[str, Any]:

@@ -14,6 +14,7 @@ ERROR = "error"
 IMAGE_EMBEDDING = "image_embedding"
 TEXT_EMBEDDING = "text_embedding"
 VISION_FEATURES = "vision_features"
+TRUNK = "trunk"  # the ViT trunk's last map [width, g, g]: every neck output is rebuilt from it (feature cache)
 LANGUAGE_FEATURES = "language_features"
 LANGUAGE_MASK = "language_mask"
 LANGUAGE_EMBEDS = "language_embeds"
@@ -38,6 +39,7 @@ RESERVED_COLUMNS = frozenset(
         IMAGE_EMBEDDING,
         TEXT_EMBEDDING,
         VISION_FEATURES,
+        TRUNK,
         LANGUAGE_FEATURES,
         LANGUAGE_MASK,
         LANGUAGE_EMBEDS,

@@ -66,14 +66,32 @@ class SAM3VLBackbone(nn.Module):
         weight = self.vision_backbone.trunk.patch_embed.proj.weight
         return samples.to(device=weight.device, dtype=weight.dtype)
 
-    def _run_vision(self, samples: Tensor):
-        if self.act_ckpt_whole_vision_backbone and self.training:
-            return checkpoint(self.vision_backbone, samples, use_reentrant=False)
-        return self.vision_backbone(samples)
+    def _trunk_input(self, trunk_map: Tensor) -> Tensor:
+        """A stored map (any float dtype, any device) as the neck's input; only its channel count is fixed."""
+        width = self.vision_backbone.trunk.channel_list[-1]
+        if trunk_map.ndim != 4 or trunk_map.shape[1] != width:
+            raise ValueError(f"expected a trunk map of shape [B, {width}, g, g], got {list(trunk_map.shape)}")
+        weight = self.vision_backbone.convs[0].conv_1x1.weight
+        return trunk_map.to(device=weight.device, dtype=weight.dtype)
 
-    def forward_image(self, samples: Tensor) -> dict[str, Any]:
-        """samples [B, 3, S, S] -> the last kept level as `vision_features` plus all kept levels and encodings."""
-        sam3_features, sam3_pos, sam2_features, sam2_pos = self._run_vision(self._as_model_input(samples))
+    def forward_trunk(self, samples: Tensor) -> Tensor:
+        """samples [B, 3, S, S] -> the ViT trunk's last map [B, width, S/14, S/14]: everything the necks read."""
+        x = self._as_model_input(samples)
+        if self.act_ckpt_whole_vision_backbone and self.training:
+            return checkpoint(self.vision_backbone.trunk, x, use_reentrant=False)[-1]
+        return self.vision_backbone.trunk(x)[-1]
+
+    def forward_image_from_trunk(self, trunk_map: Tensor) -> dict[str, Any]:
+        """The neck half of `forward_image`: a trunk map [B, width, g, g] -> the same dictionary.
+
+        The map is cast to the neck's device and dtype first (a float16 cache feeds a float32 or bfloat16 model).
+        """
+        x = self._trunk_input(trunk_map)
+        if self.act_ckpt_whole_vision_backbone and self.training:
+            levels = checkpoint(self.vision_backbone.forward_from_trunk, x, use_reentrant=False)
+        else:
+            levels = self.vision_backbone.forward_from_trunk(x)
+        sam3_features, sam3_pos, sam2_features, sam2_pos = levels
         sam3_features, sam3_pos = self._scalped(sam3_features), self._scalped(sam3_pos)
         sam2_output = None
         if sam2_features is not None and sam2_pos is not None:
@@ -90,13 +108,19 @@ class SAM3VLBackbone(nn.Module):
             "sam2_backbone_out": sam2_output,
         }
 
+    def forward_image(self, samples: Tensor) -> dict[str, Any]:
+        """samples [B, 3, S, S] -> the last kept level as `vision_features` plus all kept levels and encodings.
+
+        Trunk then neck, through the two public halves, so that a cached trunk map gives exactly this dictionary.
+        """
+        return self.forward_image_from_trunk(self.forward_trunk(samples))
+
     def forward_image_sam2(self, samples: Tensor) -> dict[str, Any]:
         """Only the SAM 2 pyramid (requires a backbone built with add_sam2_neck=True)."""
         neck = self.vision_backbone
         if neck.sam2_convs is None:
             raise RuntimeError("this backbone has no SAM2 neck; build it with add_sam2_neck=True")
-        x = neck.trunk(self._as_model_input(samples))[-1]
-        features, positions = neck.sam_forward_feature_levels(x, neck.sam2_convs)
+        features, positions = neck.sam_forward_feature_levels(self.forward_trunk(samples), neck.sam2_convs)
         features, positions = self._scalped(features), self._scalped(positions)
         return {"vision_features": features[-1], "vision_pos_enc": positions, "backbone_fpn": features}
 

@@ -85,7 +85,7 @@ def test_run_takes_a_job_file_and_flags_override_it(tmp_path, ray_local, capsys)
     out = tmp_path / "out"
     code = main(
         ["run", "--config", str(job), "--output", str(out), "--imgsz", "112", "--partition-by", "split",
-         "--features", "image_embedding,text_embedding,vision_features", "--run-id", "cli-test"]
+         "--features", "image_embedding,text_embedding,vision_features,trunk", "--run-id", "cli-test"]
     )  # fmt: skip
     assert code == exit_codes.OK
     assert not (tmp_path / "ignored").exists()
@@ -104,6 +104,8 @@ def test_run_takes_a_job_file_and_flags_override_it(tmp_path, ray_local, capsys)
     shown = capsys.readouterr().out
     assert "rows:       12 (12 ok, 0 error)" in shown
     assert "vision_features: extension<arrow.fixed_shape_tensor" in shown
+    assert "  trunk: [64x8x8] float16, 8,192 B; " in shown  # the tiny trunk's map, and what it takes in the files
+    assert "  image_embedding: [32] float16, 64 B; " in shown
     assert "model:      tiny at 112 px, checkpoint none (random weights)" in shown
     assert "first 2 rows:" in shown
 

@@ -424,3 +424,54 @@ def test_error_reasons_carry_no_object_addresses() -> None:
     assert error_reason(raw) == "not an image format Pillow can read"
     wrapped = OSError("read failed on <s3fs.core.S3File object at 0x7f00deadbeef>: connection reset")
     assert error_reason(wrapped) == "OSError: read failed on: connection reset"
+
+
+@pytest.mark.parametrize("feature_dtype", ["float16", "float32"])
+def test_trunk_maps_beyond_float16_range_fail_their_rows_instead_of_storing_inf(
+    tmp_path: Path, feature_dtype: str
+) -> None:
+    import torch
+
+    from pipeline.embed import EmbedSettings, EmbedWorker
+
+    path = tmp_path / "0.jpg"
+    path.write_bytes(_jpeg(30, 20))
+    spec = SourceSpec(format="manifest", protocol="file")
+    manifest = pa.table({"image": [str(path), str(tmp_path / "gone.jpg")], "caption": ["a cat", "a dog"]})
+    prepared = prepare_batch(
+        manifest, PrepareSettings(source=spec, imgsz=IMGSZ, context_length=32, bpe_path=None, storage_options=None)
+    )
+    settings = EmbedSettings(
+        checkpoint=None,
+        model_config="tiny",
+        imgsz=IMGSZ,
+        dtype="float32",
+        compile="off",
+        bpe_path=None,
+        features=("image_embedding", "text_embedding", "trunk", "language_features"),
+        feature_dtype=feature_dtype,
+        multi_caption=False,
+        batch_size=2,
+    )
+    worker = EmbedWorker(settings)
+    # The last block writes 1e5 into every channel of the residual stream: a real float32 map float16 cannot hold.
+    last = worker.backbone.vision_backbone.trunk.blocks[-1]
+    with torch.no_grad():
+        last.mlp.fc2.bias.fill_(1e5)
+    out = worker(prepared)
+    width, grid = worker.backbone.config.vision.width, IMGSZ // 14
+    assert out.schema.field("trunk").type == pa.fixed_shape_tensor(
+        pa.from_numpy_dtype(feature_dtype), [width, grid, grid]
+    )
+    assert out.column(schema.STATUS).to_pylist()[1] == "error"  # the missing file keeps its own reason
+    assert "not found" in out.column(schema.ERROR).to_pylist()[1]
+    if feature_dtype == "float16":
+        assert out.column(schema.STATUS).to_pylist() == ["error", "error"]
+        assert "trunk has values beyond float16's range" in out.column(schema.ERROR).to_pylist()[0]
+        assert "output.feature_dtype: float32" in out.column(schema.ERROR).to_pylist()[0]
+        for name in ("trunk", "image_embedding", "text_embedding", "language_features"):
+            assert out.column(name).to_pylist()[0] is None, name
+    else:
+        assert out.column(schema.STATUS).to_pylist() == ["ok", "error"]
+        trunk = out.column("trunk").combine_chunks()[:1].to_numpy_ndarray()[0]
+        assert np.isfinite(trunk).all() and np.abs(trunk).max() > 9e4

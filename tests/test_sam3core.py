@@ -316,10 +316,64 @@ def test_preprocess_accepts_pil_modes_and_array_layouts():
         preprocess_images([], 28)
 
 
+def assert_same_image_output(actual: dict, expected: dict) -> None:
+    """Bit-identical tensors (same dtype, same device) under every key `forward_image` returns."""
+    assert set(actual) == set(expected)
+    assert (actual["sam2_backbone_out"] is None) == (expected["sam2_backbone_out"] is None)
+    pairs = [(actual, expected, "")]
+    if expected["sam2_backbone_out"] is not None:
+        pairs.append((actual["sam2_backbone_out"], expected["sam2_backbone_out"], "sam2_backbone_out."))
+    for got, want, prefix in pairs:
+        assert torch.equal(got["vision_features"], want["vision_features"]), prefix + "vision_features"
+        assert got["vision_features"] is got["backbone_fpn"][-1]
+        for key in ("backbone_fpn", "vision_pos_enc"):
+            assert len(got[key]) == len(want[key]), prefix + key
+            for level, (a, b) in enumerate(zip(got[key], want[key], strict=True)):
+                assert a.dtype == b.dtype and a.device == b.device, f"{prefix}{key}[{level}]"
+                assert torch.equal(a, b), f"{prefix}{key}[{level}]"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sam2", [False, True])
+@pytest.mark.parametrize("imgsz", [112, 168])
+def test_neck_from_a_trunk_map_equals_forward_image_exactly(sam2, imgsz, dtype):
+    torch.manual_seed(0)
+    model = build_sam3_vl_backbone(config="tiny", imgsz=imgsz, add_sam2_neck=sam2, dtype=dtype)
+    images = torch.rand(2, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(imgsz)) * 2 - 1
+    with torch.no_grad():
+        expected = model.forward_image(images)
+        trunk = model.forward_trunk(images)
+        actual = model.forward_image_from_trunk(trunk)
+    grid, width = imgsz // 14, model.config.vision.width
+    assert trunk.shape == (2, width, grid, grid) and trunk.dtype == dtype
+    assert_same_image_output(actual, expected)
+    assert len(actual["backbone_fpn"]) == 3  # scalp=1 honoured: the 0.5x level is dropped
+
+
+def test_neck_from_a_trunk_map_honours_scalp_zero_and_casts_a_half_precision_map(tiny, images):
+    scalp_zero = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ)
+    scalp_zero.load_state_dict(tiny.state_dict(), strict=False)
+    scalp_zero.scalp = 0
+    with torch.no_grad():
+        trunk = scalp_zero.forward_trunk(images)
+        out = scalp_zero.forward_image_from_trunk(trunk)
+        assert len(out["backbone_fpn"]) == 4 and out["vision_features"].shape[-1] == IMGSZ // 28
+        assert_same_image_output(out, scalp_zero.forward_image(images))
+        # A float16 cache feeding a float32 model: cast on the way in, outputs in the model's dtype.
+        half = scalp_zero.forward_image_from_trunk(trunk.half())
+    assert half["vision_features"].dtype == torch.float32
+    torch.testing.assert_close(half["vision_features"], out["vision_features"], rtol=0, atol=1e-2)
+    with pytest.raises(ValueError, match=r"trunk map of shape \[B, 64, g, g\]"):
+        scalp_zero.forward_image_from_trunk(trunk[:, :32])
+
+
 def test_vision_backbone_traces_as_one_graph_without_breaks(tiny, images):
     explanation = torch._dynamo.explain(tiny.vision_backbone)(images)
     assert explanation.graph_count == 1, explanation.break_reasons
     assert explanation.graph_break_count == 0
+    # what compile_visual compiles: the trunk alone (the neck runs eager, see Sam3DualViTDetNeck.compile)
+    trunk = torch._dynamo.explain(tiny.vision_backbone.trunk)(images)
+    assert trunk.graph_count == 1 and trunk.graph_break_count == 0, trunk.break_reasons
 
 
 @pytest.mark.slow
@@ -332,6 +386,10 @@ def test_compiled_vision_backbone_matches_eager(tiny, images):
         actual = compiled.forward_image(images)
     for a, b in zip(actual["backbone_fpn"], expected["backbone_fpn"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # Compilation covers the trunk only: a trunk map fed back through the neck gives the compiled output exactly.
+    with torch.no_grad():
+        from_trunk = compiled.forward_image_from_trunk(compiled.forward_trunk(images))
+    assert_same_image_output(from_trunk, actual)
     # parameter names are untouched by compilation, so checkpoints stay interchangeable
     assert list(compiled.state_dict()) == list(tiny.state_dict())
 
