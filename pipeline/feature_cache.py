@@ -28,7 +28,7 @@ import torch
 
 from pipeline import schema
 from pipeline.model_cache import local_checkpoint
-from pipeline.reader import Filters, _as_expression, open_embeddings
+from pipeline.reader import Filters, as_expression, open_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class FeatureCache:
         expression = pc.field(schema.STATUS) == schema.STATUS_OK
         if ids is not None:
             expression = expression & pc.field(schema.ID).isin(pa.array(list(ids), pa.string()))
-        user = _as_expression(filter)
+        user = as_expression(filter)
         if user is not None:
             expression = expression & user
         pending: list[pa.RecordBatch] = []

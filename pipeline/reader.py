@@ -63,7 +63,7 @@ def read_embeddings(
     storage_options: fsspec options for the URI's filesystem, e.g. {"client_kwargs": {"endpoint_url": ...}}.
     """
     dataset = open_embeddings(uri, storage_options=storage_options)
-    expression = _as_expression(filters)
+    expression = as_expression(filters)
     table = dataset.to_table(columns=list(columns) if columns is not None else None, filter=expression)
     metadata = dataset.schema.metadata
     return table.replace_schema_metadata(metadata) if metadata and not table.schema.metadata else table
@@ -76,7 +76,7 @@ def list_committed_files(uri: str, *, storage_options: dict[str, Any] | None = N
     return [to_uri(location.protocol, path) for path in files]
 
 
-def _as_expression(filters: Filters | None) -> pc.Expression | None:
+def as_expression(filters: Filters | None) -> pc.Expression | None:
     if filters is None or isinstance(filters, pc.Expression):
         return filters
     return pq.filters_to_expression(list(filters))
