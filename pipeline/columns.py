@@ -7,7 +7,6 @@ has (compared without case) is taken, and the choice is logged; a name the job d
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +36,6 @@ IMAGE_COLUMN_NAMES = (
 CAPTION_COLUMN_NAMES = ("caption", "text", "alt", "alt_text", "prompt", "description", "sentence")
 CAPTIONS_COLUMN_NAMES = ("captions", "texts", "prompts", "sentences")
 ID_COLUMN_NAMES = ("id", "key", "uid", "image_id", "sample_id")
-SCHEMA_SAMPLE_BYTES = 64 * 1024
 
 
 class ColumnError(ValueError):
@@ -159,30 +157,3 @@ def resolve_columns(
         if id_column is None:
             notes.append("no id column: ids are derived from each row's image and caption")
     return ResolvedColumns(id_column, image_column, caption_column, captions_column, notes)
-
-
-def read_manifest_schema(kind: str, path: str, filesystem: Any) -> pa.Schema:
-    """The schema of one manifest file, reading its footer (Parquet) or its first lines (CSV, TSV, JSON Lines).
-
-    `filesystem` is an fsspec filesystem; compressed text manifests (.gz, .zst, .bz2) are read through it.
-    """
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        with filesystem.open(path, "rb") as f:
-            return pq.read_schema(f)
-    with filesystem.open(path, "rb", compression="infer") as f:
-        sample = f.read(SCHEMA_SAMPLE_BYTES)
-        complete = len(sample) < SCHEMA_SAMPLE_BYTES
-    if not complete:
-        sample = sample[: sample.rfind(b"\n") + 1]  # whole lines only
-    if not sample.strip():
-        raise ValueError(f"manifest {path} is empty")
-    if kind in ("csv", "tsv"):
-        import pyarrow.csv as pacsv
-
-        options = pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",")
-        return pacsv.read_csv(io.BytesIO(sample), parse_options=options).schema
-    import pyarrow.json as pajson
-
-    return pajson.read_json(io.BytesIO(sample)).schema

@@ -8,7 +8,6 @@ columns the duplicate-id check has to read.
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 from collections.abc import Iterable, Sequence
@@ -95,15 +94,19 @@ def read_schema(kind: str, path: str, filesystem: Any) -> pa.Schema:
         parse = pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",")
         with filesystem.open_input_stream(path, compression="detect") as f:
             return pacsv.open_csv(f, parse_options=parse).schema
+    # JSON Lines: infer from the whole lines of the first block, so a null in the first row does not decide a type
     with filesystem.open_input_stream(path, compression="detect") as f:
-        first = f.read(SCHEMA_PROBE_BYTES).split(b"\n", 1)[0].strip()
+        sample = f.read(SCHEMA_PROBE_BYTES)
+    if len(sample) == SCHEMA_PROBE_BYTES:
+        sample = sample[: sample.rfind(b"\n") + 1]
+    if not sample.strip():
+        raise ValueError(f"the manifest {path} is empty")
+    import pyarrow.json as pajson
+
     try:
-        row = json.loads(first) if first else {}
-    except ValueError as exc:
-        raise ValueError(f"the first line of {path} is not a JSON object: {exc}") from exc
-    if not isinstance(row, dict):
-        raise ValueError(f"the first line of {path} is not a JSON object")
-    return pa.Table.from_pylist([row]).schema
+        return pajson.read_json(pa.BufferReader(sample)).schema
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"the first lines of {path} are not JSON objects: {exc}") from exc
 
 
 def read_columns(layout: ManifestLayout, columns: list[str], filesystem: Any) -> pa.Table:

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import schema
-from pipeline.columns import ColumnError, read_manifest_schema, resolve_columns
+from pipeline.columns import ColumnError, resolve_columns
 from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig
 from pipeline.duplicate_ids import check_unique_ids
-from pipeline.manifest_layout import manifest_kind
+from pipeline.manifest_layout import manifest_layout
 from pipeline.markers import data_files
 from pipeline.sources import IMAGE_EXTENSIONS, input_protocol, input_uris
-from pipeline.storage import Location, fsspec_filesystem, list_files, options_for, parse_uri
+from pipeline.storage import Location, fsspec_filesystem, options_for, parse_uri
 
 logger = logging.getLogger("pipeline.preflight")
 
@@ -164,17 +164,11 @@ def _check_input(plan: Plan, uris: list[str], protocol: str, storage_options: di
         config.input.caption_column = config.input.caption_column or None
         return None
 
-    files: list[str] = []
-    for location in locations:
-        files.extend(list_files(location, storage_options))
     try:
-        kind, files = manifest_kind(files)
+        layout = manifest_layout(locations, storage_options)
     except ValueError as error:
-        raise PreflightError(f"input {uris[0]}: {error}") from error
-    try:
-        manifest_schema = read_manifest_schema(kind, files[0], fs)
-    except ValueError as error:
-        raise PreflightError(f"cannot read the manifest {files[0]}: {_one_line(error)}") from error
+        raise PreflightError(f"input {uris[0]}: {_one_line(error)}") from error
+    kind, files, manifest_schema = layout.kind, layout.files, layout.schema
     try:
         resolved = resolve_columns(
             manifest_schema,
