@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from pipeline import arrow_features, schema
 from pipeline.model_cache import local_checkpoint
+from sam3core.compile import is_compiled
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,10 @@ def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
-def should_compile(requested: str, device: torch.device) -> bool:
-    return requested == "on" or (requested == "auto" and device.type == "cuda")
+def should_compile(requested: str, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    from sam3core.compile import compile_plan
+
+    return compile_plan(requested, device, dtype).enabled
 
 
 class EmbedWorker:
@@ -69,20 +72,26 @@ class EmbedWorker:
         resolved = local_checkpoint(settings.checkpoint, settings.storage_options)
         if resolved.path is None:
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        compiled = should_compile(settings.compile, self.device)
-        self.compiled = compiled
         self.backbone = build_sam3_vl_backbone(
             resolved.path,
             config=settings.model_config,
             imgsz=settings.imgsz,
             device=self.device,
             dtype=self.dtype,
-            compile_visual=compiled,
+            compile_visual=settings.compile,
             add_sam2_neck="sam2_backbone_fpn" in settings.features,
             bpe_path=settings.bpe_path,
             storage_options=None,  # the checkpoint is a local file by now (or a hub spec sam3core resolves)
         )
         self.d_model = self.backbone.config.d_model
+        # Only the pooled embedding and vision_features wanted: the neck's other levels are skipped.
+        wanted = set(settings.features)
+        self.vision_only = not ({"backbone_fpn", "sam2_backbone_fpn"} & wanted)
+        built = time.monotonic() - started
+        # Compilation (lazy) is paid here, on a padded batch of the real batch size, not by the first real batch.
+        self.warm_up_seconds = self.backbone.warm_up(settings.batch_size, vision_features_only=self.vision_only)
+        compiled = is_compiled(self.backbone.vision_backbone)
+        self.compiled = compiled
         self.metadata = {
             schema.METADATA_KEY: json.dumps(
                 {
@@ -95,6 +104,7 @@ class EmbedWorker:
                         "checkpoint_sha256": resolved.sha256,
                         "compute_dtype": str(self.dtype).removeprefix("torch."),
                         "compiled_vision": compiled,
+                        "compile": self.backbone.compile_plan.describe() if compiled else "eager",
                         "device": self.device.type,
                     },
                     "image_size": settings.imgsz,
@@ -107,11 +117,14 @@ class EmbedWorker:
             ).encode()
         }
         logger.info(
-            "model ready on %s (%s, compiled=%s) in %.1fs",
+            "model ready on %s (%s, %s): built in %.1fs, warm-up%s %.1fs on a padded batch of %d",
             self.device,
             self.dtype,
-            compiled,
-            time.monotonic() - started,
+            self.backbone.compile_plan.describe() if compiled else "eager",
+            built,
+            " and compilation" if compiled else "",
+            self.warm_up_seconds,
+            settings.batch_size,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -139,23 +152,27 @@ class EmbedWorker:
         wanted = set(self.settings.features)
         dense: dict[str, np.ndarray] = {}
         if len(rows):
-            raw = [pixels[int(i)].as_py() for i in rows]
-            uint8 = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(size, size, 3) for b in raw])
+            uint8 = pixel_array(pixels, rows, size)  # [n_ok, S, S, 3], one copy out of the Arrow buffers
             if self.compiled and len(rows) < self.settings.batch_size:
                 # A compiled trunk recompiles for every new batch size; short batches are padded instead.
                 padding = np.zeros((self.settings.batch_size - len(rows), size, size, 3), dtype=np.uint8)
                 uint8 = np.concatenate([uint8, padding])
             # uint8 crosses to the device (4x less than float32) and is normalized there.
             x = normalize_images(torch.from_numpy(uint8).to(self.device, non_blocking=True))
-            out = _drop_padding(self.backbone.forward_image(x), len(rows))
-            vision = out["vision_features"].float()  # [B, d, g, g]
-            pooled[rows] = self._to_numpy(F.normalize(vision.mean(dim=(2, 3)), dim=-1))
+            if self.vision_only:
+                vision = self.backbone.forward_vision_features(x)[: len(rows)]  # [B, d, g, g]
+                out = None
+            else:
+                out = _drop_padding(self.backbone.forward_image(x), len(rows))
+                vision = out["vision_features"]
+            # Pooled on the device, in float32; the host gets one tensor per output.
+            pooled[rows] = self._to_numpy(F.normalize(vision.float().mean(dim=(2, 3)), dim=-1))
             if schema.VISION_FEATURES in wanted:
                 dense[schema.VISION_FEATURES] = self._to_numpy(vision)
-            if "backbone_fpn" in wanted:
+            if out is not None and "backbone_fpn" in wanted:
                 for level, tensor in enumerate(out["backbone_fpn"]):
                     dense[schema.fpn_column(level)] = self._to_numpy(tensor)
-            if "sam2_backbone_fpn" in wanted:
+            if out is not None and "sam2_backbone_fpn" in wanted:
                 sam2 = out["sam2_backbone_out"]
                 if sam2 is None:
                     raise RuntimeError("sam2_backbone_fpn requested but the backbone has no SAM 2 neck")
@@ -244,7 +261,39 @@ class EmbedWorker:
         return build(full, has_text)
 
     def _to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
-        return tensor.detach().float().cpu().numpy().astype(self.output_dtype, copy=False)
+        # Cast on the device to the stored dtype, then one copy to the host.
+        target = torch.float16 if self.output_dtype == np.float16 else torch.float32
+        return tensor.detach().to(target).cpu().numpy()
+
+
+def pixel_array(pixels: pa.ChunkedArray, rows: np.ndarray, size: int) -> np.ndarray:
+    """The `rows` of a binary column of S*S*3 uint8 images as one [len(rows), S, S, 3] array.
+
+    Reads the column's value buffer in place (no per-row Python bytes objects) and gathers the wanted rows.
+    """
+    array = pixels.combine_chunks() if isinstance(pixels, pa.ChunkedArray) else pixels
+    if pa.types.is_large_binary(array.type):
+        offset_type = np.int64
+    elif pa.types.is_binary(array.type):
+        offset_type = np.int32
+    else:
+        raise TypeError(f"pixel column must be binary, got {array.type}")
+    _, offsets_buffer, data_buffer = array.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[array.offset : array.offset + len(array) + 1]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
+    image_bytes = size * size * 3
+    starts = offsets[rows].astype(np.int64)
+    lengths = offsets[rows + 1].astype(np.int64) - starts
+    if np.any(lengths != image_bytes):
+        raise ValueError(f"pixel rows must hold {image_bytes} bytes ({size}x{size} RGB)")
+    batch = np.empty((len(rows), size, size, 3), dtype=np.uint8)
+    flat = batch.reshape(len(rows), image_bytes)
+    if len(rows) and np.all(np.diff(starts) == image_bytes):
+        flat[:] = data[starts[0] : starts[0] + len(rows) * image_bytes].reshape(len(rows), image_bytes)
+    else:
+        for i, start in enumerate(starts):  # slices of the buffer copied in place, no Python bytes per row
+            flat[i] = data[start : start + image_bytes]
+    return batch
 
 
 def _drop_padding(out: dict[str, Any], rows: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .compile import CompilePlan, apply_compile, warm_up
 from .config import Sam3Config
 from .neck import Sam3DualViTDetNeck
 from .text_encoder import VETextEncoder
@@ -30,9 +31,9 @@ class SAM3VLBackbone(nn.Module):
         scalp: int = 0,
     ) -> None:
         super().__init__()
-        if compile_visual:
-            # Compiles the module's call in place, so parameter names stay those of the checkpoint.
-            visual.compile()
+        # Compiles the modules' calls in place, so parameter names stay those of the checkpoint.
+        self.compile_plan = CompilePlan(enabled=bool(compile_visual))
+        apply_compile(visual, self.compile_plan)
         self.vision_backbone = visual
         self.language_backbone = text
         self.scalp = scalp
@@ -89,6 +90,23 @@ class SAM3VLBackbone(nn.Module):
             "backbone_fpn": sam3_features,
             "sam2_backbone_out": sam2_output,
         }
+
+    def forward_vision_features(self, samples: Tensor) -> Tensor:
+        """samples [B, 3, S, S] -> `forward_image(samples)["vision_features"]` [B, d_model, S/p, S/p], computing only
+        that pyramid level (the other levels and the position encodings are skipped)."""
+        neck = self.vision_backbone
+        x = neck.trunk(self._as_model_input(samples))[-1]
+        kept = len(neck.convs) - max(self.scalp, 0)
+        return neck.convs[kept - 1](x)
+
+    def warm_up(self, batch_size: int, vision_features_only: bool = False) -> float:
+        """Runs a zero batch of `batch_size` images through the vision path so that compilation (if any) happens
+        now, at the shapes real batches will have; falls back to eager with a warning if compiling fails.
+        Returns the seconds it took."""
+        weight = self.vision_backbone.trunk.patch_embed.proj.weight
+        zeros = torch.zeros(batch_size, 3, self.imgsz, self.imgsz, device=weight.device, dtype=weight.dtype)
+        run = self.forward_vision_features if vision_features_only else self.forward_image
+        return warm_up(lambda: run(zeros), self.vision_backbone, f"on a padded batch of {batch_size}")
 
     def forward_image_sam2(self, samples: Tensor) -> dict[str, Any]:
         """Only the SAM 2 pyramid (requires a backbone built with add_sam2_neck=True)."""
