@@ -39,6 +39,7 @@ class EmbedSettings:
     feature_dtype: str  # float16 | float32
     multi_caption: bool
     batch_size: int = 8
+    threads: int | None = None  # torch threads; None: as Ray set them (one per reserved CPU)
     storage_options: dict[str, Any] | None = None
     run_id: str = ""
     package_version: str = ""
@@ -65,6 +66,8 @@ class EmbedWorker:
 
         started = time.monotonic()
         self.settings = settings
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
         self.progress = progress
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = compute_dtype(settings.dtype, self.device)
@@ -117,8 +120,9 @@ class EmbedWorker:
             ).encode()
         }
         logger.info(
-            "model ready on %s (%s, %s): built in %.1fs, warm-up%s %.1fs on a padded batch of %d",
+            "model ready on %s with %d threads (%s, %s): built in %.1fs, warm-up%s %.1fs on a padded batch of %d",
             self.device,
+            torch.get_num_threads(),
             self.dtype,
             self.backbone.compile_plan.describe() if compiled else "eager",
             built,
