@@ -25,7 +25,11 @@ class DecodedImage:
     error: str | None
 
 
-def decode_image(data: bytes | None, imgsz: int) -> DecodedImage:
+def decode_image(data: bytes | None, imgsz: int, draft: int = 0) -> DecodedImage:
+    """draft > 0: let libjpeg decode JPEGs at a reduced scale (1/2, 1/4 or 1/8, DCT scaling) while both sides stay
+    at least `draft * imgsz`, before the exact resize. Faster on large photos, but the pixels differ slightly from
+    a full decode; see docs/benchmarks.md (decoding) for what it does to embeddings. 0 (the default): full decode.
+    """
     from sam3core import resize_image
 
     if data is None:
@@ -34,7 +38,7 @@ def decode_image(data: bytes | None, imgsz: int) -> DecodedImage:
     if len(data) == 0:
         return DecodedImage(None, None, None, digest, "empty image file")
     try:
-        image = load_rgb(data)
+        image = load_rgb(data, draft_size=draft * imgsz)
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
         return DecodedImage(None, None, None, digest, f"cannot decode image: {type(exc).__name__}: {exc}")
     width, height = image.size
@@ -45,8 +49,11 @@ def decode_image(data: bytes | None, imgsz: int) -> DecodedImage:
     return DecodedImage(pixels.tobytes(), width, height, digest, None)
 
 
-def load_rgb(data: bytes) -> Image.Image:
+def load_rgb(data: bytes, draft_size: int = 0) -> Image.Image:
     with Image.open(io.BytesIO(data)) as opened:
+        if draft_size and opened.format == "JPEG":
+            # a square target: the same request whatever the EXIF orientation
+            opened.draft("RGB", (draft_size, draft_size))
         opened.load()  # decode fully here, so truncated files fail now rather than in a later step
         image = ImageOps.exif_transpose(opened)
         return to_rgb(image)
