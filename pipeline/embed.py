@@ -65,6 +65,7 @@ class EmbedWorker:
         from sam3core import build_sam3_vl_backbone
 
         started = time.monotonic()
+        _log_to_stderr_in_workers()
         self.settings = settings
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
@@ -268,6 +269,17 @@ class EmbedWorker:
         # Cast on the device to the stored dtype, then one copy to the host.
         target = torch.float16 if self.output_dtype == np.float16 else torch.float32
         return tensor.detach().to(target).cpu().numpy()
+
+
+def _log_to_stderr_in_workers() -> None:
+    """Ray forwards an actor's stderr to the driver's log, but a worker process has no logging handler: give this
+    module's logger one, so "model ready ... warm-up" reaches the run's log."""
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def pixel_array(pixels: pa.ChunkedArray, rows: np.ndarray, size: int) -> np.ndarray:
