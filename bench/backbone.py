@@ -157,8 +157,8 @@ def compare_at(imgsz: int, dtypes: list[str], iters: int, device: str, with_offi
         # same names on both sides; only the official complex RoPE tables are not in ours
         missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
         assert not unexpected and all(name.endswith("freqs_cis") for name in missing), (missing, unexpected)
-    images = torch.randn(1, 3, imgsz, imgsz, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode():  # an inference tensor, as the warm-up's: no second compilation
+        images = torch.randn(1, 3, imgsz, imgsz, device=device)
         reference = [t.float() for t in outputs(ours.forward_image(images))]
     flops = image_flops(imgsz)
     rows = []

@@ -65,7 +65,8 @@ class SAM3VLBackbone(nn.Module):
 
     def _as_model_input(self, samples: Tensor) -> Tensor:
         weight = self.vision_backbone.trunk.patch_embed.proj.weight
-        return samples.to(device=weight.device, dtype=weight.dtype)
+        # contiguous: compiled code is specialised on strides, and callers hand over permuted [B, S, S, 3] batches
+        return samples.to(device=weight.device, dtype=weight.dtype).contiguous()
 
     def _run_vision(self, samples: Tensor):
         if self.act_ckpt_whole_vision_backbone and self.training:
@@ -100,13 +101,18 @@ class SAM3VLBackbone(nn.Module):
         return neck.convs[kept - 1](x)
 
     def warm_up(self, batch_size: int, vision_features_only: bool = False) -> float:
-        """Runs a zero batch of `batch_size` images through the vision path so that compilation (if any) happens
-        now, at the shapes real batches will have; falls back to eager with a warning if compiling fails.
-        Returns the seconds it took."""
+        """Runs a zero batch of `batch_size` images through the vision path, under `torch.inference_mode`, so that
+        compilation (if any) happens now, at the shapes real batches will have; falls back to eager with a warning
+        if compiling fails. Returns the seconds it took."""
         weight = self.vision_backbone.trunk.patch_embed.proj.weight
-        zeros = torch.zeros(batch_size, 3, self.imgsz, self.imgsz, device=weight.device, dtype=weight.dtype)
-        run = self.forward_vision_features if vision_features_only else self.forward_image
-        return warm_up(lambda: run(zeros), self.vision_backbone, f"on a padded batch of {batch_size}")
+        forward = self.forward_vision_features if vision_features_only else self.forward_image
+
+        def run() -> None:
+            # made under inference mode (warm_up runs `run` in it), like real batches: compiled code is guarded on
+            # whether its input is an inference tensor, and a mismatch would compile again
+            forward(torch.zeros(batch_size, 3, self.imgsz, self.imgsz, device=weight.device, dtype=weight.dtype))
+
+        return warm_up(run, self.vision_backbone, f"on a padded batch of {batch_size}")
 
     def forward_image_sam2(self, samples: Tensor) -> dict[str, Any]:
         """Only the SAM 2 pyramid (requires a backbone built with add_sam2_neck=True)."""
