@@ -363,3 +363,19 @@ def test_model_stage_pads_short_batches_for_a_compiled_trunk_without_changing_re
         ok_rows = (0, 2, 3)
         np.testing.assert_allclose(np.asarray([a[i] for i in ok_rows]), np.asarray([b[i] for i in ok_rows]), atol=1e-6)
     assert plain.column(schema.STATUS).to_pylist() == ["ok", "error", "ok", "ok"]
+
+
+def test_model_actor_threads_take_the_node_on_cpu_only_clusters() -> None:
+    from pipeline.config import JobConfig
+    from pipeline.job import actor_cpus, actor_threads
+
+    job = JobConfig.from_dict({"compute": {"num_actors": 1}})
+    # a 2-core laptop: Ray reserves one CPU for the actor (the other schedules decoding), torch uses both
+    assert actor_cpus(job, 2.0) == 1.0 and actor_threads(job, 2.0, 1, 0.0) == 2
+    # two actors on each of two 16-CPU nodes: 8 threads each
+    four = JobConfig.from_dict({"compute": {"num_actors": 4}})
+    assert actor_threads(four, 32.0, 2, 0.0) == 8
+    # GPU actors keep Ray's default; an explicit setting wins
+    assert actor_threads(job, 2.0, 1, 1.0) is None
+    pinned = JobConfig.from_dict({"compute": {"threads_per_actor": 1}})
+    assert actor_threads(pinned, 2.0, 1, 0.0) == 1
