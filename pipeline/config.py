@@ -67,7 +67,7 @@ class ModelConfig:
     config: str = "sam3"
     imgsz: int = 1008
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    # auto: what measured fastest per device (sam3core.compile): inductor + freezing for bfloat16 on CPU,
+    # auto: per device, as sam3core.compile decides (measured on CPU): inductor + freezing for bfloat16 on CPU,
     # max-autotune on CUDA, eager for float32 on CPU; falls back to eager with a warning if compiling fails
     compile: Literal["auto", "on", "off"] = "auto"
     bpe_path: str | None = None

@@ -5,9 +5,13 @@ What `compile="auto"` picks (measured with `bench/backbone.py`, figures in docs/
 - CPU, bfloat16: inductor with `freezing` — the weights become constants of the graph, so oneDNN gets them
   prepacked once, and the memory-bound work between the matmuls (LayerNorm, GELU, RoPE in float32, casts, window
   reshapes) is fused into a few C++ loops. Eager runs each of those ops as a separate pass over memory.
-- CPU, float32: eager. Compiling costs minutes for the full model on a small CPU and float32 matmuls dominate.
-- CUDA: inductor `max-autotune-no-cudagraphs` (Triton matmul/attention templates tuned once per shape; CUDA graphs
-  are left out because their output buffers are reused by the next call, and callers keep outputs around).
+  Measured on a 2-core CPU: 1.14x eager at 336 px; at 1008 px no faster than eager, where SDPA's CPU attention
+  kernel takes ~40% of the time and stays an external call in the compiled graph.
+- CPU, float32: eager (not measured: compiling costs about a minute per actor on a small CPU, and the float32
+  matmuls dominate even more than in bfloat16).
+- CUDA: inductor `max-autotune-no-cudagraphs` (Triton matmul templates tuned once per shape; CUDA graphs are left
+  out because their output buffers are reused by the next call, and callers keep outputs around). Not measured
+  yet: no GPU was available to the session that wrote this.
 
 Compilation is lazy: the first call of each compiled module pays it. `warm_up` makes that call on a padded batch of
 the size real batches will have (inputs of another batch size would compile again), measures it and, if
