@@ -250,8 +250,8 @@ def actor_threads(config: JobConfig, cluster_cpus: float, nodes: int, gpus_per_a
 
     On a CPU-only cluster the model is the bottleneck by far (sam3 at 336 px in bfloat16: ~1.2 s per image on 2
     cores, while decoding and resizing a 12-megapixel JPEG takes ~0.12 s on one core, a 1000 px one a few ms), so
-    each actor runs as many threads as its node has CPUs shared among the node's actors. Ray still reserves fewer CPUs for it (`actor_cpus`), so decoding tasks get
-    scheduled; they take their few milliseconds from the model's threads.
+    each actor runs as many threads as its node has CPUs shared among the node's actors. Ray still reserves fewer
+    CPUs for it (`actor_cpus`), so decoding tasks get scheduled; they take their share from the model's threads.
     """
     if config.compute.threads_per_actor is not None:
         return config.compute.threads_per_actor
