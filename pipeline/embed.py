@@ -52,12 +52,6 @@ def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
-def should_compile(requested: str, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
-    from sam3core.compile import compile_plan
-
-    return compile_plan(requested, device, dtype).enabled
-
-
 class EmbedWorker:
     """Callable class for `Dataset.map_batches(EmbedWorker, compute=ActorPoolStrategy(...), ...)`."""
 
