@@ -1,7 +1,8 @@
 """The model stage: a Ray Data actor that builds the backbone once and embeds batches of prepared records.
 
 On a GPU the backbone runs in bfloat16 with the vision trunk compiled (both configurable); without one the same
-class runs on the CPU in float32, so a laptop runs the exact code a cluster runs.
+class runs on the CPU in float32 (eager; bfloat16 there is compiled by default), so a laptop runs the exact code a
+cluster runs. Compilation is paid in the constructor, on a padded batch of the real batch size.
 """
 
 from __future__ import annotations
