@@ -53,15 +53,16 @@ def main() -> int:
             qf, kf, vf = q.float(), k.float(), v.float()
             reference = F.scaled_dot_product_attention(qf, kf, vf)
             flops = 4 * batch * tokens * tokens * 1024
+            sdpa = F.scaled_dot_product_attention
             variants = {
-                "SDPA bfloat16": lambda: F.scaled_dot_product_attention(q, k, v),
-                "SDPA float32": lambda: F.scaled_dot_product_attention(qf, kf, vf),
-                "explicit, chunked": lambda: chunked(q, k, v),
-                "explicit, chunked, compiled": lambda: compiled(q, k, v),
+                "SDPA bfloat16": (sdpa, (q, k, v)),
+                "SDPA float32": (sdpa, (qf, kf, vf)),
+                "explicit, chunked": (chunked, (q, k, v)),
+                "explicit, chunked, compiled": (compiled, (q, k, v)),
             }
-            for name, run in variants.items():
-                s = seconds(run)
-                cosine = F.cosine_similarity(run().float().flatten(), reference.flatten(), dim=0).item()
+            for name, (kernel, inputs) in variants.items():
+                s = seconds(lambda kernel=kernel, inputs=inputs: kernel(*inputs))
+                cosine = F.cosine_similarity(kernel(*inputs).float().flatten(), reference.flatten(), dim=0).item()
                 shape = f"{batch}x16x{tokens}x64"
                 print(f"| {name} | {shape} | {s * 1e3:.1f} | {flops / s / 1e12:.3f} | {cosine:.6f} |", flush=True)
     return 0
