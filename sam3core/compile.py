@@ -6,9 +6,10 @@ What `compile="auto"` picks (measured with `bench/backbone.py`, figures in docs/
   prepacked once, and the memory-bound work between the matmuls (LayerNorm, GELU, RoPE in float32, casts, window
   reshapes) is fused into a few C++ loops. Eager runs each of those ops as a separate pass over memory.
   Measured on a shared 2-core CPU against eager in the same run: 0.86x to 1.14x at 336 px (three runs, median
-  1.03x), 1.00x to 1.11x at 1008 px, where SDPA's CPU attention kernel takes ~40% of the time and stays an external
-  call in the compiled graph. A small gain, kept as the default for bfloat16 on CPUs; `compile: off` skips the
-  20 to 50 s of compilation per actor.
+  1.03x), 1.00x to 1.11x at 1008 px, where SDPA's CPU attention kernel takes ~40% of the time. Compiled on a CPU,
+  the global blocks therefore compute attention explicitly in query chunks (`sam3core.vit.attention`), which
+  inductor fuses: 1.4x the flash kernel over 5184 tokens. `compile: off` skips the 20 to 60 s of compilation per
+  actor.
 - CPU, float32: eager (not measured: compiling costs about a minute per actor on a small CPU, and the float32
   matmuls dominate even more than in bfloat16).
 - CUDA: inductor `max-autotune-no-cudagraphs` (Triton matmul templates tuned once per shape; CUDA graphs are left
