@@ -1,16 +1,23 @@
-"""Images per second through the vision backbone: sam3core against Meta's official implementation, side by side.
+"""Images per second through the vision backbone: sam3core (eager and compiled) against Meta's official
+implementation, side by side, with the fraction of the machine's measured matmul peak each reaches.
 
 Both run in the same process, on the same machine, on the same input, with the official "sam3" configuration
 (weights do not change the cost, so both get the same random weights). For each image size and dtype it times
-`forward_image` (ViT trunk + FPN neck + position encodings) at batch size 1 after a warm-up:
+`forward_image` (ViT trunk + FPN neck with its SAM 2 twin + position encodings) at batch size 1 after a warm-up:
 
 - float32: both models as built;
 - bfloat16: sam3core cast with `.to(torch.bfloat16)` (its RoPE tables stay float32 by design), the official model
-  under `torch.autocast` (casting it would silently drop the imaginary part of its complex RoPE buffers).
+  under `torch.autocast` (casting it would silently drop the imaginary part of its complex RoPE buffers);
+- sam3core compiled: what `compile="auto"` picks for the device and dtype (`sam3core.compile.compile_plan`; `on`
+  where auto stays eager), compiled in place, warm-up (= compilation) timed separately.
 
-The official modules come from Meta's `sam3` wheel in a separate environment (see `tools/official_sam3.py`):
+Every output of each timed variant is checked against sam3core float32 (cosine similarity). The peak is a
+4096 x 4096 x 4096 matmul in the same dtype; FLOPs per image are counted by `torch.utils.flop_counter` on a meta
+copy of the model. The official modules come from Meta's `sam3` wheel in a separate environment (see
+`tools/official_sam3.py`):
 
-    /work/refenv/bin/python bench/backbone.py --sizes 336 1008 --dtypes float32 bfloat16 --iters 2
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTHONPATH=. /work/refenv/bin/python bench/backbone.py \\
+        --sizes 336 1008 --dtypes bfloat16 --iters 2
 
 `--device cuda` runs the same comparison on a GPU.
 """
@@ -23,15 +30,62 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from sam3core import build_sam3_vl_backbone  # noqa: E402
+from sam3core import build_sam3_vl_backbone, get_config  # noqa: E402
+from sam3core.build import _assemble  # noqa: E402
+from sam3core.compile import apply_compile, compile_plan, is_compiled  # noqa: E402
+from sam3core.tokenizer import Sam3Tokenizer  # noqa: E402
+
+
+@dataclass
+class Row:
+    imgsz: int
+    dtype: str
+    variant: str
+    seconds: float
+    flops: float
+    peak: float
+    cosine: float
+    official_seconds: float | None
+    note: str = ""
+
+    def cells(self) -> list[str]:
+        ratio = f"{self.official_seconds / self.seconds:.2f}x" if self.official_seconds else "n/a"
+        return [
+            str(self.imgsz),
+            self.dtype,
+            self.variant,
+            f"{self.seconds:.2f}",
+            f"{1 / self.seconds:.3f}",
+            ratio,
+            f"{self.flops / self.seconds / 1e12:.3f}",
+            f"{self.flops / self.seconds / self.peak:.0%}",
+            f"{self.cosine:.6f}",
+            self.note,
+        ]
+
+
+HEADER = [
+    "size",
+    "dtype",
+    "variant",
+    "s/img",
+    "img/s",
+    "vs official",
+    "TFLOP/s",
+    "of matmul peak",
+    "min cosine vs fp32",
+    "note",
+]
 
 
 def official_backbone(imgsz: int, device: str) -> torch.nn.Module | None:
@@ -46,22 +100,55 @@ def official_backbone(imgsz: int, device: str) -> torch.nn.Module | None:
     return build_official_backbone(official, config, imgsz).to(device).eval()
 
 
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_forward(run: Callable[[], object], iters: int, device: str) -> float:
     """Seconds per call, after one warm-up call."""
     run()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(iters):
         run()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - start) / iters
 
 
-def compare_at(
-    imgsz: int, dtypes: list[str], iters: int, device: str, with_official: bool
-) -> list[tuple[int, str, float, float | None]]:
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 4096, calls: int = 8) -> float:
+    """FLOP/s of the fastest of `calls` n x n x n matmuls (the best call: a shared machine only slows calls down)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    best = min(time_forward(lambda: a @ b, 1, device) for _ in range(calls))
+    return 2 * n**3 / best
+
+
+def image_flops(imgsz: int) -> float:
+    """FLOPs of one `forward_image` (with the SAM 2 neck) at batch size 1, counted on a meta-device copy."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = get_config("sam3")
+    with torch.device("meta"):
+        model = _assemble(cfg, imgsz, Sam3Tokenizer(context_length=cfg.text.context_length), add_sam2_neck=True)
+    model.to("meta")  # the RoPE tables are built on the CPU by design; move them too
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.forward_image(torch.zeros(1, 3, imgsz, imgsz, device="meta"))
+    return float(counter.get_total_flops())
+
+
+def outputs(out: dict) -> list[torch.Tensor]:
+    return [*out["backbone_fpn"], *out["sam2_backbone_out"]["backbone_fpn"]]
+
+
+def min_cosine(actual: dict, expected: list[torch.Tensor]) -> float:
+    return min(
+        F.cosine_similarity(a.float().flatten(), e.flatten(), dim=0).item()
+        for a, e in zip(outputs(actual), expected, strict=True)
+    )
+
+
+def compare_at(imgsz: int, dtypes: list[str], iters: int, device: str, with_official: bool) -> list[Row]:
     torch.manual_seed(0)
     # the official builder adds the SAM 2 twin neck; give ours the same work
     ours = build_sam3_vl_backbone(config="sam3", imgsz=imgsz, device=device, add_sam2_neck=True)
@@ -70,28 +157,58 @@ def compare_at(
         # same names on both sides; only the official complex RoPE tables are not in ours
         missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
         assert not unexpected and all(name.endswith("freqs_cis") for name in missing), (missing, unexpected)
-    images = torch.randn(1, 3, imgsz, imgsz, device=device)
+    with torch.inference_mode():  # an inference tensor, as the warm-up's: no second compilation
+        images = torch.randn(1, 3, imgsz, imgsz, device=device)
+        reference = [t.float() for t in outputs(ours.forward_image(images))]
+    flops = image_flops(imgsz)
     rows = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        ours.to(dtype)
-        with torch.inference_mode():
-            ours_s = time_forward(lambda: ours.forward_image(images), iters, device)
+        peak = matmul_peak(dtype, device)
+        print(f"{imgsz} px {dtype_name}: {flops / 1e12:.2f} TFLOP/image, matmul peak {peak / 1e12:.2f} TFLOP/s")
         theirs_s = None
         if theirs is not None:
             autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
             with torch.inference_mode(), autocast:
                 theirs_s = time_forward(lambda: theirs.forward_image(images), iters, device)
-        rows.append((imgsz, dtype_name, ours_s, theirs_s))
-        official = f"{1 / theirs_s:8.3f} img/s ({theirs_s:6.2f} s)" if theirs_s else "n/a"
-        print(f"{imgsz:5d} px {dtype_name:9s} sam3core {1 / ours_s:8.3f} img/s ({ours_s:6.2f} s)  official {official}")
+                cosine = min_cosine(theirs.forward_image(images), reference)
+            rows.append(Row(imgsz, dtype_name, "official", theirs_s, flops, peak, cosine, theirs_s))
+            print(" | ".join(rows[-1].cells()), flush=True)
+        ours.to(dtype)
+        with torch.inference_mode():
+            seconds = time_forward(lambda: ours.forward_image(images), iters, device)
+            cosine = min_cosine(ours.forward_image(images), reference)
+        rows.append(Row(imgsz, dtype_name, "sam3core eager", seconds, flops, peak, cosine, theirs_s))
+        print(" | ".join(rows[-1].cells()), flush=True)
+
+        plan = compile_plan("auto", device, dtype)
+        if not plan.enabled:
+            plan = compile_plan("on", device, dtype)
+            label = "sam3core compiled (`on`; auto stays eager)"
+        else:
+            label = "sam3core compiled (auto)"
+        apply_compile(ours.vision_backbone, plan)
+        ours.compile_plan = plan
+        warm = ours.warm_up(1)
+        assert is_compiled(ours.vision_backbone), "compilation fell back to eager"
+        with torch.inference_mode():
+            seconds = time_forward(lambda: ours.forward_image(images), iters, device)
+            cosine = min_cosine(ours.forward_image(images), reference)
+        note = f"{plan.describe()}; first call (compile) {warm:.0f} s"
+        rows.append(Row(imgsz, dtype_name, label, seconds, flops, peak, cosine, theirs_s, note))
+        print(" | ".join(rows[-1].cells()), flush=True)
+        # back to eager for the next dtype (a frozen graph holds this dtype's weights)
+        from sam3core.compile import remove_compile
+
+        remove_compile(ours.vision_backbone)
+        torch._dynamo.reset()
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[336, 1008])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-official", action="store_true", help="time sam3core only")
@@ -103,12 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     for imgsz in args.sizes:
         rows += compare_at(imgsz, args.dtypes, args.iters, args.device, with_official=not args.no_official)
 
-    print("\n| size | dtype | sam3core img/s | official img/s | ratio |")
-    print("|---|---|---|---|---|")
-    for imgsz, dtype_name, ours_s, theirs_s in rows:
-        theirs_cell = f"{1 / theirs_s:.3f}" if theirs_s else "n/a"
-        ratio = f"{theirs_s / ours_s:.2f}x" if theirs_s else "n/a"
-        print(f"| {imgsz} | {dtype_name} | {1 / ours_s:.3f} | {theirs_cell} | {ratio} |")
+    print("\n| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
+    for row in rows:
+        print("| " + " | ".join(row.cells()) + " |")
     return 0
 
 

@@ -1,16 +1,22 @@
-"""Rows per second end to end (`run_job`) against the model alone, same machine, configuration and batch size.
+"""Rows per second of the model stage against the model alone, and end to end, on one machine.
 
 It writes N real JPEG files (random content, sizes between 320 and 1280 px) with captions and a JSON Lines
-manifest, then in one process:
+manifest, prepares them once with the CPU stage's own function (`prepare_batch`: decode, resize, tokenize), then
+in one process, with the same configuration, image size, dtype, compilation, batch size and thread count:
 
-1. model alone: the backbone `run_job`'s actors build (same config, image size, device, dtype, compilation and
-   batch size, decided by the same functions), on images already decoded, resized and tokenized, calling
-   `forward_image` and `forward_text` batch by batch;
-2. end to end: `run_job` on a local Ray cluster started beforehand (cluster start-up is not counted; model
-   building in the actors, reading, decoding, resizing, tokenizing, embedding and writing Parquet are).
+1. backbone alone: the calls `EmbedWorker` makes (`forward_vision_features` when only the pooled embeddings are
+   stored, as by default, and `forward_text`) on tensors already on the device, short batches padded as the actor
+   pads them, compiled code warmed up beforehand;
+2. `EmbedWorker` called directly (no Ray) on the prepared Arrow batches: uint8 pixels out of the Arrow buffer, the
+   forward passes, pooling on the device, the host copy and the Arrow output columns;
+3. end to end: `run_job` on a local Ray cluster started beforehand (cluster start-up is not counted; model building
+   and warm-up in the actor, reading, decoding, resizing, tokenizing, embedding and writing Parquet are).
+
+The thread count is the model actor's share as `run_job` decides it (`pipeline.job.actor_threads`); on a CPU-only
+machine that is every core, with decoding running in the model's gaps.
 
     python bench/pipeline.py --config tiny --imgsz 224 --rows 256 --batch-size 16
-    python bench/pipeline.py --config sam3 --imgsz 336 --rows 24 --batch-size 4
+    python bench/pipeline.py --config sam3 --imgsz 336 --rows 24 --batch-size 4 --dtype bfloat16
     python bench/pipeline.py --config sam3 --imgsz 1008 --rows 512 --batch-size 16   # on a GPU machine
 """
 
@@ -23,38 +29,24 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline import JobConfig, run_job  # noqa: E402
-from pipeline.embed import compute_dtype, should_compile  # noqa: E402
-from sam3core import build_sam3_vl_backbone, normalize_images, resize_image  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Model:
-    """Where and how the backbone runs: decided exactly as `pipeline.embed.EmbedWorker` decides it."""
-
-    device: torch.device
-    dtype: torch.dtype
-    compiled: bool
-
-    @classmethod
-    def like_the_actor(cls, dtype: str, compile: str) -> Model:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(device, compute_dtype(dtype, device), should_compile(compile, device))
-
-    def describe(self) -> str:
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.machine()
-        return f"{self.device.type} ({name}), {str(self.dtype).removeprefix('torch.')}, compiled={self.compiled}"
+from pipeline import JobConfig, run_job, schema  # noqa: E402
+from pipeline.config import FEATURES_DEFAULT  # noqa: E402
+from pipeline.embed import EmbedSettings, EmbedWorker, pixel_array  # noqa: E402
+from pipeline.job import actor_threads  # noqa: E402
+from pipeline.records import PrepareSettings, prepare_batch  # noqa: E402
+from pipeline.sources import SourceSpec  # noqa: E402
+from sam3core import normalize_images  # noqa: E402
 
 
 def write_dataset(root: Path, rows: int) -> tuple[Path, list[Path], list[str]]:
@@ -73,53 +65,72 @@ def write_dataset(root: Path, rows: int) -> tuple[Path, list[Path], list[str]]:
     return root / "manifest.jsonl", images, captions
 
 
-def model_alone(
-    config: str, imgsz: int, batch_size: int, images: list[Path], captions: list[str], threads: int, model: Model
-) -> float:
-    """Rows per second of the backbone itself on prepared inputs, built and fed as the pipeline's actor does."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    backbone = build_sam3_vl_backbone(
-        config=config, imgsz=imgsz, device=model.device, dtype=model.dtype, compile_visual=model.compiled
+def job_config(args: argparse.Namespace, manifest: Path, output: Path) -> JobConfig:
+    return JobConfig.from_dict(
+        {
+            "input": {"uri": str(manifest), "format": "manifest"},
+            "output": {"uri": str(output)},
+            "model": {
+                "config": args.config,
+                "imgsz": args.imgsz,
+                "dtype": args.dtype,
+                "compile": args.compile,
+                "random_weights": True,
+            },
+            "compute": {"batch_size": args.batch_size},
+        }
     )
-    pixels = torch.from_numpy(np.stack([resize_image(Image.open(p).convert("RGB"), imgsz) for p in images]))
-    tokens = backbone.tokenizer(captions)
-
-    def one_batch(first: int) -> None:
-        uint8 = pixels[first : first + batch_size]
-        if model.compiled and len(uint8) < batch_size:  # the actor pads short batches rather than recompile
-            uint8 = torch.cat([uint8, uint8.new_zeros((batch_size - len(uint8), *uint8.shape[1:]))])
-        backbone.forward_image(normalize_images(uint8.to(model.device)))
-        backbone.forward_text(tokens[first : first + batch_size].to(model.device))
-
-    with torch.inference_mode():
-        one_batch(0)  # warm-up (and compilation), as the actor's first batch
-        _synchronize(model.device)
-        start = time.perf_counter()
-        for first in range(0, len(images), batch_size):
-            one_batch(first)
-        _synchronize(model.device)
-        elapsed = time.perf_counter() - start
-    torch.set_num_threads(os.cpu_count() or 1)
-    return len(images) / elapsed
 
 
-def _synchronize(device: torch.device) -> None:
+def prepared_batches(manifest: Path, args: argparse.Namespace, tokenizer_context: int) -> list[pa.Table]:
+    table = pa.Table.from_pylist([json.loads(line) for line in manifest.read_text().splitlines()])
+    settings = PrepareSettings(
+        source=SourceSpec(format="manifest", protocol="file"),
+        imgsz=args.imgsz,
+        context_length=tokenizer_context,
+        bpe_path=None,
+        storage_options=None,
+    )
+    prepared = prepare_batch(table, settings)
+    return [prepared.slice(i, args.batch_size) for i in range(0, prepared.num_rows, args.batch_size)]
+
+
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def end_to_end(
-    config: str, imgsz: int, batch_size: int, manifest: Path, output: Path, dtype: str, compile: str
-) -> float:
-    job = JobConfig.from_dict(
-        {
-            "input": {"uri": str(manifest), "format": "manifest"},
-            "output": {"uri": str(output)},
-            "model": {"config": config, "imgsz": imgsz, "dtype": dtype, "compile": compile, "random_weights": True},
-            "compute": {"batch_size": batch_size},
-        }
-    )
+def backbone_alone(worker: EmbedWorker, batches: list[pa.Table]) -> float:
+    """Rows per second of the forward passes the worker makes, on inputs already on the device."""
+    backbone, size, batch_size = worker.backbone, worker.settings.imgsz, worker.settings.batch_size
+    inputs = []
+    for batch in batches:
+        uint8 = torch.from_numpy(pixel_array(batch.column(schema.PIXELS), np.arange(batch.num_rows), size))
+        if worker.compiled and len(uint8) < batch_size:  # the actor pads short batches rather than recompile
+            uint8 = torch.cat([uint8, uint8.new_zeros((batch_size - len(uint8), *uint8.shape[1:]))])
+        tokens = torch.tensor([row[0] for row in batch.column(schema.TOKENS).to_pylist()], dtype=torch.long)
+        inputs.append((normalize_images(uint8.to(worker.device)), tokens.to(worker.device)))
+    image_call = backbone.forward_vision_features if worker.vision_only else backbone.forward_image
+    with torch.inference_mode():
+        synchronize(worker.device)
+        start = time.perf_counter()
+        for images, tokens in inputs:
+            image_call(images)
+            backbone.forward_text(tokens)
+        synchronize(worker.device)
+        elapsed = time.perf_counter() - start
+    return sum(b.num_rows for b in batches) / elapsed
+
+
+def worker_alone(worker: EmbedWorker, batches: list[pa.Table]) -> float:
+    start = time.perf_counter()
+    for batch in batches:
+        worker(batch)
+    synchronize(worker.device)
+    return sum(b.num_rows for b in batches) / (time.perf_counter() - start)
+
+
+def end_to_end(job: JobConfig) -> float:
     start = time.perf_counter()
     summary = run_job(job)
     elapsed = time.perf_counter() - start
@@ -136,43 +147,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     args = parser.parse_args(argv)
-    model = Model.like_the_actor(args.dtype, args.compile)
-    shape = (args.config, args.imgsz, args.batch_size)
 
     import ray
 
     ray.init(include_dashboard=False, logging_level="ERROR")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        manifest, images, captions = write_dataset(root, args.rows)
-        all_threads = os.cpu_count() or 1
-        if model.device.type == "cuda":
-            # the actor holds the whole GPU; its CPU thread share hardly matters there
-            alone_actor = alone_all = model_alone(*shape, images, captions, all_threads, model)
-        else:
-            # Ray gives an actor as many torch threads as CPUs it reserves (compute.cpus_per_actor, 1 by
-            # default): time the model alone both with that share and with the whole machine.
-            alone_actor = model_alone(*shape, images, captions, 1, model)
-            alone_all = model_alone(*shape, images, captions, all_threads, model)
-        pipeline = end_to_end(*shape, manifest, root / "out", args.dtype, args.compile)
-    print(f"# {date.today()}: {model.describe()}, {all_threads} CPU threads, torch {torch.__version__}")
-    head = (args.config, args.imgsz, args.rows, args.batch_size)
-    if model.device.type == "cuda":
-        print("| config | imgsz | rows | batch | model alone | end to end | end to end / model |")
-        print("|---|---|---|---|---|---|---|")
-        print(_row(*head, alone_all, pipeline, pipeline / alone_all))
-    else:
-        print(
-            "| config | imgsz | rows | batch | model alone, 1 thread | model alone, all threads | end to end "
-            "| end to end / model (1 thread) |"
+        manifest, _, _ = write_dataset(root, args.rows)
+        job = job_config(args, manifest, root / "out")
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        threads = actor_threads(job, ray.cluster_resources().get("CPU", 0.0), 1, gpus) or torch.get_num_threads()
+        settings = EmbedSettings(
+            checkpoint=None,
+            model_config=args.config,
+            imgsz=args.imgsz,
+            dtype=args.dtype,
+            compile=args.compile,
+            bpe_path=None,
+            features=FEATURES_DEFAULT,
+            feature_dtype="float16",
+            multi_caption=False,
+            batch_size=args.batch_size,
+            threads=threads,
         )
-        print("|---|---|---|---|---|---|---|---|")
-        print(_row(*head, alone_actor, alone_all, pipeline, pipeline / alone_actor))
+        worker = EmbedWorker(settings)  # builds, compiles and warms up as the actor does
+        batches = prepared_batches(manifest, args, worker.backbone.config.text.context_length)
+        worker_alone(worker, batches[:1])  # first real batch (allocator, caches) not counted on either side
+        alone = backbone_alone(worker, batches)
+        direct = worker_alone(worker, batches)
+        del worker
+        pipeline = end_to_end(job)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.machine()
+    print(
+        f"# {date.today()}: {device} ({name}), dtype {args.dtype}, compile {args.compile}, {threads} model threads "
+        f"of {os.cpu_count()} CPUs, torch {torch.__version__}"
+    )
+    print(
+        "| config | imgsz | rows | batch | threads | backbone alone | EmbedWorker direct | end to end "
+        "| worker / backbone | end to end / backbone |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    cells = (args.config, args.imgsz, args.rows, args.batch_size, threads, alone, direct, pipeline)
+    print(_row(*cells, f"{direct / alone:.1%}", f"{pipeline / alone:.1%}"))
     return 0
 
 
 def _row(*cells: object) -> str:
-    return "| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |"
+    return "| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |"
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ class ModelConfig:
     config: str = "sam3"
     imgsz: int = 1008
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: Literal["auto", "on", "off"] = "auto"  # auto: compile the vision trunk on CUDA only
+    # auto: per device, as sam3core.compile decides (measured on CPU): inductor + freezing for bfloat16 on CPU,
+    # max-autotune on CUDA, eager for float32 on CPU; falls back to eager with a warning if compiling fails
+    compile: Literal["auto", "on", "off"] = "auto"
     bpe_path: str | None = None
 
 
@@ -81,6 +83,10 @@ class ComputeConfig:
     num_actors: int = 1
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else the actor runs on CPU
     cpus_per_actor: float = 1.0
+    # torch threads in each model actor. None: on a CPU-only cluster, the node's CPUs shared among its model
+    # actors, decoding taking its share from them (sam3 at 336 px: ~1.2 s per image on 2 cores, decoding a
+    # 12-megapixel JPEG ~0.12 s on one core), else Ray's default (one per CPU the actor reserves)
+    threads_per_actor: int | None = None
     decode_concurrency: int | None = None  # None: let Ray Data size the CPU pool
 
 

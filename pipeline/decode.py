@@ -29,8 +29,13 @@ class DecodedImage:
     error: str | None
 
 
-def decode_image(data: bytes | None, imgsz: int, uri: str | None = None) -> DecodedImage:
-    """uri: where the bytes came from, named in the error (a reason without it cannot be acted on)."""
+def decode_image(data: bytes | None, imgsz: int, uri: str | None = None, draft: int = 0) -> DecodedImage:
+    """uri: where the bytes came from, named in the error (a reason without it cannot be acted on).
+
+    draft > 0: let libjpeg decode JPEGs at a reduced scale (1/2, 1/4 or 1/8, DCT scaling) while both sides stay
+    at least `draft * imgsz`, before the exact resize. Faster on large photos, but the pixels differ slightly from
+    a full decode; see docs/benchmarks.md (decoding) for what it does to embeddings. 0 (the default): full decode.
+    """
     from sam3core import resize_image
 
     if data is None:
@@ -39,7 +44,7 @@ def decode_image(data: bytes | None, imgsz: int, uri: str | None = None) -> Deco
     if len(data) == 0:
         return DecodedImage(None, None, None, digest, "empty image file")
     try:
-        image = load_rgb(data)
+        image = load_rgb(data, draft_size=draft * imgsz)
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
         return DecodedImage(None, None, None, digest, f"cannot decode image {uri or '(no URI)'}: {error_reason(exc)}")
     width, height = image.size
@@ -58,8 +63,11 @@ def error_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def load_rgb(data: bytes) -> Image.Image:
+def load_rgb(data: bytes, draft_size: int = 0) -> Image.Image:
     with Image.open(io.BytesIO(data)) as opened:
+        if draft_size and opened.format == "JPEG":
+            # a square target: the same request whatever the EXIF orientation
+            opened.draft("RGB", (draft_size, draft_size))
         opened.load()  # decode fully here, so truncated files fail now rather than in a later step
         image = ImageOps.exif_transpose(opened)
         return to_rgb(image)

@@ -1,7 +1,8 @@
 """The model stage: a Ray Data actor that builds the backbone once and embeds batches of prepared records.
 
 On a GPU the backbone runs in bfloat16 with the vision trunk compiled (both configurable); without one the same
-class runs on the CPU in float32, so a laptop runs the exact code a cluster runs.
+class runs on the CPU in float32 (eager; bfloat16 there is compiled by default), so a laptop runs the exact code a
+cluster runs. Compilation is paid in the constructor, on a padded batch of the real batch size.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from pipeline import arrow_features, schema
 from pipeline.model_cache import local_checkpoint
+from sam3core.compile import is_compiled
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class EmbedSettings:
     feature_dtype: str  # float16 | float32
     multi_caption: bool
     batch_size: int = 8
+    threads: int | None = None  # torch threads; None: as Ray set them (one per reserved CPU)
     storage_options: dict[str, Any] | None = None
     run_id: str = ""
     package_version: str = ""
@@ -50,10 +53,6 @@ def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
-def should_compile(requested: str, device: torch.device) -> bool:
-    return requested == "on" or (requested == "auto" and device.type == "cuda")
-
-
 class EmbedWorker:
     """Callable class for `Dataset.map_batches(EmbedWorker, compute=ActorPoolStrategy(...), ...)`."""
 
@@ -61,7 +60,10 @@ class EmbedWorker:
         from sam3core import build_sam3_vl_backbone
 
         started = time.monotonic()
+        _log_to_stderr_in_workers()
         self.settings = settings
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
         self.progress = progress
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = compute_dtype(settings.dtype, self.device)
@@ -69,20 +71,26 @@ class EmbedWorker:
         resolved = local_checkpoint(settings.checkpoint, settings.storage_options)
         if resolved.path is None:
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        compiled = should_compile(settings.compile, self.device)
-        self.compiled = compiled
         self.backbone = build_sam3_vl_backbone(
             resolved.path,
             config=settings.model_config,
             imgsz=settings.imgsz,
             device=self.device,
             dtype=self.dtype,
-            compile_visual=compiled,
+            compile_visual=settings.compile,
             add_sam2_neck="sam2_backbone_fpn" in settings.features,
             bpe_path=settings.bpe_path,
             storage_options=None,  # the checkpoint is a local file by now (or a hub spec sam3core resolves)
         )
         self.d_model = self.backbone.config.d_model
+        # Only the pooled embedding and vision_features wanted: the neck's other levels are skipped.
+        wanted = set(settings.features)
+        self.vision_only = not ({"backbone_fpn", "sam2_backbone_fpn", schema.TRUNK} & wanted)
+        built = time.monotonic() - started
+        # Compilation (lazy) is paid here, on a padded batch of the real batch size, not by the first real batch.
+        self.warm_up_seconds = self.backbone.warm_up(settings.batch_size, vision_features_only=self.vision_only)
+        compiled = is_compiled(self.backbone.vision_backbone)
+        self.compiled = compiled
         self.metadata = {
             schema.METADATA_KEY: json.dumps(
                 {
@@ -95,6 +103,7 @@ class EmbedWorker:
                         "checkpoint_sha256": resolved.sha256,
                         "compute_dtype": str(self.dtype).removeprefix("torch."),
                         "compiled_vision": compiled,
+                        "compile": self.backbone.compile_plan.describe() if compiled else "eager",
                         "device": self.device.type,
                     },
                     "image_size": settings.imgsz,
@@ -107,11 +116,15 @@ class EmbedWorker:
             ).encode()
         }
         logger.info(
-            "model ready on %s (%s, compiled=%s) in %.1fs",
+            "model ready on %s with %d threads (%s, %s): built in %.1fs, warm-up%s %.1fs on a padded batch of %d",
             self.device,
+            torch.get_num_threads(),
             self.dtype,
-            compiled,
-            time.monotonic() - started,
+            self.backbone.compile_plan.describe() if compiled else "eager",
+            built,
+            " and compilation" if compiled else "",
+            self.warm_up_seconds,
+            settings.batch_size,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -145,27 +158,32 @@ class EmbedWorker:
         wanted = set(self.settings.features)
         dense: dict[str, np.ndarray] = {}
         if len(rows):
-            raw = [pixels[int(i)].as_py() for i in rows]
-            uint8 = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(size, size, 3) for b in raw])
+            uint8 = pixel_array(pixels, rows, size)  # [n_ok, S, S, 3], one copy out of the Arrow buffers
             if self.compiled and len(rows) < self.settings.batch_size:
                 # A compiled trunk recompiles for every new batch size; short batches are padded instead.
                 padding = np.zeros((self.settings.batch_size - len(rows), size, size, 3), dtype=np.uint8)
                 uint8 = np.concatenate([uint8, padding])
             # uint8 crosses to the device (4x less than float32) and is normalized there.
             x = normalize_images(torch.from_numpy(uint8).to(self.device, non_blocking=True))
-            # forward_image is exactly these two calls; the trunk map is kept for the `trunk` feature.
-            trunk = self.backbone.forward_trunk(x)
-            out = _drop_padding(self.backbone.forward_image_from_trunk(trunk), len(rows))
-            vision = out["vision_features"].float()  # [B, d, g, g]
-            pooled[rows] = self._to_numpy(F.normalize(vision.mean(dim=(2, 3)), dim=-1))
-            if schema.TRUNK in wanted:
-                dense[schema.TRUNK] = self._to_numpy(trunk[: len(rows)])  # [B, width, g, g]
+            if self.vision_only:
+                trunk = None
+                vision = self.backbone.forward_vision_features(x)[: len(rows)]  # [B, d, g, g]
+                out = None
+            else:
+                # forward_image is exactly these two calls; the trunk map is kept for the `trunk` feature.
+                trunk = self.backbone.forward_trunk(x)  # [B, width, g, g]
+                out = _drop_padding(self.backbone.forward_image_from_trunk(trunk), len(rows))
+                vision = out["vision_features"]
+            # Pooled on the device, in float32; the host gets one tensor per output.
+            pooled[rows] = self._to_numpy(F.normalize(vision.float().mean(dim=(2, 3)), dim=-1))
+            if trunk is not None and schema.TRUNK in wanted:
+                dense[schema.TRUNK] = self._to_numpy(trunk[: len(rows)])
             if schema.VISION_FEATURES in wanted:
                 dense[schema.VISION_FEATURES] = self._to_numpy(vision)
-            if "backbone_fpn" in wanted:
+            if out is not None and "backbone_fpn" in wanted:
                 for level, tensor in enumerate(out["backbone_fpn"]):
                     dense[schema.fpn_column(level)] = self._to_numpy(tensor)
-            if "sam2_backbone_fpn" in wanted:
+            if out is not None and "sam2_backbone_fpn" in wanted:
                 sam2 = out["sam2_backbone_out"]
                 if sam2 is None:
                     raise RuntimeError("sam2_backbone_fpn requested but the backbone has no SAM 2 neck")
@@ -261,7 +279,50 @@ class EmbedWorker:
         return build(full, has_text)
 
     def _to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
-        return tensor.detach().float().cpu().numpy().astype(self.output_dtype, copy=False)
+        # Cast on the device to the stored dtype, then one copy to the host.
+        target = torch.float16 if self.output_dtype == np.float16 else torch.float32
+        return tensor.detach().to(target).cpu().numpy()
+
+
+def _log_to_stderr_in_workers() -> None:
+    """Ray forwards an actor's stderr to the driver's log, but a worker process has no logging handler: give this
+    module's logger one, so "model ready ... warm-up" reaches the run's log."""
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def pixel_array(pixels: pa.ChunkedArray, rows: np.ndarray, size: int) -> np.ndarray:
+    """The `rows` of a binary column of S*S*3 uint8 images as one [len(rows), S, S, 3] array.
+
+    Reads the column's value buffer in place (no per-row Python bytes objects) and gathers the wanted rows.
+    """
+    array = pixels.combine_chunks() if isinstance(pixels, pa.ChunkedArray) else pixels
+    if pa.types.is_large_binary(array.type):
+        offset_type = np.int64
+    elif pa.types.is_binary(array.type):
+        offset_type = np.int32
+    else:
+        raise TypeError(f"pixel column must be binary, got {array.type}")
+    _, offsets_buffer, data_buffer = array.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[array.offset : array.offset + len(array) + 1]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
+    image_bytes = size * size * 3
+    starts = offsets[rows].astype(np.int64)
+    lengths = offsets[rows + 1].astype(np.int64) - starts
+    if np.any(lengths != image_bytes):
+        raise ValueError(f"pixel rows must hold {image_bytes} bytes ({size}x{size} RGB)")
+    batch = np.empty((len(rows), size, size, 3), dtype=np.uint8)
+    flat = batch.reshape(len(rows), image_bytes)
+    if len(rows) and np.all(np.diff(starts) == image_bytes):
+        flat[:] = data[starts[0] : starts[0] + len(rows) * image_bytes].reshape(len(rows), image_bytes)
+    else:
+        for i, start in enumerate(starts):  # slices of the buffer copied in place, no Python bytes per row
+            flat[i] = data[start : start + image_bytes]
+    return batch
 
 
 def _non_finite_rows(dense: dict[str, np.ndarray], rows: np.ndarray, feature_dtype: str) -> dict[int, str]:

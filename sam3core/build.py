@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .checkpoint import backbone_state_dict, load_backbone_weights, read_checkpoint
+from .compile import apply_compile, compile_plan
 from .config import Sam3Config, get_config
 from .neck import Sam3DualViTDetNeck
 from .position_encoding import PositionEmbeddingSine
@@ -26,7 +27,7 @@ def build_sam3_vl_backbone(
     imgsz: int = 1008,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    compile_visual: bool = False,
+    compile_visual: bool | str = False,
     add_sam2_neck: bool = False,
     bpe_path: str | os.PathLike | None = None,
     storage_options: Mapping[str, Any] | None = None,
@@ -36,6 +37,9 @@ def build_sam3_vl_backbone(
     checkpoint: None for random weights (deterministic under `torch.manual_seed`), a local path, an fsspec URI
     (`s3://…`, `file://…`; `storage_options` go to fsspec) or `hf://facebook/sam3[/<file>]`. Official `sam3.pt` and
     transformers `model.safetensors` layouts are both accepted.
+
+    compile_visual: True/"on", False/"off" or "auto" (see `sam3core.compile`): compiles the vision trunk and the
+    neck's pyramid levels in place, lazily; `model.warm_up(batch_size)` pays for it up front.
     """
     cfg = get_config(config)
     tokenizer = Sam3Tokenizer(bpe_path, context_length=cfg.text.context_length)
@@ -53,8 +57,9 @@ def build_sam3_vl_backbone(
         init_random_weights(model)
     model.to(device=device, dtype=_as_dtype(dtype))
     model.eval()
-    if compile_visual:
-        model.vision_backbone.compile()
+    weight = model.vision_backbone.trunk.patch_embed.proj.weight
+    model.compile_plan = compile_plan(compile_visual, weight.device, weight.dtype)
+    apply_compile(model.vision_backbone, model.compile_plan)
     return model
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from copy import deepcopy
-from typing import Any
 
 from torch import Tensor, nn
 
@@ -72,11 +71,6 @@ class Sam3DualViTDetNeck(nn.Module):
             features.append(feature)
             positions.append(self.position_encoding(feature).to(feature.dtype))
         return features, positions
-
-    def compile(self, *args: Any, **kwargs: Any) -> None:
-        """Compiles the trunk only (96% of the arithmetic). The neck stays eager, so a trunk map computed now and
-        one loaded from a feature cache go through the same code and give bit-identical levels."""
-        self.trunk.compile(*args, **kwargs)
 
     def set_imgsz(self, imgsz: list[int] | tuple[int, int] = (1008, 1008)) -> None:
         self.trunk.set_imgsz(imgsz)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .compile import CompilePlan, apply_compile, warm_up
 from .config import Sam3Config
 from .neck import Sam3DualViTDetNeck
 from .text_encoder import VETextEncoder
@@ -30,9 +31,9 @@ class SAM3VLBackbone(nn.Module):
         scalp: int = 0,
     ) -> None:
         super().__init__()
-        if compile_visual:
-            # Compiles the module's call in place, so parameter names stay those of the checkpoint.
-            visual.compile()
+        # Compiles the modules' calls in place, so parameter names stay those of the checkpoint.
+        self.compile_plan = CompilePlan(enabled=bool(compile_visual))
+        apply_compile(visual, self.compile_plan)
         self.vision_backbone = visual
         self.language_backbone = text
         self.scalp = scalp
@@ -64,7 +65,8 @@ class SAM3VLBackbone(nn.Module):
 
     def _as_model_input(self, samples: Tensor) -> Tensor:
         weight = self.vision_backbone.trunk.patch_embed.proj.weight
-        return samples.to(device=weight.device, dtype=weight.dtype)
+        # contiguous: compiled code is specialised on strides, and callers hand over permuted [B, S, S, 3] batches
+        return samples.to(device=weight.device, dtype=weight.dtype).contiguous()
 
     def _trunk_input(self, trunk_map: Tensor) -> Tensor:
         """A stored map (any float dtype, any device) as the neck's input; only its channel count is fixed."""
@@ -114,6 +116,27 @@ class SAM3VLBackbone(nn.Module):
         Trunk then neck, through the two public halves, so that a cached trunk map gives exactly this dictionary.
         """
         return self.forward_image_from_trunk(self.forward_trunk(samples))
+
+    def forward_vision_features(self, samples: Tensor) -> Tensor:
+        """samples [B, 3, S, S] -> `forward_image(samples)["vision_features"]` [B, d_model, S/p, S/p], computing only
+        that pyramid level (the other levels and the position encodings are skipped)."""
+        x = self.forward_trunk(samples)  # [B, width, g, g]
+        kept = len(self.vision_backbone.convs) - max(self.scalp, 0)
+        return self.vision_backbone.convs[kept - 1](x)
+
+    def warm_up(self, batch_size: int, vision_features_only: bool = False) -> float:
+        """Runs a zero batch of `batch_size` images through the vision path, under `torch.inference_mode`, so that
+        compilation (if any) happens now, at the shapes real batches will have; falls back to eager with a warning
+        if compiling fails. Returns the seconds it took."""
+        weight = self.vision_backbone.trunk.patch_embed.proj.weight
+        forward = self.forward_vision_features if vision_features_only else self.forward_image
+
+        def run() -> None:
+            # made under inference mode (warm_up runs `run` in it), like real batches: compiled code is guarded on
+            # whether its input is an inference tensor, and a mismatch would compile again
+            forward(torch.zeros(batch_size, 3, self.imgsz, self.imgsz, device=weight.device, dtype=weight.dtype))
+
+        return warm_up(run, self.vision_backbone, f"on a padded batch of {batch_size}")
 
     def forward_image_sam2(self, samples: Tensor) -> dict[str, Any]:
         """Only the SAM 2 pyramid (requires a backbone built with add_sam2_neck=True)."""

@@ -360,6 +360,84 @@ def test_remote_checkpoint_is_copied_once_and_hashed(
 # Model stage --------------------------------------------------------------------------------------------------------
 
 
+def _prepared_batch(tmp_path: Path, missing_at: int | None = 1, rows: int = 3) -> pa.Table:
+    paths = []
+    for i in range(rows):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(_jpeg(30 + i, 20, seed=i))
+    images = [str(p) for p in paths]
+    if missing_at is not None:
+        images.insert(missing_at, str(tmp_path / "gone.jpg"))
+    spec = SourceSpec(format="manifest", protocol="file")
+    return prepare_batch(
+        pa.table({"image": images}),
+        PrepareSettings(source=spec, imgsz=IMGSZ, context_length=32, bpe_path=None, storage_options=None),
+    )
+
+
+def _embed_settings(compile: str, features: tuple[str, ...], batch_size: int, dtype: str = "float32"):
+    from pipeline.embed import EmbedSettings
+
+    return EmbedSettings(
+        checkpoint=None,
+        model_config="tiny",
+        imgsz=IMGSZ,
+        dtype=dtype,
+        compile=compile,
+        bpe_path=None,
+        features=features,
+        feature_dtype="float32",
+        multi_caption=False,
+        batch_size=batch_size,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_compiled_model_stage_warms_up_once_and_never_recompiles_on_a_short_last_batch(tmp_path: Path) -> None:
+    import torch
+
+    from pipeline.embed import EmbedWorker
+
+    prepared = _prepared_batch(tmp_path)  # 4 rows, 3 decodable: shorter than the batch size
+    pooled_only = ("image_embedding", "text_embedding")
+    compiled = EmbedWorker(_embed_settings("on", pooled_only, batch_size=4))
+    assert compiled.compiled and compiled.vision_only and compiled.warm_up_seconds > 0
+    metadata = json.loads(compiled.metadata[schema.METADATA_KEY])
+    assert metadata["model"]["compile"] == "inductor (freezing=True)"
+    # compilation happened in the warm-up, at batch size 4; a short batch must be padded, not compiled again
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        short = compiled(prepared)
+        full = compiled(_prepared_batch(tmp_path, missing_at=None, rows=4))
+    assert short.column(schema.STATUS).to_pylist() == ["ok", "error", "ok", "ok"]
+    assert full.column(schema.STATUS).to_pylist() == ["ok"] * 4
+    # the same rows through the eager model and the full neck (forward_image) give the same embeddings
+    eager = EmbedWorker(_embed_settings("off", (*pooled_only, "backbone_fpn"), batch_size=4))
+    assert not eager.compiled and not eager.vision_only
+    expected = eager(prepared).column("image_embedding").to_pylist()
+    actual = short.column("image_embedding").to_pylist()
+    assert actual[1] is None and expected[1] is None
+    np.testing.assert_allclose(
+        np.asarray([actual[i] for i in (0, 2, 3)]), np.asarray([expected[i] for i in (0, 2, 3)]), atol=1e-4
+    )
+
+
+def test_pixel_array_reads_the_arrow_buffer_without_per_row_bytes() -> None:
+    from pipeline.embed import pixel_array
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for _ in range(4)]
+    values = [images[0].tobytes(), None, images[1].tobytes(), images[2].tobytes(), images[3].tobytes()]
+    column = pa.chunked_array([pa.array(values[:2], pa.binary()), pa.array(values[2:], pa.binary())])
+    rows = np.array([0, 2, 3, 4])
+    np.testing.assert_array_equal(pixel_array(column, rows, 4), np.stack(images))
+    # a sliced array (non-zero offset) and a gap between rows
+    sliced = pa.array(values, pa.large_binary()).slice(2)
+    np.testing.assert_array_equal(pixel_array(sliced, np.array([0, 2]), 4), np.stack([images[1], images[3]]))
+    with pytest.raises(ValueError, match="27 bytes"):
+        pixel_array(column, rows, 4 - 1)
+
+
 def test_model_stage_pads_short_batches_for_a_compiled_trunk_without_changing_results(tmp_path: Path) -> None:
     from pipeline.embed import EmbedSettings, EmbedWorker
 
@@ -475,3 +553,19 @@ def test_trunk_maps_beyond_float16_range_fail_their_rows_instead_of_storing_inf(
         assert out.column(schema.STATUS).to_pylist() == ["ok", "error"]
         trunk = out.column("trunk").combine_chunks()[:1].to_numpy_ndarray()[0]
         assert np.isfinite(trunk).all() and np.abs(trunk).max() > 9e4
+
+
+def test_model_actor_threads_take_the_node_on_cpu_only_clusters() -> None:
+    from pipeline.config import JobConfig
+    from pipeline.job import actor_cpus, actor_threads
+
+    job = JobConfig.from_dict({"compute": {"num_actors": 1}})
+    # a 2-core laptop: Ray reserves one CPU for the actor (the other schedules decoding), torch uses both
+    assert actor_cpus(job, 2.0) == 1.0 and actor_threads(job, 2.0, 1, 0.0) == 2
+    # two actors on each of two 16-CPU nodes: 8 threads each
+    four = JobConfig.from_dict({"compute": {"num_actors": 4}})
+    assert actor_threads(four, 32.0, 2, 0.0) == 8
+    # GPU actors keep Ray's default; an explicit setting wins
+    assert actor_threads(job, 2.0, 1, 1.0) is None
+    pinned = JobConfig.from_dict({"compute": {"threads_per_actor": 1}})
+    assert actor_threads(pinned, 2.0, 1, 0.0) == 1

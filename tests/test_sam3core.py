@@ -371,7 +371,7 @@ def test_vision_backbone_traces_as_one_graph_without_breaks(tiny, images):
     explanation = torch._dynamo.explain(tiny.vision_backbone)(images)
     assert explanation.graph_count == 1, explanation.break_reasons
     assert explanation.graph_break_count == 0
-    # what compile_visual compiles: the trunk alone (the neck runs eager, see Sam3DualViTDetNeck.compile)
+    # what compile_visual compiles in place (sam3core.compile): the trunk as one graph, and each neck level
     trunk = torch._dynamo.explain(tiny.vision_backbone.trunk)(images)
     assert trunk.graph_count == 1 and trunk.graph_break_count == 0, trunk.break_reasons
 
@@ -386,7 +386,7 @@ def test_compiled_vision_backbone_matches_eager(tiny, images):
         actual = compiled.forward_image(images)
     for a, b in zip(actual["backbone_fpn"], expected["backbone_fpn"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    # Compilation covers the trunk only: a trunk map fed back through the neck gives the compiled output exactly.
+    # The compiled modules serve both halves: a trunk map fed back through the neck gives the compiled output exactly.
     with torch.no_grad():
         from_trunk = compiled.forward_image_from_trunk(compiled.forward_trunk(images))
     assert_same_image_output(from_trunk, actual)

@@ -1,0 +1,72 @@
+"""Where the backbone's time goes on a CPU: attention kernels against the linear layers, at the trunk's shapes.
+
+Times, in bfloat16 with the machine's threads, at the shapes of the "sam3" trunk at 1008 px (16 heads of 64
+channels; 9 windows of 576 tokens, or one global map of 5184 tokens):
+
+- SDPA (`F.scaled_dot_product_attention`, which runs PyTorch's fused flash kernel on the CPU) in bfloat16 and in
+  float32;
+- explicit attention in query chunks (`q @ k^T`, softmax, `@ v`), eager and compiled by inductor;
+- a linear layer of the MLP (5184 x 1024 -> 4736) and a 4096^3 matmul, for the peak.
+
+    python bench/attention.py
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+
+
+def seconds(run: Callable[[], object], calls: int = 3) -> float:
+    run()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return (time.perf_counter() - start) / calls
+
+
+def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = 1296) -> torch.Tensor:
+    scale, kt = q.shape[-1] ** -0.5, k.transpose(-1, -2)
+    parts = [torch.softmax((q[:, :, i : i + chunk] * scale) @ kt, -1) @ v for i in range(0, q.shape[2], chunk)]
+    return torch.cat(parts, dim=2)
+
+
+def main() -> int:
+    print(f"# {date.today()}, torch {torch.__version__}, {torch.get_num_threads()} threads, TFLOP/s")
+    print("| kernel | shape | ms | TFLOP/s | cosine vs float32 SDPA |")
+    print("|---|---|---|---|---|")
+    compiled = torch.compile(chunked, dynamic=False)
+    with torch.inference_mode():
+        a = torch.randn(4096, 4096, dtype=torch.bfloat16)
+        s = seconds(lambda: a @ a)
+        print(f"| matmul | 4096^3 | {s * 1e3:.1f} | {2 * 4096**3 / s / 1e12:.3f} | |")
+        linear = torch.nn.Linear(1024, 4736).to(torch.bfloat16)
+        x = torch.randn(5184, 1024, dtype=torch.bfloat16)
+        s = seconds(lambda: linear(x))
+        print(f"| linear | 5184x1024->4736 | {s * 1e3:.1f} | {2 * 5184 * 1024 * 4736 / s / 1e12:.3f} | |")
+        for batch, tokens in ((9, 576), (1, 5184)):
+            q, k, v = (torch.randn(batch, 16, tokens, 64, dtype=torch.bfloat16) for _ in range(3))
+            qf, kf, vf = q.float(), k.float(), v.float()
+            reference = F.scaled_dot_product_attention(qf, kf, vf)
+            flops = 4 * batch * tokens * tokens * 1024
+            sdpa = F.scaled_dot_product_attention
+            variants = {
+                "SDPA bfloat16": (sdpa, (q, k, v)),
+                "SDPA float32": (sdpa, (qf, kf, vf)),
+                "explicit, chunked": (chunked, (q, k, v)),
+                "explicit, chunked, compiled": (compiled, (q, k, v)),
+            }
+            for name, (kernel, inputs) in variants.items():
+                s = seconds(lambda kernel=kernel, inputs=inputs: kernel(*inputs))
+                cosine = F.cosine_similarity(kernel(*inputs).float().flatten(), reference.flatten(), dim=0).item()
+                shape = f"{batch}x16x{tokens}x64"
+                print(f"| {name} | {shape} | {s * 1e3:.1f} | {flops / s / 1e12:.3f} | {cosine:.6f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

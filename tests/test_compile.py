@@ -1,0 +1,107 @@
+"""sam3core.compile: the plan per device, compiled == eager to bfloat16 noise, the eager fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sam3core import build_sam3_vl_backbone
+from sam3core.compile import CompilePlan, apply_compile, compile_plan, is_compiled
+
+IMGSZ = 56
+
+
+def test_plan_per_device_and_dtype():
+    assert compile_plan("auto", "cpu", torch.bfloat16) == CompilePlan(enabled=True, options={"freezing": True})
+    assert not compile_plan("auto", "cpu", torch.float32).enabled  # compiling costs more than it saves there
+    assert compile_plan("on", "cpu", torch.float32).options == {"freezing": True}
+    assert compile_plan(True, "cpu", torch.float32).enabled and not compile_plan(False, "cpu", torch.bfloat16).enabled
+    assert compile_plan("auto", "cuda", torch.bfloat16).mode == "max-autotune-no-cudagraphs"
+    assert not compile_plan("off", "cuda", torch.bfloat16).enabled
+    with pytest.raises(ValueError, match="compile must be one of"):
+        compile_plan("fast", "cpu", torch.float32)
+
+
+def _min_cosine(a: dict, b: dict) -> float:
+    pairs = zip(
+        [*a["backbone_fpn"], *a["vision_pos_enc"], *a["sam2_backbone_out"]["backbone_fpn"]],
+        [*b["backbone_fpn"], *b["vision_pos_enc"], *b["sam2_backbone_out"]["backbone_fpn"]],
+        strict=True,
+    )
+    return min(F.cosine_similarity(x.float().flatten(), y.float().flatten(), dim=0).item() for x, y in pairs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_compiled_bfloat16_matches_eager_to_bfloat16_noise():
+    torch.manual_seed(0)
+    eager = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ, dtype="bfloat16", add_sam2_neck=True)
+    compiled = build_sam3_vl_backbone(
+        config="tiny", imgsz=IMGSZ, dtype="bfloat16", add_sam2_neck=True, compile_visual="auto"
+    )
+    compiled.load_state_dict(eager.state_dict())  # before the first call: freezing captures the weights then
+    assert compiled.compile_plan.options == {"freezing": True}
+    compiled.warm_up(2)
+    assert is_compiled(compiled.vision_backbone)
+    images = torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        expected = eager.forward_image(images)
+        actual = compiled.forward_image(images)
+        only = compiled.forward_vision_features(images)
+    assert _min_cosine(actual, expected) > 0.999
+    for a, b in zip(actual["backbone_fpn"], expected["backbone_fpn"], strict=True):
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+    # the one-level path is the same computation as the level forward_image returns
+    torch.testing.assert_close(only, actual["vision_features"])
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def _failing_backend(graph_module: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+    raise RuntimeError("this compiler cannot compile anything")
+
+
+@pytest.mark.timeout(120)
+def test_warm_up_falls_back_to_eager_with_a_warning_when_compilation_fails():
+    torch.manual_seed(0)
+    model = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ)
+    apply_compile(model.vision_backbone, CompilePlan(enabled=True, backend=_failing_backend))
+    assert is_compiled(model.vision_backbone)
+    with pytest.warns(RuntimeWarning, match="(?s)running it eagerly.*cannot compile anything"):
+        seconds = model.warm_up(2, vision_features_only=True)
+    assert seconds > 0 and not is_compiled(model.vision_backbone)
+    images = torch.zeros(2, 3, IMGSZ, IMGSZ)
+    with torch.inference_mode():
+        features = model.forward_vision_features(images)  # eager from now on, no error
+    assert features.shape == (2, model.config.d_model, IMGSZ // 14, IMGSZ // 14)
+
+
+def test_warm_up_does_not_hide_errors_of_an_eager_model():
+    model = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ)
+    model.vision_backbone.trunk.imgsz = 28  # a broken model: RoPE tables sized for 56 px, inputs of 28 px
+    with pytest.raises(RuntimeError):
+        model.warm_up(1)
+
+
+@pytest.mark.timeout(120)
+def test_compiled_long_attention_takes_the_explicit_chunked_path_and_matches_sdpa():
+    from sam3core.vit import EXPLICIT_ATTENTION_CHUNK, attention
+
+    length = 2 * EXPLICIT_ATTENTION_CHUNK + 100  # long enough for the explicit path, with a short last chunk
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, length, 16, generator=generator) for _ in range(3))
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep_graph(graph_module: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    with torch.inference_mode():
+        actual = torch.compile(attention, backend=keep_graph, fullgraph=True)(q, k, v)
+        expected = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    assert len(graphs) == 1
+    assert "softmax" in graphs[0].code and "scaled_dot_product_attention" not in graphs[0].code
+    # eagerly, SDPA itself runs
+    torch.testing.assert_close(attention(q, k, v), expected)
