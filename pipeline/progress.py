@@ -101,6 +101,8 @@ class ProgressReporter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sam3-embed-progress", daemon=True)
         self._width = 0
+        # Held while a line is written: once __exit__ has ended the line, a snapshot still in flight writes nothing.
+        self._writing = threading.Lock()
 
     def __enter__(self) -> ProgressReporter:
         self._thread.start()
@@ -109,9 +111,11 @@ class ProgressReporter:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        if self.in_place and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
+        with self._writing:
+            if self.in_place and self._width:
+                self.stream.write("\n")
+                self.stream.flush()
+            self._width = 0
 
     def snapshot(self) -> ProgressSnapshot:
         snapshot = ray.get(self.counter.snapshot.remote(), timeout=30)
@@ -125,13 +129,16 @@ class ProgressReporter:
             except Exception as exc:  # progress is best effort; never disturb the job
                 logger.debug("progress unavailable: %s", exc)
                 continue
-            if self.in_place:
-                # \r back to the line's start; pad with spaces over a longer previous line
-                self.stream.write("\r" + line.ljust(self._width))
-                self.stream.flush()
-                self._width = len(line)
-            else:
-                logger.info(line)
+            with self._writing:
+                if self._stop.is_set():
+                    return
+                if self.in_place:
+                    # \r back to the line's start; pad with spaces over a longer previous line
+                    self.stream.write("\r" + line.ljust(self._width))
+                    self.stream.flush()
+                    self._width = len(line)
+                else:
+                    logger.info(line)
 
 
 def _is_tty(stream: TextIO) -> bool:

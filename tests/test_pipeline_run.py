@@ -755,6 +755,7 @@ def test_progress_is_logged_periodically(ray_local: None, caplog: pytest.LogCapt
 def test_progress_is_rewritten_in_place_on_a_terminal(ray_local: None) -> None:
     import os
     import pty
+    import select
 
     from pipeline.progress import ProgressCounter, ProgressReporter
 
@@ -769,8 +770,11 @@ def test_progress_is_rewritten_in_place_on_a_terminal(ray_local: None) -> None:
         assert reporter.in_place
         with reporter:
             time.sleep(1.5)
-        shown = os.read(leader, 65536).decode()
+        shown = b""
+        while select.select([leader], [], [], 0.5)[0]:  # everything written so far; one read may return a part
+            shown += os.read(leader, 65536)
     os.close(leader)
+    shown = shown.decode()
     updates = [part for part in shown.split("\r") if part.strip()]
     assert len(updates) >= 2 and all(u.strip().startswith("rows 5/20 (25%): 5 ok, 0 error") for u in updates)
     assert "ETA" in updates[0] and shown.endswith("\n")  # a newline once done, so later lines start clean
