@@ -31,13 +31,15 @@ logger = logging.getLogger(__name__)
 NAMED = 3  # duplicates named in the message
 
 
-def check_unique_ids(config: JobConfig) -> None:
-    """Raise ValueError naming a few duplicate ids and what to change; the whole check for one job config."""
+def check_unique_ids(config: JobConfig, layout: ManifestLayout | None = None) -> None:
+    """Raise ValueError naming a few duplicate ids and what to change; the whole check for one job config.
+
+    `layout`: the manifest's, when the caller has read it already."""
     uris = input_uris(config.input.uri)
     storage_options = config.storage_options()
     spec = SourceSpec.from_config(config.input, input_protocol(uris))
     try:
-        spec, layout = plan_source(spec, uris, storage_options)
+        spec, layout = plan_source(spec, uris, storage_options, layout)
     except OSError:
         return  # a missing or unreadable input is reported by the input checks, with their own message
     check_layout_ids(spec, layout, storage_options)

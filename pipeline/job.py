@@ -70,7 +70,9 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
     storage_options = config.storage_options()
     uris = input_uris(config.input.uri)
     # What the driver can see of the input (manifest files, schema) before Ray starts.
-    source, layout = plan_source(SourceSpec.from_config(config.input, input_protocol(uris)), uris, storage_options)
+    source, layout = plan_source(
+        SourceSpec.from_config(config.input, input_protocol(uris)), uris, storage_options, plan.layout
+    )
     log_renamed_columns(source, layout)
     console.start_ray()
     output = parse_uri(config.output.uri)

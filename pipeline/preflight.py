@@ -19,7 +19,7 @@ from pipeline import schema
 from pipeline.columns import ColumnError, resolve_columns
 from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig
 from pipeline.duplicate_ids import check_unique_ids
-from pipeline.manifest_layout import manifest_layout
+from pipeline.manifest_layout import ManifestLayout, manifest_layout
 from pipeline.markers import data_files
 from pipeline.sources import IMAGE_EXTENSIONS, input_protocol, input_uris
 from pipeline.storage import Location, fsspec_filesystem, options_for, parse_uri
@@ -40,6 +40,7 @@ class Plan:
     total_rows: int | None = None  # rows in the input, when cheap to know
     checkpoint_format: str | None = None  # e.g. "torch zip, sam3.pt layout"; None with random weights
     notes: list[str] = field(default_factory=list)  # decisions worth a log line (columns recognised, …)
+    layout: ManifestLayout | None = None  # the manifest's files and schema, read once here and reused by the run
 
 
 def validate(config: JobConfig) -> None:
@@ -101,7 +102,7 @@ def preflight(config: JobConfig) -> Plan:
         columns = _check_input(plan, uris, protocol, storage_options)
         _check_partition_columns(config, columns)
         _check_output(config, storage_options)
-        check_unique_ids(plan.config)  # with the manifest's columns resolved
+        check_unique_ids(plan.config, plan.layout)  # with the manifest's columns resolved
     except PreflightError:
         raise
     except (ValueError, OSError) as error:
@@ -168,6 +169,7 @@ def _check_input(plan: Plan, uris: list[str], protocol: str, storage_options: di
         layout = manifest_layout(locations, storage_options)
     except ValueError as error:
         raise PreflightError(f"input {uris[0]}: {_one_line(error)}") from error
+    plan.layout = layout
     kind, files, manifest_schema = layout.kind, layout.files, layout.schema
     try:
         resolved = resolve_columns(

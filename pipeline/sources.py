@@ -112,12 +112,18 @@ def input_protocol(uris: list[str]) -> str:
 
 
 def plan_source(
-    spec: SourceSpec, uris: list[str], storage_options: dict[str, Any] | None
+    spec: SourceSpec,
+    uris: list[str],
+    storage_options: dict[str, Any] | None,
+    layout: ManifestLayout | None = None,
 ) -> tuple[SourceSpec, ManifestLayout | None]:
-    """The spec completed from what the driver can see of the input, and the manifest's layout (None otherwise)."""
+    """The spec completed from what the driver can see of the input, and the manifest's layout (None otherwise).
+
+    `layout`: one already read (preflight's), so the manifest is listed and its schema read once per run.
+    """
     if spec.format != "manifest":
         return spec, None
-    layout = manifest_layout([parse_uri(u) for u in uris], storage_options)
+    layout = layout or manifest_layout([parse_uri(u) for u in uris], storage_options)
     image_bytes = layout.kind == "parquet" and holds_image_bytes(layout.schema, spec.image_column)
     # Ray's `include_paths` would overwrite a manifest column called `path`; then the input URI names the source.
     file_column = RAY_PATH_COLUMN if image_bytes and RAY_PATH_COLUMN not in layout.column_names else None

@@ -153,11 +153,7 @@ def probe_checkpoint(source: str | os.PathLike, storage_options: Mapping[str, An
         raise CheckpointError(f"{source} is not a readable PyTorch or safetensors checkpoint: {exc}") from exc
     layout = checkpoint_layout(keys)
     if layout is None:
-        sample = ", ".join(sorted(keys)[:5]) or "no entries at all"
-        raise CheckpointError(
-            f"{source} is not a SAM 3 checkpoint: no '{OFFICIAL_PREFIX}*' (sam3.pt) or '{HF_PREFIX}*' "
-            f"(transformers) keys; it starts with {sample}"
-        )
+        raise _not_a_sam3_checkpoint(source, keys)
     return CheckpointProbe(source, container, layout, len(keys))
 
 
@@ -242,8 +238,12 @@ def backbone_state_dict(
         return _from_transformers(state, scale_factors)
     if layout == "sam3core":
         return {k: v for k, v in state.items() if k.startswith(NATIVE_PREFIXES) and not k.endswith("freqs_cis")}
-    sample = ", ".join(sorted(state)[:5]) or "no tensors at all"
-    raise CheckpointError(
+    raise _not_a_sam3_checkpoint(source, state)
+
+
+def _not_a_sam3_checkpoint(source: str, keys: Iterable[str]) -> CheckpointError:
+    sample = ", ".join(sorted(keys)[:5]) or "no entries at all"
+    return CheckpointError(
         f"{source} is not a SAM 3 checkpoint: no '{OFFICIAL_PREFIX}*' (sam3.pt) or '{HF_PREFIX}*' "
         f"(transformers) keys; it starts with {sample}"
     )

@@ -375,7 +375,9 @@ def _prepared_batch(tmp_path: Path, missing_at: int | None = 1, rows: int = 3) -
     )
 
 
-def _embed_settings(compile: str, features: tuple[str, ...], batch_size: int, dtype: str = "float32"):
+def _embed_settings(
+    compile: str, features: tuple[str, ...], batch_size: int, dtype: str = "float32", feature_dtype: str = "float32"
+):
     from pipeline.embed import EmbedSettings
 
     return EmbedSettings(
@@ -386,7 +388,7 @@ def _embed_settings(compile: str, features: tuple[str, ...], batch_size: int, dt
         compile=compile,
         bpe_path=None,
         features=features,
-        feature_dtype="float32",
+        feature_dtype=feature_dtype,
         multi_caption=False,
         batch_size=batch_size,
     )
@@ -439,7 +441,7 @@ def test_pixel_array_reads_the_arrow_buffer_without_per_row_bytes() -> None:
 
 
 def test_model_stage_pads_short_batches_for_a_compiled_trunk_without_changing_results(tmp_path: Path) -> None:
-    from pipeline.embed import EmbedSettings, EmbedWorker
+    from pipeline.embed import EmbedWorker
 
     paths = []
     for i in range(3):
@@ -450,18 +452,7 @@ def test_model_stage_pads_short_batches_for_a_compiled_trunk_without_changing_re
     prepared = prepare_batch(
         manifest, PrepareSettings(source=spec, imgsz=IMGSZ, context_length=32, bpe_path=None, storage_options=None)
     )
-    settings = EmbedSettings(
-        checkpoint=None,
-        model_config="tiny",
-        imgsz=IMGSZ,
-        dtype="float32",
-        compile="off",
-        bpe_path=None,
-        features=("image_embedding", "text_embedding", "backbone_fpn"),
-        feature_dtype="float32",
-        multi_caption=False,
-        batch_size=8,
-    )
+    settings = _embed_settings("off", ("image_embedding", "text_embedding", "backbone_fpn"), batch_size=8)
     worker = EmbedWorker(settings)
     plain = worker(prepared)
     worker.compiled = True  # as on a GPU: short batches get padded to batch_size
@@ -510,7 +501,7 @@ def test_trunk_maps_beyond_float16_range_fail_their_rows_instead_of_storing_inf(
 ) -> None:
     import torch
 
-    from pipeline.embed import EmbedSettings, EmbedWorker
+    from pipeline.embed import EmbedWorker
 
     path = tmp_path / "0.jpg"
     path.write_bytes(_jpeg(30, 20))
@@ -519,18 +510,8 @@ def test_trunk_maps_beyond_float16_range_fail_their_rows_instead_of_storing_inf(
     prepared = prepare_batch(
         manifest, PrepareSettings(source=spec, imgsz=IMGSZ, context_length=32, bpe_path=None, storage_options=None)
     )
-    settings = EmbedSettings(
-        checkpoint=None,
-        model_config="tiny",
-        imgsz=IMGSZ,
-        dtype="float32",
-        compile="off",
-        bpe_path=None,
-        features=("image_embedding", "text_embedding", "trunk", "language_features"),
-        feature_dtype=feature_dtype,
-        multi_caption=False,
-        batch_size=2,
-    )
+    features = ("image_embedding", "text_embedding", "trunk", "language_features")
+    settings = _embed_settings("off", features, batch_size=2, feature_dtype=feature_dtype)
     worker = EmbedWorker(settings)
     # The last block writes 1e5 into every channel of the residual stream: a real float32 map float16 cannot hold.
     last = worker.backbone.vision_backbone.trunk.blocks[-1]
