@@ -11,10 +11,10 @@ Both run in the same process, on the same machine, on the same input, with the o
 - sam3core compiled: what `compile="auto"` picks for the device and dtype (`sam3core.compile.compile_plan`; `on`
   where auto stays eager), compiled in place, warm-up (= compilation) timed separately.
 
-Every output of each timed variant is checked against sam3core float32 (cosine similarity). The peak is a
-4096 x 4096 x 4096 matmul in the same dtype; FLOPs per image are counted by `torch.utils.flop_counter` on a meta
-copy of the model. The official modules come from Meta's `sam3` wheel in a separate environment (see
-`tools/official_sam3.py`):
+Every output of each timed variant is checked against sam3core float32 (cosine similarity). The peak is the
+fastest 4096 x 4096 x 4096 matmul in the same dtype, measured before and after the variants; FLOPs per image are
+counted by `torch.utils.flop_counter` on a meta copy of the model. The official modules come from Meta's `sam3`
+wheel in a separate environment (see `tools/official_sam3.py`):
 
     TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTHONPATH=. /work/refenv/bin/python bench/backbone.py \\
         --sizes 336 1008 --dtypes bfloat16 --iters 2
@@ -202,6 +202,11 @@ def compare_at(imgsz: int, dtypes: list[str], iters: int, device: str, with_offi
 
         remove_compile(ours.vision_backbone)
         torch._dynamo.reset()
+        # A shared machine only ever slows a matmul down: the faster of the peaks before and after is the peak.
+        peak = max(peak, matmul_peak(dtype, device))
+        for row in rows:
+            if row.dtype == dtype_name:
+                row.peak = peak
     return rows
 
 

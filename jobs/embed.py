@@ -87,7 +87,10 @@ def render_summary(config: JobConfig, summary: dict[str, Any], code: int) -> str
     if isinstance(this_attempt, int) and rows is not None and this_attempt < rows:
         lines.append(f"  resumed:      {rows - this_attempt} rows were already written by an earlier attempt")
     if "elapsed_s" in summary:
-        lines.append(f"  elapsed:      {summary['elapsed_s']:.1f}s, {summary.get('rows_per_s', 0):.2f} rows/s")
+        rate = f"{summary['elapsed_s']:.1f}s, {summary.get('rows_per_s', 0):.2f} rows/s"
+        if summary.get("steady_rows_per_s"):
+            rate += f" ({summary['steady_rows_per_s']:.2f} rows/s after the first batch)"
+        lines.append(f"  elapsed:      {rate}")
     if "files" in summary:
         lines.append(f"  files:        {summary['files']}")
     lines.append(f"exit code {code} ({exit_codes.describe(code)})")

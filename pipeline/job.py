@@ -48,6 +48,9 @@ class RunSummary:
     random_weights: bool = False  # no checkpoint: the embeddings mean nothing
     error_fraction: float = 0.0  # rows_error / rows_total
     max_error_fraction: float = 0.05  # the budget (output.max_error_fraction): above it the run exits 3
+    # Rows per second from the first finished batch to the last: the rate without start-up (model building and
+    # compilation in the actors, Ray Data starting), which a short run's rows_per_s is dominated by.
+    steady_rows_per_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +126,7 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
         random_weights=config.model.checkpoint is None,
         error_fraction=round(error_fraction(sum(counts.values()), counts.get(schema.STATUS_ERROR, 0)) or 0.0, 6),
         max_error_fraction=config.output.max_error_fraction,
+        steady_rows_per_s=None if done.steady_rows_per_s is None else round(done.steady_rows_per_s, 3),
     )
     _commit(output, summary, storage_options)
     logger.info(

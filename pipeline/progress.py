@@ -1,8 +1,10 @@
 """Progress while a job runs: the model actors report counts to one small actor; the driver shows them.
 
 One line: rows done (of the total when the input's size is cheap to know), ok and error rows, rows per second and
-the time left. On a terminal it is rewritten in place every second; otherwise (job logs, CI) it is logged every
-`interval_s` seconds, so a long run's log grows by one line per interval.
+the time left. Once a second batch is done, the rate is the steady one, counted from the first finished batch: it
+leaves out the start-up (actors building and compiling the model, Ray Data starting its operators) that a whole-run
+average would spread over the ETA. On a terminal the line is rewritten in place every second; otherwise (job logs,
+CI) it is logged every `interval_s` seconds, so a long run's log grows by one line per interval.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class ProgressSnapshot:
     error: int
     elapsed_s: float
     total: int | None = None  # rows this run will process, when known
+    # Rows reported after the first report, and the seconds from the first report to the last one.
+    rows_after_first: int = 0
+    seconds_after_first: float = 0.0
 
     @property
     def done(self) -> int:
@@ -37,19 +42,32 @@ class ProgressSnapshot:
 
     @property
     def rows_per_s(self) -> float:
+        """The whole run's average, start-up included."""
         return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
-    def eta_s(self) -> float | None:
-        if self.total is None or self.rows_per_s <= 0 or self.done >= self.total:
+    @property
+    def steady_rows_per_s(self) -> float | None:
+        """Rows per second since the first batch finished (None until a second one has)."""
+        if self.rows_after_first <= 0 or self.seconds_after_first <= 0:
             return None
-        return (self.total - self.done) / self.rows_per_s
+        return self.rows_after_first / self.seconds_after_first
+
+    @property
+    def current_rows_per_s(self) -> float:
+        steady = self.steady_rows_per_s
+        return self.rows_per_s if steady is None else steady
+
+    def eta_s(self) -> float | None:
+        if self.total is None or self.current_rows_per_s <= 0 or self.done >= self.total:
+            return None
+        return (self.total - self.done) / self.current_rows_per_s
 
     def line(self) -> str:
         if self.total:
             rows = f"rows {self.done}/{self.total} ({100 * self.done / self.total:.0f}%)"
         else:
             rows = f"rows {self.done}"
-        text = f"{rows}: {self.ok} ok, {self.error} error, {self.rows_per_s:.2f} rows/s"
+        text = f"{rows}: {self.ok} ok, {self.error} error, {self.current_rows_per_s:.2f} rows/s"
         eta = self.eta_s()
         if eta is not None:
             text += f", ETA {format_duration(eta)}"
@@ -73,13 +91,24 @@ class ProgressCounter:
         self.ok = 0
         self.error = 0
         self.started = time.monotonic()
+        self.first_at: float | None = None  # when the first batch was reported
+        self.first_rows = 0
+        self.last_at = 0.0
 
     def add(self, ok: int, error: int) -> None:
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at, self.first_rows = now, ok + error
+        self.last_at = now
         self.ok += ok
         self.error += error
 
     def snapshot(self) -> ProgressSnapshot:
-        return ProgressSnapshot(self.ok, self.error, time.monotonic() - self.started)
+        snapshot = ProgressSnapshot(self.ok, self.error, time.monotonic() - self.started)
+        if self.first_at is not None:
+            snapshot.rows_after_first = snapshot.done - self.first_rows
+            snapshot.seconds_after_first = self.last_at - self.first_at
+        return snapshot
 
 
 class ProgressReporter:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import attention
 from .config import VisionConfig
 from .rope import AxialRoPE
 
@@ -23,28 +24,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-
-# Queries per chunk of the explicit attention below (a multiple of 576 = one window, so 1008 px splits evenly).
-EXPLICIT_ATTENTION_CHUNK = 1296
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Softmax attention over [B, heads, L, head_dim].
-
-    Compiled on a CPU, long sequences (the global blocks) are computed as `softmax(q k^T) v` in chunks of queries,
-    which inductor fuses into matmuls and one softmax loop: 1.4x faster than SDPA's CPU flash kernel over 5184
-    tokens (bench/attention.py). Eagerly, and for window-sized sequences, SDPA is as fast or faster.
-    """
-    length = q.shape[2]
-    if not (torch.compiler.is_compiling() and q.device.type == "cpu" and length > 2 * EXPLICIT_ATTENTION_CHUNK):
-        return F.scaled_dot_product_attention(q, k, v)
-    scale, kt = q.shape[-1] ** -0.5, k.transpose(-1, -2)
-    chunks = [
-        torch.softmax((q[:, :, i : i + EXPLICIT_ATTENTION_CHUNK] * scale) @ kt, dim=-1) @ v  # [B, heads, c, head_dim]
-        for i in range(0, length, EXPLICIT_ATTENTION_CHUNK)
-    ]
-    return torch.cat(chunks, dim=2)
 
 
 class Attention(nn.Module):

@@ -82,26 +82,3 @@ def test_warm_up_does_not_hide_errors_of_an_eager_model():
     model.vision_backbone.trunk.imgsz = 28  # a broken model: RoPE tables sized for 56 px, inputs of 28 px
     with pytest.raises(RuntimeError):
         model.warm_up(1)
-
-
-@pytest.mark.timeout(120)
-def test_compiled_long_attention_takes_the_explicit_chunked_path_and_matches_sdpa():
-    from sam3core.vit import EXPLICIT_ATTENTION_CHUNK, attention
-
-    length = 2 * EXPLICIT_ATTENTION_CHUNK + 100  # long enough for the explicit path, with a short last chunk
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, length, 16, generator=generator) for _ in range(3))
-    graphs: list[torch.fx.GraphModule] = []
-
-    def keep_graph(graph_module: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    with torch.inference_mode():
-        actual = torch.compile(attention, backend=keep_graph, fullgraph=True)(q, k, v)
-        expected = F.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
-    assert len(graphs) == 1
-    assert "softmax" in graphs[0].code and "scaled_dot_product_attention" not in graphs[0].code
-    # eagerly, SDPA itself runs
-    torch.testing.assert_close(attention(q, k, v), expected)

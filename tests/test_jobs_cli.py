@@ -214,3 +214,11 @@ def test_repeated_images_without_ids_are_refused_and_distinct_captions_are_not(t
     check_unique_ids(
         JobConfig.from_dict({"input": {"uri": str(csv), **columns, "caption_column": None}, "output": {"uri": "o"}})
     )
+
+
+def test_summary_shows_the_steady_rate_beside_the_whole_run_rate(tmp_path: Path) -> None:
+    config = load_job_config(write_job(tmp_path, input={"uri": "in.jsonl"}, output={"uri": "out"}), [])
+    summary = {"rows_total": 48, "rows_error": 0, "elapsed_s": 100.0, "rows_per_s": 0.48, "steady_rows_per_s": 0.81}
+    assert "100.0s, 0.48 rows/s (0.81 rows/s after the first batch)" in embed.render_summary(config, summary, 0)
+    del summary["steady_rows_per_s"]  # one batch, or a summary written by an older version
+    assert "100.0s, 0.48 rows/s\n" in embed.render_summary(config, summary, 0)

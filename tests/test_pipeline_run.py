@@ -173,6 +173,8 @@ def test_parquet_manifest_with_partitions_and_passthrough(ray_local: None, bucke
     assert sorted(k.split("/")[1] for k in data_files) == ["split=train", "split=val"]
     assert {"out/_SUCCESS", "out/_summary.json", "out/split=train/_SUCCESS", "out/split=val/_SUCCESS"} <= set(keys)
     assert json.loads(bucket.get("out/_summary.json"))["rows_ok"] == 8
+    # several batches of 3: a steady rate (from the first batch to the last) is known
+    assert summary.steady_rows_per_s is not None and summary.steady_rows_per_s > 0
 
     raw = pq.read_table(pa.BufferReader(bucket.get(data_files[0])))
     assert "split" not in raw.column_names  # the partition value lives in the directory name
@@ -749,6 +751,29 @@ def test_progress_is_logged_periodically(ray_local: None, caplog: pytest.LogCapt
             assert time.monotonic() < deadline, "no progress line was logged"
             time.sleep(0.05)
     assert "rows/s, ETA " in caplog.records[-1].getMessage()
+
+
+@pytest.mark.timeout(60)
+def test_progress_rate_leaves_out_the_start_up_once_a_second_batch_is_done(ray_local: None) -> None:
+    import ray
+
+    from pipeline.progress import ProgressCounter
+
+    counter = ProgressCounter.remote()
+    time.sleep(1.0)  # start-up: the model is being built
+    assert ray.get(counter.snapshot.remote()).steady_rows_per_s is None
+    ray.get(counter.add.remote(4, 0))
+    first = ray.get(counter.snapshot.remote())
+    assert first.steady_rows_per_s is None and first.current_rows_per_s == first.rows_per_s
+    time.sleep(0.5)
+    ray.get(counter.add.remote(3, 1))
+    snapshot = ray.get(counter.snapshot.remote())
+    snapshot.total = 28
+    assert snapshot.rows_after_first == 4 and 0.5 <= snapshot.seconds_after_first < 5
+    steady = snapshot.steady_rows_per_s
+    assert steady is not None and steady > snapshot.rows_per_s  # the 1 s of start-up is left out
+    assert snapshot.eta_s() == pytest.approx(20 / steady)
+    assert f"{steady:.2f} rows/s" in snapshot.line()
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,58 @@
+"""Softmax attention for the ViT trunk: SDPA on accelerators, cache-sized chunks on a CPU.
+
+On a CPU the attention scores of a whole layer do not fit in cache ([heads, L, L] is 95 MB in bfloat16 for a
+window block at 1008 px, 860 MB for a global block), so a `q @ k^T` over all heads at once runs at memory speed,
+and PyTorch's fused CPU flash kernel is no better: it spends its time in small matmuls with an inner dimension of
+64. Computing `softmax(q k^T) v` a few heads and a few queries at a time, with the softmax in place, keeps each
+chunk's scores in the last-level cache. Measured on a 2-core AVX-512 CPU in bfloat16 (bench/attention.py): 2.5x
+SDPA over nine windows of 576 tokens, 5x over one window, 2x over 5184 tokens.
+
+The chunked loop is a custom op, so that `torch.compile` calls it as one opaque kernel: traced, it would unroll
+into hundreds of nodes per block and inductor would be free to fuse the chunks back into one pass over memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Attention scores per chunk: 6 Mi elements (12 MB in bfloat16) fit in a server CPU's last-level cache with room
+# for the chunk's queries, keys and values. Chunks of 1 to 12 Mi measured within noise of each other.
+SCORES_PER_CHUNK = 6 * 2**20
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention, scale 1/sqrt(head_dim): q, k, v [B, heads, L, head_dim] -> [B, heads, L, head_dim]."""
+    if q.device.type == "cpu":
+        return chunked_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def chunk_shape(sequences: int, length: int) -> tuple[int, int]:
+    """(sequences, queries) per chunk for `sequences` attention maps of `length` queries over `length` keys."""
+    queries = min(length, max(1, SCORES_PER_CHUNK // length))
+    return min(sequences, max(1, SCORES_PER_CHUNK // (queries * length))), queries
+
+
+@torch.library.custom_op("sam3core::chunked_attention", mutates_args=(), device_types="cpu")
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    batch, heads, length, head_dim = q.shape
+    q = (q * head_dim**-0.5).reshape(batch * heads, length, head_dim)
+    keys_t = k.reshape(batch * heads, length, head_dim).transpose(1, 2)  # [BH, head_dim, L]
+    v = v.reshape(batch * heads, length, head_dim)
+    out = torch.empty_like(q)
+    # The scores are rounded to q's dtype before the softmax (a bfloat16 matmul writes bfloat16); the softmax
+    # itself accumulates in float32. docs/benchmarks.md gives the cosine to float32 this keeps.
+    sequences, queries = chunk_shape(batch * heads, length)
+    for s in range(0, batch * heads, sequences):
+        for i in range(0, length, queries):
+            scores = torch.bmm(q[s : s + sequences, i : i + queries], keys_t[s : s + sequences])  # [S, Q, L]
+            torch.softmax(scores, dim=-1, out=scores)
+            torch.bmm(scores, v[s : s + sequences], out=out[s : s + sequences, i : i + queries])
+    return out.view(batch, heads, length, head_dim)
+
+
+@chunked_attention.register_fake
+def _chunked_attention_shape(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

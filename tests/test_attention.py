@@ -1,0 +1,79 @@
+"""The trunk's attention: chunked on a CPU, equal to SDPA, one opaque op when compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sam3core.attention as attention_module
+from sam3core.attention import attention, chunk_shape
+
+
+def qkv(batch: int, heads: int, length: int, head_dim: int = 16) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(batch, heads, length, head_dim, generator=generator) for _ in range(3))
+
+
+def test_chunk_shape_keeps_the_scores_of_a_chunk_within_the_budget() -> None:
+    budget = attention_module.SCORES_PER_CHUNK
+    assert chunk_shape(144, 576) == (budget // (576 * 576), 576)  # windows: whole maps, several heads at once
+    sequences, queries = chunk_shape(16, 5184)  # a global block at 1008 px: one head, a slice of the queries
+    assert sequences == 1 and queries == budget // 5184
+    assert chunk_shape(2, 8) == (2, 8)  # a tiny input is one chunk
+    for count, length in ((144, 576), (16, 5184), (3, 100_000)):
+        sequences, queries = chunk_shape(count, length)
+        assert sequences * queries * length <= max(budget, length)
+
+
+@pytest.mark.parametrize("budget", [10**9, 40 * 37, 37 * 37 * 3 + 5])
+def test_chunked_attention_equals_sdpa_whatever_the_chunks(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    # one chunk; chunks of 40 queries with a short last one; chunks of 3 whole maps with a short last one
+    monkeypatch.setattr(attention_module, "SCORES_PER_CHUNK", budget)
+    q, k, v = qkv(2, 3, 37)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    actual = attention(q, k, v)
+    assert actual.shape == expected.shape and actual.is_contiguous()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_attention_reads_strided_views_as_the_trunk_passes_them() -> None:
+    # the trunk's v is a permuted view of the fused qkv projection
+    fused = torch.randn(2, 50, 3, 4, 16, generator=torch.Generator().manual_seed(1))
+    q, k, v = fused.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not v.is_contiguous()
+    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_chunked_attention_stays_at_bfloat16_noise() -> None:
+    q, k, v = qkv(1, 4, 576, 64)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    actual = attention(*(t.bfloat16() for t in (q, k, v)))
+    assert actual.dtype == torch.bfloat16
+    assert F.cosine_similarity(actual.float().flatten(), expected.flatten(), dim=0) > 0.9999
+
+
+@pytest.mark.timeout(120)
+def test_compiled_attention_is_one_opaque_op_and_matches_eager() -> None:
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep_graph(graph_module: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    q, k, v = qkv(1, 2, 300)
+    with torch.inference_mode():
+        traced = torch.compile(attention, backend=keep_graph, fullgraph=True)(q, k, v)
+        inductor = torch.compile(attention, fullgraph=True)(q, k, v)
+    assert len(graphs) == 1
+    code = graphs[0].code
+    assert "chunked_attention" in code and "softmax" not in code and "scaled_dot_product" not in code
+    torch.testing.assert_close(traced, attention(q, k, v))
+    torch.testing.assert_close(inductor, attention(q, k, v))
+
+
+def test_off_the_cpu_attention_is_sdpa() -> None:
+    # the meta device stands for an accelerator here; FLOP counting on meta copies relies on this path too
+    q, k, v = (t.to("meta") for t in qkv(1, 2, 10))
+    out = attention(q, k, v)
+    assert out.device.type == "meta" and out.shape == (1, 2, 10, 16)
