@@ -760,8 +760,8 @@ def test_progress_rate_leaves_out_the_start_up_once_a_second_batch_is_done(ray_l
     from pipeline.progress import ProgressCounter
 
     counter = ProgressCounter.remote()
+    assert ray.get(counter.snapshot.remote()).steady_rows_per_s is None  # the counter is up: its clock runs
     time.sleep(1.0)  # start-up: the model is being built
-    assert ray.get(counter.snapshot.remote()).steady_rows_per_s is None
     ray.get(counter.add.remote(4, 0))
     first = ray.get(counter.snapshot.remote())
     assert first.steady_rows_per_s is None and first.current_rows_per_s == first.rows_per_s
