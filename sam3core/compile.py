@@ -3,11 +3,12 @@
 What `compile="auto"` picks (measured with `bench/backbone.py`, figures in docs/benchmarks.md):
 
 - CPU, bfloat16: inductor with `freezing`: the weights become constants of the graph, so whatever is computed
-  from weights alone (transposes, layouts) is done once, and the memory-bound work between the matmuls (LayerNorm, GELU, RoPE in float32, casts, window
-  reshapes) is fused into a few C++ loops; eager runs each of those ops as a separate pass over memory. Attention
-  is not compiled: on a CPU it is one opaque op in cache-sized chunks (`sam3core.attention`), eager or compiled.
-  Measured on a shared 2-core CPU against eager in the same run: see docs/benchmarks.md (compiling adds 5 to 20%
-  on top of eager there). `compile: off` skips the 20 to 60 s of compilation per actor.
+  from weights alone (transposes, layouts) is done once, and the memory-bound work between the matmuls (LayerNorm,
+  GELU, RoPE in float32, casts, window reshapes) is fused into a few C++ loops; eager runs each of those ops as a
+  separate pass over memory. Attention is not compiled: on a CPU it is one opaque op in cache-sized chunks
+  (`sam3core.attention`), eager or compiled. Against eager in the same run on a shared 2-core CPU, compiling
+  measured 1.14x at 336 px and 1.15x at 1008 px (docs/benchmarks.md); `cpp_wrapper` and `max_autotune` added
+  nothing measurable. `compile: off` skips the 20 to 60 s of compilation per actor.
 - CPU, float32: eager (not measured: compiling costs about a minute per actor on a small CPU, and the float32
   matmuls dominate even more than in bfloat16).
 - CUDA: inductor `max-autotune-no-cudagraphs` (Triton matmul templates tuned once per shape; CUDA graphs are left

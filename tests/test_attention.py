@@ -77,3 +77,13 @@ def test_off_the_cpu_attention_is_sdpa() -> None:
     q, k, v = (t.to("meta") for t in qkv(1, 2, 10))
     out = attention(q, k, v)
     assert out.device.type == "meta" and out.shape == (1, 2, 10, 16)
+
+
+def test_where_a_gradient_is_wanted_attention_runs_sdpa_and_backpropagates() -> None:
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 20))
+    attention(q, k, v).square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    expected = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*expected).square().sum().backward()
+    for actual, reference in zip(grads, expected, strict=True):
+        torch.testing.assert_close(actual, reference.grad)
