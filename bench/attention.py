@@ -6,7 +6,8 @@ tokens (a global block at 1008 px):
 
 - SDPA (`F.scaled_dot_product_attention`, PyTorch's fused flash kernel on the CPU) in bfloat16 and in float32;
 - explicit attention over all heads at once (`q @ k^T`, softmax, `@ v`): the scores leave the cache;
-- `sam3core.attention.attention`, the trunk's CPU path: the same in cache-sized chunks, eager and compiled;
+- `sam3core.attention.attention`, the trunk's CPU path: the same in cache-sized chunks, eager and compiled,
+  and eagerly with chunks of 1, 3 and 12 Mi scores against the default 6 Mi;
 - a linear layer of the MLP (5184 x 1024 -> 4736) and a 4096^3 matmul, for the peak.
 
 Each time is the fastest of 5 calls (a shared machine only slows calls down).
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import sam3core.attention as attention_module
 from sam3core.attention import attention
 
 
@@ -42,6 +44,19 @@ def seconds(run: Callable[[], object], calls: int = 5) -> float:
 
 def explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), -1) @ v
+
+
+def with_chunk(scores: int) -> Callable[..., torch.Tensor]:
+    """The trunk's CPU attention with another chunk size."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        default, attention_module.SCORES_PER_CHUNK = attention_module.SCORES_PER_CHUNK, scores
+        try:
+            return attention(q, k, v)
+        finally:
+            attention_module.SCORES_PER_CHUNK = default
+
+    return run
 
 
 def main() -> int:
@@ -71,6 +86,8 @@ def main() -> int:
                 "sam3core chunked": (attention, (q, k, v)),
                 "sam3core chunked, compiled": (compiled, (q, k, v)),
             }
+            for mebi in (1, 3, 12):  # the chunk size against its default of 6 Mi scores
+                variants[f"sam3core chunked, {mebi} Mi scores per chunk"] = (with_chunk(mebi * 2**20), (q, k, v))
             for name, (kernel, inputs) in variants.items():
                 s = seconds(lambda kernel=kernel, inputs=inputs: kernel(*inputs))
                 cosine = F.cosine_similarity(kernel(*inputs).float().flatten(), reference.flatten(), dim=0).item()

@@ -4,8 +4,8 @@ On a CPU the attention scores of a whole layer do not fit in cache ([heads, L, L
 window block at 1008 px, 860 MB for a global block), so a `q @ k^T` over all heads at once runs at memory speed,
 and PyTorch's fused CPU flash kernel is no better: it spends its time in small matmuls with an inner dimension of
 64. Computing `softmax(q k^T) v` a few heads and a few queries at a time, with the softmax in place, keeps each
-chunk's scores in the last-level cache. Measured on a 2-core AVX-512 CPU in bfloat16 (bench/attention.py): 2.8x
-SDPA over one window of 576 tokens, 2.3x over nine, 2.7x over 5184 tokens.
+chunk's scores in the last-level cache. Measured on a 2-core AVX-512 CPU in bfloat16 (bench/attention.py): 2.3x
+to 2.8x SDPA over one window of 576 tokens, over nine, and over the 5184 tokens of a global block, in two runs.
 
 The chunked loop is a custom op, so that `torch.compile` calls it as one opaque kernel: traced, it would unroll
 into hundreds of nodes per block and inductor would be free to fuse the chunks back into one pass over memory.
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Attention scores per chunk: 6 Mi elements (12 MB in bfloat16) fit in a server CPU's last-level cache with room
-# for the chunk's queries, keys and values. Chunks of 1 to 12 Mi measured within noise of each other.
+# for the chunk's queries, keys and values. 1 to 6 Mi measured within noise of each other; 12 Mi ran 1.8x slower
+# over the 5184 tokens of a global block (bench/attention.py).
 SCORES_PER_CHUNK = 6 * 2**20
 
 
