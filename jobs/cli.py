@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--caption-column", metavar="NAME", help="column of one caption per row ('' for none)")
     run.add_argument("--captions-column", metavar="NAME", help="column of several captions per row (lists)")
     run.add_argument("--output", metavar="URI", help="where the Parquet dataset goes")
-    run.add_argument("--checkpoint", metavar="PATH_OR_URI", help="sam3.pt, sam3.1_multiplex.pt, *.safetensors (or hf://...)")
+    run.add_argument(
+        "--checkpoint", metavar="PATH_OR_URI", help="sam3.pt, sam3.1_multiplex.pt, *.safetensors (or hf://...)"
+    )
     run.add_argument(
         "--random-weights", action="store_true", help="run without a checkpoint, on random weights (tests, demos)"
     )

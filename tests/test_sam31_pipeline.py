@@ -202,3 +202,35 @@ def test_preflight_refuses_the_other_generation_and_31_only_features(workspace: 
     plan = preflight(_config(workspace, tmp_path / "c", config="auto"))
     assert "sam3.1_multiplex.pt layout (sam3.1)" in plan.checkpoint_format
     assert get_config("tiny-sam3.1").generation == "sam3.1"
+
+
+@pytest.mark.timeout(300)
+def test_transformers_sam3_model_with_three_scale_factors_runs_from_the_cache_as_from_pixels(
+    output: Path, workspace: dict[str, Any]
+) -> None:
+    """Released transformers' `Sam3Model` configured as the open 3.1 pull request uses it (scale factors 4, 2, 1,
+    the detector head's weights): its own neck from pixels equals the cache's levels, and its heads give the same
+    detections from `vision_embeds` built out of the Parquet as from the pixels."""
+    from tests.hf_sam3_model import transformers_sam3_model
+
+    state = sam31_state("tiny-sam3.1")
+    other_heads = (".interactive_convs.", ".propagation_convs.")
+    detector = {
+        k: v for k, v in state.items() if k.startswith("detector.backbone.") and not any(h in k for h in other_heads)
+    }
+    model = transformers_sam3_model(detector, get_config("tiny-sam3.1"), IMGSZ)
+    cache = FeatureCache(str(output), checkpoint=str(workspace["checkpoint"]))
+    images = cache.load(IDS)
+    pixels = preprocess_images([workspace["images"][i] for i in IDS], IMGSZ)
+    tokens = cache.backbone.language_backbone.tokenize(["object"] * len(IDS))
+    attention_mask = (tokens != 0).long()
+    with torch.inference_mode():
+        reference = model.get_vision_features(pixel_values=pixels)
+        embeds = transformers_vision_embeds(images)
+        from_pixels = model(pixel_values=pixels, input_ids=tokens, attention_mask=attention_mask)
+        from_cache = model(vision_embeds=embeds, input_ids=tokens, attention_mask=attention_mask)
+    for got, want in zip(embeds.fpn_hidden_states, reference.fpn_hidden_states, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    for name in ("pred_logits", "pred_boxes", "pred_masks"):
+        torch.testing.assert_close(from_cache[name], from_pixels[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert float(from_pixels.pred_logits.std()) > 0.01
