@@ -39,6 +39,7 @@ HF_PREFIX = "detector_model."
 HF_SAM2_NECK_PREFIX = "tracker_neck."
 NATIVE_PREFIXES = ("vision_backbone.", "language_backbone.")
 HF_DEFAULT_FILE = "sam3.pt"
+HF_DEFAULT_FILES = {"facebook/sam3.1": "sam3.1_multiplex.pt"}  # hf://<repo> without a file: the repo's checkpoint
 TEXT_PROJECTION = "language_backbone.encoder.text_projection"
 
 # Layout names (what `probe_checkpoint` reports) and the model generation each holds.
@@ -112,7 +113,8 @@ def _download_from_hub(uri: str) -> str:
     parts = uri.removeprefix("hf://").strip("/").split("/")
     if len(parts) < 2:
         raise CheckpointError(f"expected hf://<owner>/<repo>[/<file>], got {uri}")
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or HF_DEFAULT_FILE
+    repo_id = "/".join(parts[:2])
+    filename = "/".join(parts[2:]) or HF_DEFAULT_FILES.get(repo_id, HF_DEFAULT_FILE)
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:

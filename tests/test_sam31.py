@@ -295,3 +295,42 @@ def test_the_fp16_file_without_text_projection_loads_and_encodes_text_as_the_ful
 def state_as_float16_values(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same state with every real tensor rounded through float16, so both files hold identical values."""
     return {k: v.half().float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def test_text_projection_may_have_another_width_but_not_another_input_width(
+    tmp_path: Path, state: dict[str, torch.Tensor]
+) -> None:
+    """The one tolerance in the key accounting: `text_projection` is read by no forward, and third-party notes on
+    the 3.1 file disagree on its width, so the model adopts the file's [width, P]; a wrong first dimension is an
+    error."""
+    key = f"{BACKBONE}language_backbone.encoder.text_projection"
+    wider = {**state, key: torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48)}
+    model = build_sam3_vl_backbone(write_sam31(tmp_path / "wide.pt", wider), config="tiny-sam3.1", imgsz=IMGSZ)
+    assert torch.equal(model.language_backbone.encoder.text_projection, wider[key])
+    wrong = {**state, key: torch.zeros(32, 32)}
+    with pytest.raises(CheckpointError, match=r"text_projection is \[32, 32\] in the file but \[64, 32\]"):
+        build_sam3_vl_backbone(write_sam31(tmp_path / "wrong.pt", wrong), config="tiny-sam3.1", imgsz=IMGSZ)
+
+
+def test_hf_sam31_repo_defaults_to_its_multiplex_file(
+    tmp_path: Path, state: dict[str, torch.Tensor], images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hf://facebook/sam3.1` resolves `sam3.1_multiplex.pt` (offline, from a hub cache laid out as the hub does)."""
+    pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--facebook--sam3.1"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    write_sam31(snapshot / "sam3.1_multiplex.pt", state)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = build_sam3_vl_backbone("hf://facebook/sam3.1", config="tiny-sam3.1", imgsz=IMGSZ)
+    local = build_sam3_vl_backbone(snapshot / "sam3.1_multiplex.pt", config="tiny-sam3.1", imgsz=IMGSZ)
+    with torch.inference_mode():
+        assert torch.equal(
+            model.forward_image(images)["sam2_backbone_out"]["backbone_fpn"][0],
+            local.forward_image(images)["sam2_backbone_out"]["backbone_fpn"][0],
+        )
