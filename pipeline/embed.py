@@ -87,7 +87,9 @@ class EmbedWorker:
         generation = self.backbone.config.generation
         unsupported = unsupported_features(generation, settings.features)
         if unsupported:
-            raise ValueError(f"features {unsupported} need a SAM 3.1 checkpoint; {settings.checkpoint} is SAM 3")
+            raise ValueError(
+                f"features {unsupported} need a SAM 3.1 checkpoint; the {self.backbone.config.name} model is SAM 3"
+            )
         # SAM 3.1: only the neck heads the stored features read are computed
         self.image_options = image_forward_options(generation, settings.features)
         # Only the pooled embedding and vision_features wanted: the neck's other levels are skipped.
@@ -188,7 +190,7 @@ class EmbedWorker:
                 dense[schema.TRUNK] = self._to_numpy(trunk[: len(rows)])
             if schema.VISION_FEATURES in wanted:
                 dense[schema.VISION_FEATURES] = self._to_numpy(vision)
-            for feature in [f for f in DENSE_HEADS if f in wanted] if out is not None else []:
+            for feature in (f for f in DENSE_HEADS if f in wanted and out is not None):
                 levels = head_levels(out, feature)
                 if levels is None:
                     raise RuntimeError(f"{feature} requested but the backbone has no such neck head")

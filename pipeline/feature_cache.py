@@ -85,7 +85,7 @@ class FeatureCache:
         bpe_path: str | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        from sam3core import build_sam3_vl_backbone
+        from sam3core import build_sam3_vl_backbone, get_config
 
         self.uri = uri
         self.dataset = open_embeddings(uri, storage_options=storage_options)
@@ -99,6 +99,15 @@ class FeatureCache:
                 "run the job with output.features including 'trunk'"
             )
         model = self.metadata["model"]
+        # refused before anything is built: the recorded generation against the recorded configuration's
+        generation = model.get("generation", model["architecture"].get("generation", "sam3"))  # older runs: SAM 3
+        built = get_config(model["config"]).generation
+        if generation != built:
+            raise ValueError(
+                f"{uri} was written by a {generation} model, but {model['config']!r} builds {built}: "
+                "its necks would not rebuild the run's features"
+            )
+        self.options = _head_options(generation, heads)
         resolved = local_checkpoint(checkpoint, storage_options)
         check_checkpoint(uri, model, checkpoint, resolved.sha256)
         if resolved.path is None:
@@ -116,17 +125,9 @@ class FeatureCache:
             bpe_path=bpe_path,
         )
         architecture = json.loads(json.dumps(self.backbone.config.to_dict()))
-        recorded = dict(model["architecture"])
-        recorded.setdefault("generation", "sam3")  # runs written before SAM 3.1 support were all SAM 3
-        generation = model.get("generation", recorded["generation"])
-        if generation != self.backbone.config.generation:
-            raise ValueError(
-                f"{uri} was written by a {generation} model, but {model['config']!r} builds "
-                f"{self.backbone.config.generation}: its necks would not rebuild the run's features"
-            )
+        recorded = {"generation": "sam3", **model["architecture"]}  # runs written before SAM 3.1 were all SAM 3
         if architecture != recorded:
             raise ValueError(f"{uri} was written by another architecture than the {model['config']!r} configuration")
-        self.options = _head_options(generation, heads)
         self.device = torch.device(device)
         self.dtype = dtype
 
