@@ -41,7 +41,8 @@ RUN_FLAGS: dict[str, tuple[str, Any]] = {
     "resume_path": ("resume_path", str),
     "run_id": ("run_id", str),
 }
-DEMO_IMGSZ = {"tiny": 224, "sam3": 1008}
+DEMO_IMGSZ = {"tiny": 224, "tiny-sam3.1": 224}  # others (sam3, sam3.1, auto): 1008
+MODEL_CONFIGS = ["auto", "sam3", "sam3.1", "tiny", "tiny-sam3.1"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,11 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--caption-column", metavar="NAME", help="column of one caption per row ('' for none)")
     run.add_argument("--captions-column", metavar="NAME", help="column of several captions per row (lists)")
     run.add_argument("--output", metavar="URI", help="where the Parquet dataset goes")
-    run.add_argument("--checkpoint", metavar="PATH_OR_URI", help="sam3.pt or model.safetensors (or hf://facebook/sam3)")
+    run.add_argument(
+        "--checkpoint", metavar="PATH_OR_URI", help="sam3.pt, sam3.1_multiplex.pt, *.safetensors (or hf://...)"
+    )
     run.add_argument(
         "--random-weights", action="store_true", help="run without a checkpoint, on random weights (tests, demos)"
     )
-    run.add_argument("--model-config", choices=["sam3", "tiny"])
+    run.add_argument(
+        "--model-config", choices=MODEL_CONFIGS, help="default auto: sam3 or sam3.1, as the checkpoint's keys say"
+    )
     run.add_argument("--imgsz", type=int, help="square input size, a multiple of 14 (default 1008)")
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     run.add_argument("--partition-by", metavar="COL[,COL]", help="hive partition columns of the output")
@@ -89,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo-output", metavar="DIR", help="folder for images and Parquet")
     demo.add_argument("--checkpoint", metavar="PATH_OR_URI", help="real weights: sam3.pt or model.safetensors")
     demo.add_argument(
-        "--model-config", choices=["sam3", "tiny"], help="default: sam3 with a --checkpoint, else tiny (random weights)"
+        "--model-config", choices=MODEL_CONFIGS, help="default: auto with a --checkpoint, else tiny (random weights)"
     )
     demo.add_argument("--imgsz", type=int, help="default: 224 for tiny, 1008 for sam3")
 
@@ -125,8 +130,8 @@ def demo_command(args: argparse.Namespace) -> int:
     embeddings = root / "embeddings"
     # the demo owns this folder; a fresh output each time keeps reruns simple
     shutil.rmtree(embeddings, ignore_errors=True)
-    model_config = args.model_config or ("sam3" if args.checkpoint else "tiny")
-    imgsz = args.imgsz or DEMO_IMGSZ[model_config]
+    model_config = args.model_config or ("auto" if args.checkpoint else "tiny")
+    imgsz = args.imgsz or DEMO_IMGSZ.get(model_config, 1008)
     config = JobConfig.from_dict(
         {
             "input": {"uri": str(dataset.manifest), "format": "manifest"},

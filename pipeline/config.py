@@ -24,6 +24,7 @@ FEATURES_OPTIONAL = (
     "language_features",
     "language_embeds",
     "sam2_backbone_fpn",
+    "interactive_backbone_fpn",  # SAM 3.1 checkpoints only (pipeline/neck_heads.py)
 )
 
 
@@ -68,7 +69,9 @@ class InputConfig:
 class ModelConfig:
     checkpoint: str | None = None  # local path, fsspec URI or hf://facebook/sam3
     random_weights: bool = False  # no checkpoint is refused unless this says random weights are meant
-    config: str = "sam3"
+    # auto: the official configuration of the checkpoint's generation (sam3 or sam3.1, read from its keys); a name
+    # (sam3, sam3.1, tiny, tiny-sam3.1) overrides it and a checkpoint of the other generation is refused
+    config: str = "auto"
     imgsz: int = 1008
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # auto: per device, as sam3core.compile decides (measured on CPU): inductor + freezing for bfloat16 on CPU,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from pipeline import arrow_features, schema
 from pipeline.model_cache import local_checkpoint
+from pipeline.neck_heads import DENSE_HEADS, head_columns, head_levels, image_forward_options, unsupported_features
 from sam3core.compile import is_compiled
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,17 @@ class EmbedWorker:
             storage_options=None,  # the checkpoint is a local file by now (or a hub spec sam3core resolves)
         )
         self.d_model = self.backbone.config.d_model
+        generation = self.backbone.config.generation
+        unsupported = unsupported_features(generation, settings.features)
+        if unsupported:
+            raise ValueError(
+                f"features {unsupported} need a SAM 3.1 checkpoint; the {self.backbone.config.name} model is SAM 3"
+            )
+        # SAM 3.1: only the neck heads the stored features read are computed
+        self.image_options = image_forward_options(generation, settings.features)
         # Only the pooled embedding and vision_features wanted: the neck's other levels are skipped.
         wanted = set(settings.features)
-        self.vision_only = not ({"backbone_fpn", "sam2_backbone_fpn", schema.TRUNK} & wanted)
+        self.vision_only = not ({*DENSE_HEADS, schema.TRUNK} & wanted)
         built = time.monotonic() - started
         # Compilation (lazy) is paid here, on a padded batch of the real batch size, not by the first real batch.
         self.warm_up_seconds = self.backbone.warm_up(settings.batch_size, vision_features_only=self.vision_only)
@@ -97,7 +106,8 @@ class EmbedWorker:
                     "run_id": settings.run_id,
                     "package_version": settings.package_version,
                     "model": {
-                        "config": settings.model_config,
+                        "config": self.backbone.config.name,  # "auto" resolved to the checkpoint's
+                        "generation": generation,
                         "architecture": self.backbone.config.to_dict(),
                         "checkpoint": settings.checkpoint,
                         "checkpoint_sha256": resolved.sha256,
@@ -172,7 +182,7 @@ class EmbedWorker:
             else:
                 # forward_image is exactly these two calls; the trunk map is kept for the `trunk` feature.
                 trunk = self.backbone.forward_trunk(x)  # [B, width, g, g]
-                out = _drop_padding(self.backbone.forward_image_from_trunk(trunk), len(rows))
+                out = _drop_padding(self.backbone.forward_image_from_trunk(trunk, **self.image_options), len(rows))
                 vision = out["vision_features"]
             # Pooled on the device, in float32; the host gets one tensor per output.
             pooled[rows] = self._to_numpy(F.normalize(vision.float().mean(dim=(2, 3)), dim=-1))
@@ -180,15 +190,12 @@ class EmbedWorker:
                 dense[schema.TRUNK] = self._to_numpy(trunk[: len(rows)])
             if schema.VISION_FEATURES in wanted:
                 dense[schema.VISION_FEATURES] = self._to_numpy(vision)
-            if out is not None and "backbone_fpn" in wanted:
-                for level, tensor in enumerate(out["backbone_fpn"]):
-                    dense[schema.fpn_column(level)] = self._to_numpy(tensor)
-            if out is not None and "sam2_backbone_fpn" in wanted:
-                sam2 = out["sam2_backbone_out"]
-                if sam2 is None:
-                    raise RuntimeError("sam2_backbone_fpn requested but the backbone has no SAM 2 neck")
-                for level, tensor in enumerate(sam2["backbone_fpn"]):
-                    dense[schema.fpn_column(level, sam2=True)] = self._to_numpy(tensor)
+            for feature in (f for f in DENSE_HEADS if f in wanted and out is not None):
+                levels = head_levels(out, feature)
+                if levels is None:
+                    raise RuntimeError(f"{feature} requested but the backbone has no such neck head")
+                for name, tensor in zip(head_columns(feature), levels, strict=True):
+                    dense[name] = self._to_numpy(tensor)
         failures = _non_finite_rows(dense, rows, self.settings.feature_dtype)
         valid = ok.copy()
         valid[list(failures)] = False
@@ -206,10 +213,9 @@ class EmbedWorker:
         names = [schema.TRUNK] if schema.TRUNK in wanted else []
         if schema.VISION_FEATURES in wanted:
             names.append(schema.VISION_FEATURES)
-        if "backbone_fpn" in wanted:
-            names += [schema.fpn_column(level) for level in range(schema.FPN_LEVELS)]
-        if "sam2_backbone_fpn" in wanted:
-            names += [schema.fpn_column(level, sam2=True) for level in range(schema.FPN_LEVELS)]
+        for feature in DENSE_HEADS:  # a fixed order
+            if feature in wanted:
+                names += head_columns(feature)
         return names
 
     def _dense_image_shape(self, name: str) -> tuple[int, int, int]:
@@ -358,10 +364,13 @@ def _mark_failed(table: pa.Table, failures: dict[int, str]) -> pa.Table:
 
 
 def _drop_padding(out: dict[str, Any], rows: int) -> dict[str, Any]:
-    sam2 = out["sam2_backbone_out"]
-    sam2_levels = None if sam2 is None else {"backbone_fpn": [level[:rows] for level in sam2["backbone_fpn"]]}
-    return {
-        "vision_features": out["vision_features"][:rows],
-        "backbone_fpn": [level[:rows] for level in out["backbone_fpn"]],
-        "sam2_backbone_out": sam2_levels,
-    }
+    """The real rows of every level the pipeline stores (the compiled path pads short batches)."""
+    kept: dict[str, Any] = {"vision_features": out["vision_features"][:rows]}
+    for feature, (_, key) in DENSE_HEADS.items():
+        levels = head_levels(out, feature)
+        trimmed = None if levels is None else [level[:rows] for level in levels]
+        if key is None:
+            kept["backbone_fpn"] = trimmed
+        else:
+            kept[key] = None if trimmed is None else {"backbone_fpn": trimmed}
+    return kept

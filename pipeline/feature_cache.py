@@ -1,10 +1,13 @@
 """Reading a run's stored trunk maps back as SAM 3's `backbone_out` dictionaries: the feature cache's read side.
 
 A run with the `trunk` feature stores the ViT trunk's last map per row, [width, g, g]. Every output of
-`forward_image` (the pyramid levels of both necks and their position encodings) is computed from that map alone, so
-`FeatureCache` rebuilds them on load with the same backbone's neck, `SAM3VLBackbone.forward_image_from_trunk`: the
+`forward_image` (the pyramid levels of every neck head and their position encodings) is computed from that map
+alone, so `FeatureCache` rebuilds them on load with the same backbone's neck, `forward_image_from_trunk`: the
 dictionary is the one `forward_image` gives for the image, without paying for the trunk again. The backbone must be
-the run's own: the checkpoint's SHA-256 is compared with the one recorded in the Parquet metadata.
+the run's own: the checkpoint's SHA-256 is compared with the one recorded in the Parquet metadata, and so is the
+model generation (SAM 3's dual neck or SAM 3.1's three heads; a run of either stores the same `trunk` column).
+A SAM 3.1 run's dictionary is `SAM3VLBackboneTri.forward_image`'s: the detector head's keys, `interactive` and
+`sam2_backbone_out` (the propagation head); `heads=` limits the heads rebuilt.
 
     cache = FeatureCache("s3://bucket/embeddings", checkpoint="s3://models/sam3.pt", device="cuda")
     for images in cache.iter_batches(filter=pc.field("split") == "val", batch_size=8):
@@ -47,12 +50,13 @@ class CachedImages:
     original_sizes: list[tuple[int, int]]  # (height, width) of each image as decoded, before resizing
     trunk: torch.Tensor  # [B, width, g, g]
     backbone: Any = field(repr=False)  # the SAM3VLBackbone whose neck rebuilds the levels
+    options: dict[str, bool] = field(default_factory=dict, repr=False)  # SAM 3.1: the need_* switches
 
     @cached_property
     def backbone_out(self) -> dict[str, Any]:
         """`forward_image`'s dictionary for these images, batch-first in `ids` order (built on first access)."""
         with torch.inference_mode():
-            return self.backbone.forward_image_from_trunk(self.trunk)
+            return self.backbone.forward_image_from_trunk(self.trunk, **self.options)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -65,7 +69,8 @@ class FeatureCache:
     checkpoint: the checkpoint the run used (local path, fsspec URI or hf:// spec); None only for a run with random
       weights, which are rebuilt from the pipeline's seed. Its SHA-256 must equal the recorded one.
     device, dtype: where and in which dtype the dictionaries are built (stored float16 maps are cast on the way in).
-    sam2: also build `sam2_backbone_out` (the checkpoint must hold the SAM 2 neck).
+    sam2: SAM 3 runs: also build `sam2_backbone_out` (the checkpoint must hold the SAM 2 neck).
+    heads: SAM 3.1 runs: the heads to rebuild, among "detector", "interactive" and "propagation" (default: all).
     """
 
     def __init__(
@@ -76,10 +81,11 @@ class FeatureCache:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         sam2: bool = False,
+        heads: Sequence[str] | None = None,
         bpe_path: str | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        from sam3core import build_sam3_vl_backbone
+        from sam3core import build_sam3_vl_backbone, get_config
 
         self.uri = uri
         self.dataset = open_embeddings(uri, storage_options=storage_options)
@@ -93,6 +99,15 @@ class FeatureCache:
                 "run the job with output.features including 'trunk'"
             )
         model = self.metadata["model"]
+        # refused before anything is built: the recorded generation against the recorded configuration's
+        generation = model.get("generation", model["architecture"].get("generation", "sam3"))  # older runs: SAM 3
+        built = get_config(model["config"]).generation
+        if generation != built:
+            raise ValueError(
+                f"{uri} was written by a {generation} model, but {model['config']!r} builds {built}: "
+                "its necks would not rebuild the run's features"
+            )
+        self.options = _head_options(generation, heads)
         resolved = local_checkpoint(checkpoint, storage_options)
         check_checkpoint(uri, model, checkpoint, resolved.sha256)
         if resolved.path is None:
@@ -110,7 +125,8 @@ class FeatureCache:
             bpe_path=bpe_path,
         )
         architecture = json.loads(json.dumps(self.backbone.config.to_dict()))
-        if architecture != model["architecture"]:
+        recorded = {"generation": "sam3", **model["architecture"]}  # runs written before SAM 3.1 were all SAM 3
+        if architecture != recorded:
             raise ValueError(f"{uri} was written by another architecture than the {model['config']!r} configuration")
         self.device = torch.device(device)
         self.dtype = dtype
@@ -171,7 +187,26 @@ class FeatureCache:
             original_sizes=[(int(h), int(w)) for h, w in sizes],
             trunk=maps.to(device=self.device, dtype=self.dtype),
             backbone=self.backbone,
+            options=self.options,
         )
+
+
+_HEAD_SWITCHES = {
+    "detector": "need_sam3_out",
+    "interactive": "need_interactive_out",
+    "propagation": "need_propagation_out",
+}
+
+
+def _head_options(generation: str, heads: Sequence[str] | None) -> dict[str, bool]:
+    if heads is None:
+        return {}
+    if generation != "sam3.1":
+        raise ValueError("heads= selects SAM 3.1's neck heads; this run was written by a SAM 3 model (use sam2=)")
+    unknown = sorted(set(heads) - set(_HEAD_SWITCHES))
+    if unknown:
+        raise ValueError(f"unknown heads {unknown}; choose from {sorted(_HEAD_SWITCHES)}")
+    return {switch: head in heads for head, switch in _HEAD_SWITCHES.items()}
 
 
 def check_checkpoint(uri: str, model: dict[str, Any], checkpoint: str | None, sha256: str | None) -> None:

@@ -174,7 +174,8 @@ def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_option
     settings = PrepareSettings(
         source=source,
         imgsz=config.model.imgsz,
-        context_length=get_config(config.model.config).text.context_length,
+        # "auto" is read from the checkpoint in the model actor; both generations share the text tower
+        context_length=get_config(config.model.config.replace("auto", "sam3")).text.context_length,
         bpe_path=config.model.bpe_path,
         storage_options=storage_options,
         partition_by=tuple(config.output.partition_by),

@@ -21,6 +21,7 @@ from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig
 from pipeline.duplicate_ids import check_unique_ids
 from pipeline.manifest_layout import ManifestLayout, manifest_layout
 from pipeline.markers import data_files
+from pipeline.neck_heads import unsupported_features
 from pipeline.sources import IMAGE_EXTENSIONS, input_protocol, input_uris
 from pipeline.storage import Location, fsspec_filesystem, options_for, parse_uri
 
@@ -75,6 +76,22 @@ def validate(config: JobConfig) -> None:
         )
     if config.model.checkpoint is not None and config.model.random_weights:
         raise ValueError("both a checkpoint and random weights were asked for: drop --random-weights or --checkpoint")
+    generation = _config_generation(config.model.config)
+    if config.model.checkpoint is None:
+        _check_generation_features(config, generation or "sam3", "random weights")
+
+
+def _config_generation(name: str) -> str | None:
+    """The generation of a model config name; None for "auto" (the checkpoint's)."""
+    from sam3core.config import AUTO, get_config
+
+    return None if name == AUTO else get_config(name).generation  # ValueError names the choices
+
+
+def _check_generation_features(config: JobConfig, generation: str, what: str) -> None:
+    unsupported = unsupported_features(generation, config.output.features)
+    if unsupported:
+        raise ValueError(f"output.features {unsupported} need a SAM 3.1 checkpoint, and {what} is SAM 3")
 
 
 def check_settings(config: JobConfig) -> str | None:
@@ -132,7 +149,17 @@ def _check_checkpoint(config: JobConfig, storage_options: dict[str, Any]) -> str
         raise PreflightError(f"cannot read checkpoint {checkpoint}: {reason}") from error
     if probe.format == "hub":
         return "hub file, read when the model is built"
-    return f"{probe.format}, {probe.layout} layout, {probe.entries} entries"
+    asked = _config_generation(config.model.config)
+    if asked is not None and asked != probe.generation:
+        raise PreflightError(
+            f"checkpoint {checkpoint} is {probe.generation} ({probe.layout} layout) but model.config "
+            f"{config.model.config!r} is {asked}: use --model-config {probe.generation} or auto"
+        )
+    try:
+        _check_generation_features(config, probe.generation, f"checkpoint {checkpoint}")
+    except ValueError as error:
+        raise PreflightError(str(error)) from error
+    return f"{probe.format}, {probe.layout} layout ({probe.generation}), {probe.entries} entries"
 
 
 def _check_input(plan: Plan, uris: list[str], protocol: str, storage_options: dict[str, Any]) -> list[str] | None:

@@ -19,7 +19,7 @@ LANGUAGE_FEATURES = "language_features"
 LANGUAGE_MASK = "language_mask"
 LANGUAGE_EMBEDS = "language_embeds"
 WEBDATASET_JSON = "json"  # webdataset input only: each sample's `.json` member, as text
-FPN_LEVELS = 3  # backbone_fpn_0 (4x the ViT grid), _1 (2x), _2 (the grid itself)
+FPN_LEVELS = 3  # backbone_fpn_0 (4x the ViT grid), _1 (2x), _2 (the grid itself); the same for every neck head
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -46,6 +46,7 @@ RESERVED_COLUMNS = frozenset(
     }
     | {f"backbone_fpn_{level}" for level in range(FPN_LEVELS)}
     | {f"sam2_backbone_fpn_{level}" for level in range(FPN_LEVELS)}
+    | {f"interactive_backbone_fpn_{level}" for level in range(FPN_LEVELS)}  # SAM 3.1's interactive head
 )
 
 # Internal columns carried from the CPU stage to the model stage; never written.

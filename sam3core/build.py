@@ -9,21 +9,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import backbone_state_dict, load_backbone_weights, read_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    backbone_state_dict,
+    checkpoint_generation,
+    checkpoint_layout,
+    load_backbone_weights,
+    read_checkpoint,
+)
 from .compile import apply_compile, compile_plan
-from .config import Sam3Config, get_config
+from .config import AUTO, Sam3Config, get_config
 from .neck import Sam3DualViTDetNeck
 from .position_encoding import PositionEmbeddingSine
 from .text_encoder import VETextEncoder
 from .tokenizer import Sam3Tokenizer
+from .tri_neck import Sam3TriViTDetNeck
 from .vit import ViT
 from .vl_backbone import SAM3VLBackbone
+from .vl_backbone_tri import SAM3VLBackboneTri
 
 
 def build_sam3_vl_backbone(
     checkpoint: str | os.PathLike | None = None,
     *,
-    config: str | Sam3Config = "sam3",
+    config: str | Sam3Config = AUTO,
     imgsz: int = 1008,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -32,21 +41,29 @@ def build_sam3_vl_backbone(
     bpe_path: str | os.PathLike | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> SAM3VLBackbone:
-    """A SAM3VLBackbone in eval mode.
+    """A SAM3VLBackbone (SAM 3) or SAM3VLBackboneTri (SAM 3.1) in eval mode.
 
     checkpoint: None for random weights (deterministic under `torch.manual_seed`), a local path, an fsspec URI
-    (`s3://…`, `file://…`; `storage_options` go to fsspec) or `hf://facebook/sam3[/<file>]`. Official `sam3.pt` and
-    transformers `model.safetensors` layouts are both accepted.
+    (`s3://…`, `file://…`; `storage_options` go to fsspec) or `hf://facebook/sam3[/<file>]`. Official `sam3.pt`,
+    SAM 3.1 `sam3.1_multiplex.pt` (and its fp16 safetensors) and transformers `model.safetensors` layouts are accepted.
+
+    config: "auto" (the default) picks the official configuration of the checkpoint's generation, `sam3` or
+    `sam3.1`, from its keys (`sam3` for random weights); a name (`sam3`, `sam3.1`, `tiny`, `tiny-sam3.1`) or a
+    Sam3Config overrides it, and a checkpoint of the other generation is refused before any weight is copied.
+    add_sam2_neck: SAM 3 only (its optional `sam2_convs`); SAM 3.1's three heads are always built.
 
     compile_visual: True/"on", False/"off" or "auto" (see `sam3core.compile`): compiles the vision trunk and the
     neck's pyramid levels in place, lazily; `model.warm_up(batch_size)` pays for it up front.
     """
-    cfg = get_config(config)
-    tokenizer = Sam3Tokenizer(bpe_path, context_length=cfg.text.context_length)
-    weights = None
+    weights, state, source = None, None, ""
     if checkpoint is not None:
         source = os.fspath(checkpoint)
-        weights = backbone_state_dict(read_checkpoint(source, storage_options), cfg.scale_factors, source)
+        state = read_checkpoint(source, storage_options)
+    cfg = _resolve_config(config, state, source)
+    tokenizer = Sam3Tokenizer(bpe_path, context_length=cfg.text.context_length)
+    if state is not None:
+        weights = backbone_state_dict(state, cfg.scale_factors, source)
+        del state
     # With weights at hand, skip the random initialisation of ~800M parameters: build on the meta device and
     # adopt the loaded tensors.
     with torch.device("meta" if weights is not None else "cpu"):
@@ -63,13 +80,34 @@ def build_sam3_vl_backbone(
     return model
 
 
+_GENERATION_NAMES = {"sam3": "SAM 3", "sam3.1": "SAM 3.1"}
+
+
+def _resolve_config(config: str | Sam3Config, state: dict | None, source: str) -> Sam3Config:
+    """The configuration asked for, or the one of the checkpoint's generation; refuses a generation mismatch."""
+    generation = None if state is None else checkpoint_generation(state)
+    if isinstance(config, str) and config == AUTO:
+        return get_config(generation or "sam3")
+    cfg = get_config(config)
+    if generation is not None and generation != cfg.generation:
+        raise CheckpointError(
+            f"{source} is a {_GENERATION_NAMES[generation]} checkpoint ({checkpoint_layout(state or {})} layout), "
+            f"but the model config {cfg.name!r} is {_GENERATION_NAMES[cfg.generation]}: use config "
+            f"{generation!r} (--model-config {generation}) or 'auto'"
+        )
+    return cfg
+
+
 def _assemble(cfg: Sam3Config, imgsz: int, tokenizer: Sam3Tokenizer, add_sam2_neck: bool) -> SAM3VLBackbone:
     trunk = ViT(cfg.vision, imgsz)
-    neck = Sam3DualViTDetNeck(
-        trunk, PositionEmbeddingSine(cfg.d_model), cfg.d_model, cfg.scale_factors, add_sam2_neck=add_sam2_neck
-    )
+    position = PositionEmbeddingSine(cfg.d_model)
     text = VETextEncoder(cfg.text, cfg.d_model, tokenizer)
-    model = SAM3VLBackbone(neck, text, scalp=cfg.scalp)
+    if cfg.generation == "sam3.1":
+        tri = Sam3TriViTDetNeck(trunk, position, cfg.d_model, cfg.scale_factors)
+        model: SAM3VLBackbone = SAM3VLBackboneTri(tri, text, scalp=cfg.scalp)
+    else:
+        neck = Sam3DualViTDetNeck(trunk, position, cfg.d_model, cfg.scale_factors, add_sam2_neck=add_sam2_neck)
+        model = SAM3VLBackbone(neck, text, scalp=cfg.scalp)
     model.config = cfg
     return model
 

@@ -1,11 +1,17 @@
-"""Reading SAM 3 checkpoints and mapping them onto this package's modules.
+"""Reading SAM 3 and SAM 3.1 checkpoints and mapping them onto this package's modules.
 
-Two layouts are understood, and both land in the same modules:
+The layouts understood, all landing in the same modules:
 - the official `sam3.pt` (a dict, bare or under "model"): backbone keys live under `detector.backbone.` and carry
   this package's names already; every other key (heads, tracker) is ignored;
-- the transformers `model.safetensors`: backbone under `detector_model.`, with the trunk's qkv split into q/k/v,
-  CLIP-style text tower names, and the SAM 2 neck as `tracker_neck.`.
-RoPE tables (`freqs_cis`) in a file are never used: they only fit 1008 px, and this package recomputes them.
+- SAM 3.1's `sam3.1_multiplex.pt`, and the fp16 safetensors with the same keys: the same `detector.backbone.`
+  names with the three-headed neck (`convs`, `interactive_convs`, `propagation_convs`, three levels each). Only
+  keys recognised by name are ignored: the tracker (`tracker.model.`) and the detector's heads (`detector.transformer.`
+  and the others in `SAM31_IGNORED_PREFIXES`); any other key is an error naming it, so a renamed neck can never
+  be skipped silently and leave a head with random weights;
+- the transformers `model.safetensors` (SAM 3): backbone under `detector_model.`, with the trunk's qkv split into
+  q/k/v, CLIP-style text tower names, and the SAM 2 neck as `tracker_neck.`.
+RoPE tables (`freqs_cis`) in a file are never used: they only fit 1008 px, and this package recomputes them. The text
+tower's `text_projection` is never used either: a file without it (the SAM 3.1 fp16 safetensors) loads.
 """
 
 from __future__ import annotations
@@ -33,6 +39,29 @@ HF_PREFIX = "detector_model."
 HF_SAM2_NECK_PREFIX = "tracker_neck."
 NATIVE_PREFIXES = ("vision_backbone.", "language_backbone.")
 HF_DEFAULT_FILE = "sam3.pt"
+HF_DEFAULT_FILES = {"facebook/sam3.1": "sam3.1_multiplex.pt"}  # hf://<repo> without a file: the repo's checkpoint
+TEXT_PROJECTION = "language_backbone.encoder.text_projection"
+
+# Layout names (what `probe_checkpoint` reports) and the model generation each holds.
+LAYOUT_SAM3 = "sam3.pt"
+LAYOUT_SAM31 = "sam3.1_multiplex.pt"
+LAYOUT_TRANSFORMERS = "transformers"
+LAYOUT_NATIVE = "sam3core"
+# Keys only a SAM 3.1 file has: its two new neck heads and the multiplex tracker, all under `tracker.model.`.
+_SAM31_NECK_HEADS = ("vision_backbone.interactive_convs.", "vision_backbone.propagation_convs.")
+SAM31_MARKERS = (*(OFFICIAL_PREFIX + head for head in _SAM31_NECK_HEADS), "tracker.model.")
+# What a SAM 3.1 file holds besides the backbone, by name (Meta's `Sam3MultiplexDetector` and its tracker): ignored.
+SAM31_IGNORED_PREFIXES = (
+    "tracker.model.",
+    "detector.transformer.",
+    "detector.geometry_encoder.",
+    "detector.segmentation_head.",
+    "detector.semantic_seg_head.",
+    "detector.dot_prod_scoring.",
+    "detector.instance_dot_prod_scoring.",
+    "detector.class_embed.",
+    "detector.instance_class_embed.",
+)
 
 
 class CheckpointError(ValueError):
@@ -84,7 +113,8 @@ def _download_from_hub(uri: str) -> str:
     parts = uri.removeprefix("hf://").strip("/").split("/")
     if len(parts) < 2:
         raise CheckpointError(f"expected hf://<owner>/<repo>[/<file>], got {uri}")
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or HF_DEFAULT_FILE
+    repo_id = "/".join(parts[:2])
+    filename = "/".join(parts[2:]) or HF_DEFAULT_FILES.get(repo_id, HF_DEFAULT_FILE)
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:
@@ -98,20 +128,33 @@ class CheckpointProbe:
 
     source: str
     format: str  # "safetensors" | "torch zip" | "torch legacy" | "hub" (hf:// files are not fetched to look)
-    layout: str  # "sam3.pt" | "transformers" | "sam3core" | "unknown" (hub only)
+    layout: str  # "sam3.pt" | "sam3.1_multiplex.pt" | "transformers" | "sam3core" | "unknown" (hub only)
     entries: int  # tensors (or other values) in the state dict; 0 when not inspected
+    generation: str = "unknown"  # "sam3" | "sam3.1" | "unknown" (hub only)
 
 
 def checkpoint_layout(keys: Iterable[str]) -> str | None:
     """Which of the understood key layouts these state-dict keys follow, or None."""
     keys = list(keys)
     if any(key.startswith(OFFICIAL_PREFIX) for key in keys):
-        return "sam3.pt"
+        return LAYOUT_SAM31 if any(key.startswith(SAM31_MARKERS) for key in keys) else LAYOUT_SAM3
     if any(key.startswith(HF_PREFIX + "vision_encoder.") for key in keys):
-        return "transformers"
+        return LAYOUT_TRANSFORMERS
     if any(key.startswith(NATIVE_PREFIXES) for key in keys):
-        return "sam3core"
+        return LAYOUT_NATIVE
     return None
+
+
+def checkpoint_generation(keys: Iterable[str]) -> str | None:
+    """The model generation of a SAM 3 state dict: "sam3.1" with SAM 3.1's neck heads or tracker, else "sam3"; None
+    for keys that are not SAM 3's at all."""
+    keys = list(keys)
+    layout = checkpoint_layout(keys)
+    if layout is None:
+        return None
+    if layout == LAYOUT_SAM31 or (layout == LAYOUT_NATIVE and any(key.startswith(_SAM31_NECK_HEADS) for key in keys)):
+        return "sam3.1"
+    return "sam3"
 
 
 def probe_checkpoint(source: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> CheckpointProbe:
@@ -126,7 +169,7 @@ def probe_checkpoint(source: str | os.PathLike, storage_options: Mapping[str, An
         parts = source.removeprefix("hf://").strip("/").split("/")
         if len(parts) < 2 or not all(parts[:2]):
             raise CheckpointError(f"expected hf://<owner>/<repo>[/<file>], got {source}")
-        return CheckpointProbe(source, "hub", "unknown", 0)
+        return CheckpointProbe(source, "hub", "unknown", 0, "unknown")
     try:
         fs, path = fsspec.core.url_to_fs(source, **dict(storage_options or {}))
         if fs.isdir(path):
@@ -151,10 +194,10 @@ def probe_checkpoint(source: str | os.PathLike, storage_options: Mapping[str, An
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as exc:
         raise CheckpointError(f"{source} is not a readable PyTorch or safetensors checkpoint: {exc}") from exc
-    layout = checkpoint_layout(keys)
-    if layout is None:
+    layout, generation = checkpoint_layout(keys), checkpoint_generation(keys)
+    if layout is None or generation is None:
         raise _not_a_sam3_checkpoint(source, keys)
-    return CheckpointProbe(source, container, layout, len(keys))
+    return CheckpointProbe(source, container, layout, len(keys), generation)
 
 
 def _safetensors_keys(f: IO[bytes]) -> list[str]:
@@ -228,17 +271,29 @@ def backbone_state_dict(
 ) -> dict[str, Tensor]:
     """The backbone's tensors under this package's names, whatever the file's layout."""
     layout = checkpoint_layout(state)
-    if layout == "sam3.pt":
+    if layout == LAYOUT_SAM31:
+        _refuse_unrecognised_sam31_keys(state, source)
+    if layout in (LAYOUT_SAM3, LAYOUT_SAM31):
         return {
             key.removeprefix(OFFICIAL_PREFIX): value
             for key, value in state.items()
             if key.startswith(OFFICIAL_PREFIX) and not key.endswith("freqs_cis")
         }
-    if layout == "transformers":
+    if layout == LAYOUT_TRANSFORMERS:
         return _from_transformers(state, scale_factors)
-    if layout == "sam3core":
+    if layout == LAYOUT_NATIVE:
         return {k: v for k, v in state.items() if k.startswith(NATIVE_PREFIXES) and not k.endswith("freqs_cis")}
     raise _not_a_sam3_checkpoint(source, state)
+
+
+def _refuse_unrecognised_sam31_keys(state: Mapping[str, Tensor], source: str) -> None:
+    """A SAM 3.1 file may hold the backbone, the tracker and the detector's heads; anything else is named."""
+    unknown = sorted(k for k in state if not k.startswith((OFFICIAL_PREFIX, *SAM31_IGNORED_PREFIXES)))
+    if unknown:
+        raise CheckpointError(
+            f"{source} (SAM 3.1 layout) holds keys outside the backbone, the tracker and the detector heads "
+            f"({len(unknown)}): {_shorten(unknown)}"
+        )
 
 
 def _not_a_sam3_checkpoint(source: str, keys: Iterable[str]) -> CheckpointError:
@@ -340,11 +395,14 @@ def _first_match(rules: list[tuple[str, str]], key: str) -> tuple[re.Match[str],
 def load_backbone_weights(model: nn.Module, weights: Mapping[str, Tensor], source: str = "checkpoint") -> None:
     """Copy `weights` (this package's names) into `model`; any missing, unexpected or misshapen key is an error.
 
-    SAM 2 neck weights in the file are skipped when the model was built without that neck.
+    SAM 2 neck weights in the file are skipped when a SAM 3 model was built without that neck. The unused
+    `text_projection` may be absent (it is then zero) and may have any output width (the model adopts the file's).
     """
-    expected = model.state_dict()
-    if getattr(model.vision_backbone, "sam2_convs", None) is None:
+    neck = model.vision_backbone
+    if hasattr(neck, "sam2_convs") and neck.sam2_convs is None:
         weights = {k: v for k, v in weights.items() if not k.startswith("vision_backbone.sam2_convs.")}
+    weights = _with_text_projection(model, weights)
+    expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     problems = []
@@ -363,6 +421,20 @@ def load_backbone_weights(model: nn.Module, weights: Mapping[str, Tensor], sourc
         hint = "" if not misshapen else " (is the model config right for this checkpoint?)"
         raise CheckpointError(f"{source} does not fit the backbone{hint}: " + "; ".join(problems))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()}, strict=True, assign=True)
+
+
+def _with_text_projection(model: nn.Module, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`text_projection` [width, P] is kept for fidelity to the file but read by no forward: a file without it gets
+    zeros, and a file whose P differs from the configuration's replaces the parameter with its own shape."""
+    weights = dict(weights)
+    encoder = model.language_backbone.encoder
+    current = encoder.text_projection
+    stored = weights.get(TEXT_PROJECTION)
+    if stored is None:
+        weights[TEXT_PROJECTION] = torch.zeros(current.shape, dtype=current.dtype)
+    elif stored.ndim == 2 and stored.shape[0] == current.shape[0] and stored.shape != current.shape:
+        encoder.text_projection = nn.Parameter(torch.empty(stored.shape, dtype=current.dtype, device=current.device))
+    return weights
 
 
 def _shorten(names: list[str], limit: int = 12) -> str:

@@ -82,8 +82,9 @@ def compiled_modules(vision: nn.Module) -> list[nn.Module]:
     every entry point that calls them, whichever subset of levels it runs.
     """
     modules: list[nn.Module] = [vision.trunk, *vision.convs]
-    if getattr(vision, "sam2_convs", None) is not None:
-        modules += list(vision.sam2_convs)
+    for head in ("sam2_convs", "interactive_convs", "propagation_convs"):  # SAM 3's optional head, SAM 3.1's two
+        if getattr(vision, head, None) is not None:
+            modules += list(getattr(vision, head))
     return modules
 
 

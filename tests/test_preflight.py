@@ -202,7 +202,7 @@ def test_checkpoints_are_probed_without_loading_them(
     official = tmp_path / "sam3.pt"
     torch.save({"model": {f"detector.backbone.{k}": v for k, v in tiny_weights.items()}}, official)
     plan = preflight(config(manifest, tmp_path, model={"checkpoint": str(official), "random_weights": False}))
-    assert plan.checkpoint_format == f"torch zip, sam3.pt layout, {len(tiny_weights)} entries"
+    assert plan.checkpoint_format == f"torch zip, sam3.pt layout (sam3), {len(tiny_weights)} entries"
     assert not any(note.startswith("RANDOM") for note in plan.notes)
 
 

@@ -7,6 +7,13 @@ expected), takes the last level for the detector and the whole `backbone_fpn` fo
 through its own `model.set_classes(text)`. `src_shape` is the image's (height, width): boxes and masks come back
 at that size. Its preprocessing stretches the image to the square input (`LetterBox(scale_fill=True)`), as this
 pipeline does.
+
+SAM 3.1 (ultralytics 8.4.148+, #26144): `sam3.1_multiplex.pt` is loaded into the SAM 3 modules by renaming keys,
+the detector head `convs.0-2` onto its `convs` (its fourth, 0.5x level keeps random weights, which `scalp` drops) and
+`interactive_convs` onto `sam2_convs`, the neck its point-prompt `SAM3Predictor` reads; `propagation_convs` has no
+place there. So `features` for the semantic predictor are the detector head's levels, as for SAM 3, and
+`interactive=True` adds the interactive head as `sam2_backbone_out`, where ultralytics' SAM 3 neck puts `sam2_convs`.
+Checked by keys and shapes against its code; ultralytics was not run (it needs torchvision).
 """
 
 from __future__ import annotations
@@ -19,11 +26,17 @@ from pipeline.feature_cache import CachedImages
 
 
 def ultralytics_features(
-    images: CachedImages, index: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    images: CachedImages,
+    index: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    interactive: bool = False,
 ) -> tuple[dict[str, Any], tuple[int, int]]:
     """(features, src_shape) of image `index` for `predictor.inference_features(features, src_shape, text=[...])`.
 
     device, dtype: the predictor's (`predictor.device`, and its model's dtype when it runs in half precision).
+    interactive: SAM 3.1 runs: also the interactive head, as `sam2_backbone_out` (see above).
     """
     out = images.backbone_out
 
@@ -37,4 +50,14 @@ def ultralytics_features(
         "backbone_fpn": levels,
         "sam2_backbone_out": None,
     }
+    if interactive:
+        head = out.get("interactive")
+        if head is None:
+            raise ValueError("interactive=True needs a SAM 3.1 run (SAM 3 has no interactive head)")
+        sam2 = [one(f) for f in head["backbone_fpn"]]
+        features["sam2_backbone_out"] = {
+            "vision_features": sam2[-1],
+            "vision_pos_enc": [one(p) for p in head["vision_pos_enc"]],
+            "backbone_fpn": sam2,
+        }
     return features, images.original_sizes[index]
