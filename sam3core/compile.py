@@ -131,6 +131,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return False
 
 
+def _short_reason(exc: BaseException, lines: int = 3, limit: int = 400) -> str:
+    """The exception's type and its first few lines (inductor's wrapped errors put the cause on the second)."""
+    text = " ".join([line.strip() for line in str(exc).splitlines() if line.strip()][:lines])
+    return f"{type(exc).__name__}: {text}"[:limit]
+
+
 def compile_fallback(vision: nn.Module) -> str | None:
     """Why the last `warm_up` of `vision` gave up compiling (None: it did not): callers record it in metadata."""
     return getattr(vision, "_compile_fallback", None)
@@ -151,9 +157,7 @@ def warm_up(run: Callable[[], Any], vision: nn.Module, description: str = "") ->
         message = f"compiling the vision backbone failed, running it eagerly: {type(exc).__name__}: {exc}"
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         logger.warning(message)
-        vision._compile_fallback = (
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        )
+        vision._compile_fallback = _short_reason(exc)
         remove_compile(vision)
         torch._dynamo.reset()
         with torch.inference_mode():
