@@ -144,9 +144,9 @@ def test_compile_threads_follow_the_process_not_the_host(monkeypatch: pytest.Mon
     from sam3core.compile import set_compile_threads
 
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    monkeypatch.setattr(inductor_config, "compile_threads", 64)
-    set_compile_threads(3)
-    assert inductor_config.compile_threads == 3 and os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "3"
-    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "5")  # an explicit setting wins
-    set_compile_threads(2)
-    assert inductor_config.compile_threads == 3
+    with inductor_config.patch(compile_threads=64):  # as on a 64-core host; restored afterwards
+        set_compile_threads(3)
+        assert inductor_config.compile_threads == 3 and os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "3"
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "5")  # an explicit setting wins
+        set_compile_threads(2)
+        assert inductor_config.compile_threads == 3
