@@ -85,6 +85,7 @@ RESULT_FILE = "gpu_suite.json"
 PARITY_RTOL = 1e-5  # tests/test_parity.py's tolerance, for the float32 check
 PARITY_NOISE_FACTOR = 2.0
 GOAL_IMAGES_PER_S = 100.0
+MAX_PROBE_BATCH = 384  # the largest batch the memory section runs (a 1008 px batch of 384 takes seconds)
 COLUMNS = ["section", "variant", "batch", "figure", "unit", "peak GiB", "check", "note"]
 
 # Seconds each section may take on an H100/H200 (the overall budget cuts them further), and the least it needs
@@ -301,10 +302,11 @@ class Suite:
         )
 
     def images(self, batch: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(batch)
-        x = torch.rand(batch, 3, self.imgsz, self.imgsz, generator=generator) * 2 - 1
+        # drawn on the device: hundreds of 1008 px images are gigabytes, slow to draw and copy from the host
+        generator = torch.Generator(device=self.device).manual_seed(batch)
         with torch.inference_mode():
-            return x.to(self.device, dtype or self.compute_dtype)
+            x = torch.rand(batch, 3, self.imgsz, self.imgsz, generator=generator, device=self.device)
+            return (x * 2 - 1).to(dtype or self.compute_dtype)
 
     def fraction_of_peak(self, images_per_s: float, path: str = "pooled") -> float | None:
         if not self.peak_flops or path not in self.flops:
@@ -783,6 +785,9 @@ def section_memory(suite: Suite) -> None:
                 call(x)
             peaks[batch] = peak["gib"]
         per_image = (peaks[large] - peaks[small]) / (large - small)
+        if per_image <= 0:
+            suite.record.row("memory", f"{label}: peak per image", None, per_image, "GiB", check="NOT MEASURABLE")
+            continue
         fixed = peaks[small] - per_image * small
         largest = int((0.92 * total - fixed) / per_image)
         suite.record.row(
@@ -795,7 +800,7 @@ def section_memory(suite: Suite) -> None:
         )
         check = "not checked (budget)"
         if suite.clock.section_left() > 20 and largest > 0:
-            probe = min(largest, 1024)
+            probe = min(largest, MAX_PROBE_BATCH)
             try:
                 x = suite.images(probe)
                 with torch.inference_mode(), peak_memory(suite.device) as peak:
