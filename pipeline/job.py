@@ -260,9 +260,9 @@ def gpus_per_actor(config: JobConfig, current: dict[str, float], scalable: dict[
 
 
 def _scalable_resources() -> dict[str, float] | None:
-    """The most of each resource the cluster's node types can reach, where its autoscaler reports them (Ray's
-    autoscaler v2 and hosted clusters write this to the GCS); None where nothing does (then only what is up now
-    counts)."""
+    """The most of each resource the cluster's node groups can reach, where something writes them to the GCS
+    (hosted Ray clusters do; the open-source autoscalers of Ray 2.60 do not, so the job files in infra/ set
+    `compute.gpus_per_actor`); None where nothing does (then only what is up now counts)."""
     try:
         from ray._private.state import state
 

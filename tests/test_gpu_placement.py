@@ -180,3 +180,29 @@ def test_files_of_a_run_that_compiled_report_no_fallback(tmp_path: Path) -> None
     )
     pq.write_table(table, tmp_path / "a.parquet")
     assert compile_fallbacks(ds.dataset(str(tmp_path / "a.parquet"))) == []
+
+
+@pytest.mark.timeout(120)
+def test_the_gpus_an_autoscaler_reports_it_can_add_are_read_from_the_cluster(ray_local: None) -> None:
+    """Where the cluster's node groups are written to the GCS (as hosted Ray clusters do), a job submitted while
+    every GPU node is down still asks for GPUs."""
+    import ray._raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    from pipeline.job import _scalable_resources
+
+    namespace = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+    key = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
+    assert _scalable_resources() is None  # a local cluster reports no node groups
+    config = autoscaler_pb2.ClusterConfig()
+    gpu_group = config.node_group_configs.add(name="gpu", min_count=0, max_count=8)
+    gpu_group.resources.update({"CPU": 12, "GPU": 1})
+    config.node_group_configs.add(name="cpu", min_count=0, max_count=4).resources.update({"CPU": 16})
+    _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=namespace)
+    try:
+        scalable = _scalable_resources()
+        assert scalable is not None and scalable["GPU"] == 8 and scalable["CPU"] == 8 * 12 + 4 * 16
+        assert gpus_per_actor(job(), {"CPU": 0.0}, scalable) == 1.0
+    finally:
+        _internal_kv_del(key, namespace=namespace)
