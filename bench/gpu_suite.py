@@ -46,6 +46,7 @@ folder and pass it as `--official .official/site`; without it that section is sk
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import os
@@ -1071,6 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
     suite = Suite(args, device, record, clock, workdir, args.config, imgsz, batch, batches)
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
     failed: set[str] = set()
+    # If a compilation overruns and the call is about to be cut, the log shows where it was.
+    faulthandler.dump_traceback_later(args.budget_s + 60, exit=False)
     try:
         for name, run in SECTIONS:
             if args.only and name not in args.only and name not in ("env", "weights"):
@@ -1080,10 +1083,11 @@ def main(argv: list[str] | None = None) -> int:
                 record.skip(name, f"needs {', '.join(missing)}, which failed")
                 failed.add(name)
                 continue
-            go, _ = clock.open_section(name)
+            go, allowed = clock.open_section(name)
             if not go:
                 record.skip(name, f"only {max(0.0, clock.left()):.0f} s of the overall budget left")
                 continue
+            print(f"# {name}: at {clock.total - clock.left():.0f} s, up to {allowed:.0f} s", flush=True)
             started = time.monotonic()
             try:
                 run(suite)
@@ -1096,6 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir / "cache", ignore_errors=True)
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    faulthandler.cancel_dump_traceback_later()
     print(f"\n# {len(record.data['rows'])} figures in {record.path}; sections failed: {sorted(failed) or 'none'}")
     print("\n| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
     for entry in record.data["rows"]:
