@@ -71,8 +71,9 @@ class EmbedWorker:
         self.progress = progress
         self.device = actor_device(settings.num_gpus)
         self.dtype = compute_dtype(settings.dtype, self.device)
-        # Inductor's compile workers follow the host's cores, not the CPUs this actor may use.
-        set_compile_threads(torch.get_num_threads())
+        # Inductor's compile workers follow the host's cores; a pod may use only its CPU limit. The actor's own
+        # reservation (one CPU on a GPU node) would serialise a compilation of minutes: it is a one-off cost.
+        set_compile_threads(max(torch.get_num_threads(), usable_cpus()))
         self.output_dtype = np.dtype(settings.feature_dtype)
         resolved = local_checkpoint(settings.checkpoint, settings.storage_options)
         if resolved.path is None:
@@ -366,6 +367,36 @@ def actor_device(num_gpus: float | None) -> torch.device:
             "to run the model on CPUs instead"
         )
     return torch.device("cuda", 0)
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its CPU affinity, capped by the container's CPU limit (a Kubernetes pod's
+    `limits.cpu` becomes a CFS quota, which `os.cpu_count()` and the affinity do not show)."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(cgroup_root)
+    return max(1, min(cpus, limit)) if limit is not None else max(1, cpus)
+
+
+def cgroup_cpu_limit(cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """The CFS quota in whole CPUs (rounded up), from cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; None: none."""
+    import math
+    from pathlib import Path
+
+    root = Path(cgroup_root)
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+        v1 = root / "cpu"
+        if (v1 / "cpu.cfs_quota_us").exists():
+            quota = int((v1 / "cpu.cfs_quota_us").read_text())
+            period = int((v1 / "cpu.cfs_period_us").read_text())
+            return None if quota <= 0 else max(1, math.ceil(quota / period))
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _log_to_stderr_in_workers() -> None:

@@ -206,3 +206,25 @@ def test_the_gpus_an_autoscaler_reports_it_can_add_are_read_from_the_cluster(ray
         assert gpus_per_actor(job(), {"CPU": 0.0}, scalable) == 1.0
     finally:
         _internal_kv_del(key, namespace=namespace)
+
+
+def test_compile_threads_follow_the_containers_cpu_limit(tmp_path: Path) -> None:
+    """A pod limited to 12 CPUs on a 192-core host must not start 32 compile workers (inductor counts the host)."""
+    from pipeline.embed import cgroup_cpu_limit, usable_cpus
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("1200000 100000\n")
+    assert cgroup_cpu_limit(str(v2)) == 12
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(str(v2)) is None
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(str(tmp_path / "v1")) == 2  # 1.5 CPUs: two workers
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_limit(str(tmp_path / "v1")) is None
+    (v2 / "cpu.max").write_text("100000 100000\n")
+    assert usable_cpus(str(v2)) == 1
+    assert usable_cpus(str(tmp_path / "none")) >= 1
