@@ -18,12 +18,12 @@ a `docs/benchmarks.md` table row.
    them) against the same model's forward alone on tensors already on the device: the actor's overhead.
 6. sdpa: each SDPA backend (flash, cuDNN, memory-efficient, math) on the trunk's window (576 tokens) and global
    (5184 tokens at 1008 px) attention shapes.
-7. rope: one window block; its rotary embedding as eager code runs it (one complex multiplication), written out
+7. official: Meta's implementation side by side under bfloat16 autocast (`--official DIR`, see below).
+8. rope: one window block; its rotary embedding as eager code runs it (one complex multiplication), written out
    in real arithmetic (what compiled graphs fuse) and compiled: the share of the block each costs.
-8. memory: peak memory per image for the pooled path and for every feature, the largest batch that fits (from
+9. memory: peak memory per image for the pooled path and for every feature, the largest batch that fits (from
    two measured batch sizes, then checked with one call), and what the actor does on CUDA out-of-memory (the
    allocator capped so that the batch cannot fit).
-9. official: Meta's implementation side by side under bfloat16 autocast (`--official DIR`, see below).
 10. compiled: inductor's default mode at the working batch size (compile seconds, images/s, cosine to eager),
     then other batch sizes while the budget lasts.
 11. worker_compiled: `EmbedWorker` with `compile: on`, i.e. the production plan (`sam3core.compile`), its
@@ -1008,9 +1008,11 @@ SECTIONS: list[tuple[str, Callable[[Suite], None]]] = [
     ("correctness", section_correctness),
     ("worker_eager", section_worker_eager),
     ("sdpa", section_sdpa),
+    # before anything compiles: Meta's loader refuses to run once torchvision is imported, which the GPU machine
+    # has and a compiler could pull in
+    ("official", section_official),
     ("rope", section_rope),
     ("memory", section_memory),
-    ("official", section_official),
     ("compiled", section_compiled),
     ("worker_compiled", section_worker_compiled),
     ("cudagraphs", section_cudagraphs),

@@ -80,8 +80,13 @@ def test_gpu_suite_dry_run_on_cpu_writes_every_section(tmp_path: Path) -> None:
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     data = json.loads((out / "gpu_suite.json").read_text())
     assert data["errors"] == {}
-    # only what needs CUDA memory statistics or Meta's package is skipped, each with its reason
-    assert set(data["skipped"]) == {"memory", "official"}, data["skipped"]
+    # only what needs CUDA memory statistics or Meta's package is skipped, each with its reason; on a slow machine
+    # an extra batch size may also fall outside its section's budget
+    skipped = data["skipped"]
+    assert {"memory", "official"} <= set(skipped), skipped
+    assert "CUDA" in skipped["memory"] and "--official" in skipped["official"]
+    others = {name: reason for name, reason in skipped.items() if name not in ("memory", "official")}
+    assert all(" batch " in name and "budget" in reason for name, reason in others.items()), others
     sections = {row["section"] for row in data["rows"]}
     expected = {"env", "weights", "eager", "correctness", "worker_eager", "sdpa", "rope", "compiled"}
     assert expected | {"worker_compiled", "cudagraphs"} <= sections
