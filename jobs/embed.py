@@ -83,6 +83,8 @@ def render_summary(config: JobConfig, summary: dict[str, Any], code: int) -> str
         lines.append(
             f"  model:        {config.model.config}, RANDOM WEIGHTS (no checkpoint): the embeddings mean nothing"
         )
+    for reason in summary.get("compile_fallbacks") or []:
+        lines.append(f"  compile:      FAILED, the model ran eagerly (slower): {reason}")
     this_attempt = summary.get("rows_this_run")
     if isinstance(this_attempt, int) and rows is not None and this_attempt < rows:
         lines.append(f"  resumed:      {rows - this_attempt} rows were already written by an earlier attempt")

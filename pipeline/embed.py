@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pipeline import arrow_features, schema
 from pipeline.model_cache import local_checkpoint
 from pipeline.neck_heads import DENSE_HEADS, head_columns, head_levels, image_forward_options, unsupported_features
-from sam3core.compile import is_compiled
+from sam3core.compile import compile_fallback, is_compiled, is_out_of_memory, set_compile_threads
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ class EmbedSettings:
     multi_caption: bool
     batch_size: int = 8
     threads: int | None = None  # torch threads; None: as Ray set them (one per reserved CPU)
+    # GPUs the actor reserved from Ray. None: not scheduled by Ray (a direct call, a benchmark): CUDA when visible.
+    # 0: the CPU, even on a node whose GPUs are visible (Ray leaves CUDA_VISIBLE_DEVICES as it was for an actor that
+    # reserves none, so every such actor would share GPU 0 with the actors that did). > 0: CUDA or a loud failure.
+    num_gpus: float | None = None
     storage_options: dict[str, Any] | None = None
     run_id: str = ""
     package_version: str = ""
@@ -66,8 +70,11 @@ class EmbedWorker:
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
         self.progress = progress
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = actor_device(settings.num_gpus)
         self.dtype = compute_dtype(settings.dtype, self.device)
+        # Inductor's compile workers follow the host's cores; a pod may use only its CPU limit. The actor's own
+        # reservation (one CPU on a GPU node) would serialise a compilation of minutes: it is a one-off cost.
+        set_compile_threads(max(torch.get_num_threads(), usable_cpus()))
         self.output_dtype = np.dtype(settings.feature_dtype)
         resolved = local_checkpoint(settings.checkpoint, settings.storage_options)
         if resolved.path is None:
@@ -97,9 +104,22 @@ class EmbedWorker:
         self.vision_only = not ({*DENSE_HEADS, schema.TRUNK} & wanted)
         built = time.monotonic() - started
         # Compilation (lazy) is paid here, on a padded batch of the real batch size, not by the first real batch.
-        self.warm_up_seconds = self.backbone.warm_up(settings.batch_size, vision_features_only=self.vision_only)
+        try:
+            self.warm_up_seconds = self.backbone.warm_up(settings.batch_size, vision_features_only=self.vision_only)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise RuntimeError(
+                    f"{self.device.type.upper()} out of memory warming up the model on a batch of "
+                    f"{settings.batch_size} images at {settings.imgsz} px: lower compute.batch_size "
+                    f"(or store fewer dense features)"
+                ) from exc
+            raise
         compiled = is_compiled(self.backbone.vision_backbone)
         self.compiled = compiled
+        # Why compiling failed and the model runs eagerly (None when it did not): in every file's metadata and in
+        # the run summary, where a slow GPU run is explained.
+        self.compile_fallback = compile_fallback(self.backbone.vision_backbone)
+        self._split_warned = False
         self.metadata = {
             schema.METADATA_KEY: json.dumps(
                 {
@@ -114,6 +134,7 @@ class EmbedWorker:
                         "compute_dtype": str(self.dtype).removeprefix("torch."),
                         "compiled_vision": compiled,
                         "compile": self.backbone.compile_plan.describe() if compiled else "eager",
+                        "compile_fallback": self.compile_fallback,
                         "device": self.device.type,
                     },
                     "image_size": settings.imgsz,
@@ -160,42 +181,15 @@ class EmbedWorker:
 
     def _image_columns(self, pixels: pa.ChunkedArray, ok: np.ndarray) -> tuple[dict[str, pa.Array], dict[int, str]]:
         """The image columns, and the rows that failed here (row -> reason), which are null in every column."""
-        from sam3core import normalize_images
-
         n, size = len(ok), self.settings.imgsz
         rows = np.flatnonzero(ok)
         pooled = arrow_features.empty_rows(n, (self.d_model,), self.output_dtype)
-        wanted = set(self.settings.features)
         dense: dict[str, np.ndarray] = {}
         if len(rows):
             uint8 = pixel_array(pixels, rows, size)  # [n_ok, S, S, 3], one copy out of the Arrow buffers
-            if self.compiled and len(rows) < self.settings.batch_size:
-                # A compiled trunk recompiles for every new batch size; short batches are padded instead.
-                padding = np.zeros((self.settings.batch_size - len(rows), size, size, 3), dtype=np.uint8)
-                uint8 = np.concatenate([uint8, padding])
-            # uint8 crosses to the device (4x less than float32) and is normalized there.
-            x = normalize_images(torch.from_numpy(uint8).to(self.device, non_blocking=True))
-            if self.vision_only:
-                trunk = None
-                vision = self.backbone.forward_vision_features(x)[: len(rows)]  # [B, d, g, g]
-                out = None
-            else:
-                # forward_image is exactly these two calls; the trunk map is kept for the `trunk` feature.
-                trunk = self.backbone.forward_trunk(x)  # [B, width, g, g]
-                out = _drop_padding(self.backbone.forward_image_from_trunk(trunk, **self.image_options), len(rows))
-                vision = out["vision_features"]
-            # Pooled on the device, in float32; the host gets one tensor per output.
-            pooled[rows] = self._to_numpy(F.normalize(vision.float().mean(dim=(2, 3)), dim=-1))
-            if trunk is not None and schema.TRUNK in wanted:
-                dense[schema.TRUNK] = self._to_numpy(trunk[: len(rows)])
-            if schema.VISION_FEATURES in wanted:
-                dense[schema.VISION_FEATURES] = self._to_numpy(vision)
-            for feature in (f for f in DENSE_HEADS if f in wanted and out is not None):
-                levels = head_levels(out, feature)
-                if levels is None:
-                    raise RuntimeError(f"{feature} requested but the backbone has no such neck head")
-                for name, tensor in zip(head_columns(feature), levels, strict=True):
-                    dense[name] = self._to_numpy(tensor)
+            outputs = self._forward_images_splitting(uint8)
+            pooled[rows] = outputs.pop(schema.IMAGE_EMBEDDING)
+            dense = outputs
         failures = _non_finite_rows(dense, rows, self.settings.feature_dtype)
         valid = ok.copy()
         valid[list(failures)] = False
@@ -207,6 +201,76 @@ class EmbedWorker:
                 full[rows] = dense[name]
             columns[name] = arrow_features.tensors(full, valid)
         return columns, failures
+
+    def _forward_images_splitting(self, uint8: np.ndarray, top: bool = True) -> dict[str, np.ndarray]:
+        """`_forward_images`, and on device out-of-memory the batch again in halves (never a lost row).
+
+        A halved batch on a compiled model is a new shape and compiles once more; a warning names the setting to
+        lower. One image that does not fit raises, naming it too.
+        """
+        try:
+            return self._forward_images(uint8, pad=top)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(uint8) == 1:
+                raise RuntimeError(
+                    f"{self.device.type.upper()} out of memory on a single image at {self.settings.imgsz} px "
+                    f"(compute.batch_size {self.settings.batch_size}): the device is too small or shared; "
+                    "lower compute.batch_size or model.imgsz, or store fewer dense features"
+                ) from exc
+            if not self._split_warned:
+                logger.warning(
+                    "%s out of memory on a batch of %d images at %d px: splitting it in halves; lower "
+                    "compute.batch_size (now %d) to avoid this",
+                    self.device.type.upper(),
+                    len(uint8),
+                    self.settings.imgsz,
+                    self.settings.batch_size,
+                )
+                self._split_warned = True
+        half = len(uint8) // 2
+        first = self._forward_images_splitting(uint8[:half], top=False)
+        second = self._forward_images_splitting(uint8[half:], top=False)
+        return {name: np.concatenate([first[name], second[name]]) for name in first}
+
+    def _forward_images(self, uint8: np.ndarray, pad: bool) -> dict[str, np.ndarray]:
+        """[n, S, S, 3] uint8 -> the pooled embedding (under `image_embedding`) and each wanted dense map, on the
+        host in the stored dtype, one row per image."""
+        from sam3core import normalize_images
+
+        wanted = set(self.settings.features)
+        count = len(uint8)
+        if pad and self.compiled and count < self.settings.batch_size:
+            # A compiled trunk recompiles for every new batch size; short batches are padded instead.
+            padding = np.zeros((self.settings.batch_size - count, *uint8.shape[1:]), dtype=np.uint8)
+            uint8 = np.concatenate([uint8, padding])
+        # uint8 crosses to the device (4x less than float32) and is normalized there.
+        x = normalize_images(torch.from_numpy(uint8).to(self.device, non_blocking=True))
+        if self.vision_only:
+            trunk = None
+            vision = self.backbone.forward_vision_features(x)[:count]  # [B, d, g, g]
+            out = None
+        else:
+            # forward_image is exactly these two calls; the trunk map is kept for the `trunk` feature.
+            trunk = self.backbone.forward_trunk(x)  # [B, width, g, g]
+            out = _drop_padding(self.backbone.forward_image_from_trunk(trunk, **self.image_options), count)
+            vision = out["vision_features"]
+        # Pooled on the device, in float32; the host gets one tensor per output.
+        outputs = {schema.IMAGE_EMBEDDING: self._to_numpy(F.normalize(vision.float().mean(dim=(2, 3)), dim=-1))}
+        if trunk is not None and schema.TRUNK in wanted:
+            outputs[schema.TRUNK] = self._to_numpy(trunk[:count])
+        if schema.VISION_FEATURES in wanted:
+            outputs[schema.VISION_FEATURES] = self._to_numpy(vision)
+        for feature in (f for f in DENSE_HEADS if f in wanted and out is not None):
+            levels = head_levels(out, feature)
+            if levels is None:
+                raise RuntimeError(f"{feature} requested but the backbone has no such neck head")
+            for name, tensor in zip(head_columns(feature), levels, strict=True):
+                outputs[name] = self._to_numpy(tensor)
+        return outputs
 
     def _dense_image_columns(self) -> list[str]:
         wanted = set(self.settings.features)
@@ -288,6 +352,57 @@ class EmbedWorker:
         # Cast on the device to the stored dtype, then one copy to the host.
         target = torch.float16 if self.output_dtype == np.float16 else torch.float32
         return tensor.detach().to(target).cpu().numpy()
+
+
+def actor_device(num_gpus: float | None) -> torch.device:
+    """The device for an actor that reserved `num_gpus` GPUs from Ray (see `EmbedSettings.num_gpus`).
+
+    Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned, so that GPU is `cuda:0` inside the actor.
+    """
+    if num_gpus is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if num_gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        import os
+
+        raise RuntimeError(
+            f"this model actor reserved {num_gpus:g} GPU but CUDA is not usable in it (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+            "the image needs a CUDA build of torch and the node the NVIDIA driver; set compute.gpus_per_actor: 0 "
+            "to run the model on CPUs instead"
+        )
+    return torch.device("cuda", 0)
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its CPU affinity, capped by the container's CPU limit (a Kubernetes pod's
+    `limits.cpu` becomes a CFS quota, which `os.cpu_count()` and the affinity do not show)."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(cgroup_root)
+    return max(1, min(cpus, limit)) if limit is not None else max(1, cpus)
+
+
+def cgroup_cpu_limit(cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """The CFS quota in whole CPUs (rounded up), from cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; None: none."""
+    import math
+    from pathlib import Path
+
+    root = Path(cgroup_root)
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+        v1 = root / "cpu"
+        if (v1 / "cpu.cfs_quota_us").exists():
+            quota = int((v1 / "cpu.cfs_quota_us").read_text())
+            period = int((v1 / "cpu.cfs_period_us").read_text())
+            return None if quota <= 0 else max(1, math.ceil(quota / period))
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _log_to_stderr_in_workers() -> None:

@@ -51,6 +51,9 @@ class RunSummary:
     # Rows per second from the first finished batch to the last: the rate without start-up (model building and
     # compilation in the actors, Ray Data starting), which a short run's rows_per_s is dominated by.
     steady_rows_per_s: float | None = None
+    # Why the model ran eagerly although compilation was asked for (from the files' metadata; distinct reasons,
+    # empty when every actor compiled or compilation was off): on a GPU that costs a large share of the speed.
+    compile_fallbacks: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,7 +104,9 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
             ray.kill(counter)
     logger.info("written: %s", done.line())
 
-    counts, files, checkpoint_sha = _scan_output(output, storage_options)
+    counts, files, checkpoint_sha, fallbacks = _scan_output(output, storage_options)
+    for reason in fallbacks:
+        logger.warning("the model ran EAGERLY: compiling it failed in a model actor (%s)", reason)
     if ids_derive_from_content(source, layout):
         report_repeated_content_ids(
             output, data_files(output, storage_options), arrow_filesystem(output.protocol, storage_options)
@@ -127,6 +132,7 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
         error_fraction=round(error_fraction(sum(counts.values()), counts.get(schema.STATUS_ERROR, 0)) or 0.0, 6),
         max_error_fraction=config.output.max_error_fraction,
         steady_rows_per_s=None if done.steady_rows_per_s is None else round(done.steady_rows_per_s, 3),
+        compile_fallbacks=fallbacks,
     )
     _commit(output, summary, storage_options)
     logger.info(
@@ -199,9 +205,7 @@ def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options:
     from pipeline.embed import EmbedSettings, EmbedWorker
 
     resources = ray.cluster_resources()
-    gpus = config.compute.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    gpus = gpus_per_actor(config, resources, _scalable_resources())
     cpus = actor_cpus(config, resources.get("CPU", 0.0))
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     threads = actor_threads(config, resources.get("CPU", 0.0), max(1, nodes), gpus)
@@ -217,6 +221,7 @@ def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options:
         multi_caption=source.multi_caption,
         batch_size=config.compute.batch_size,
         threads=threads,
+        num_gpus=gpus,
         storage_options=storage_options,
         run_id=config.run_id,
         package_version=package_version(),
@@ -232,6 +237,39 @@ def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options:
         num_cpus=cpus,
         udf_modifying_row_count=False,
     )
+
+
+def gpus_per_actor(config: JobConfig, current: dict[str, float], scalable: dict[str, float] | None) -> float:
+    """GPUs each model actor reserves: `compute.gpus_per_actor`, else one when the cluster has GPUs now or its
+    autoscaler can add GPU nodes (`scalable`: the most of each resource its node types reach, when it says).
+
+    An autoscaling cluster scaled to zero shows no GPU at submission, and its head (`num-cpus: 0`) no CPU either:
+    the actors would reserve nothing, never make the autoscaler add a GPU node, and could land on the head. When
+    nothing tells which workers the cluster can add, the job is refused with what to set.
+    """
+    configured = config.compute.gpus_per_actor
+    if configured is not None:
+        return float(configured)
+    if current.get("GPU", 0) > 0 or (scalable or {}).get("GPU", 0) > 0:
+        return 1.0
+    if current.get("CPU", 0) <= 0 and not (scalable or {}).get("CPU", 0):
+        raise RuntimeError(
+            "the cluster has no worker nodes yet (it autoscales from zero) and does not say which it can add: "
+            "set compute.gpus_per_actor (1 for GPU workers, 0 for CPU workers; --set compute.gpus_per_actor=1)"
+        )
+    return 0.0
+
+
+def _scalable_resources() -> dict[str, float] | None:
+    """The most of each resource the cluster's node groups can reach, where something writes them to the GCS
+    (hosted Ray clusters do; the open-source autoscalers of Ray 2.60 do not, so the job files in infra/ set
+    `compute.gpus_per_actor`); None where nothing does (then only what is up now counts)."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: absent or changed in another Ray version means "not reported"
+        return None
 
 
 def actor_threads(config: JobConfig, cluster_cpus: float, nodes: int, gpus_per_actor: float) -> int | None:
@@ -259,6 +297,11 @@ def actor_cpus(config: JobConfig, cluster_cpus: float) -> float:
     the model still runs).
     """
     wanted = config.compute.cpus_per_actor
+    if cluster_cpus <= 0:
+        # No CPU is up yet (an autoscaling cluster at zero, its head reserving none): the autoscaler adds nodes
+        # for what the actors ask, so they ask for what is configured; shrinking it to 0 would let them land
+        # on the head.
+        return wanted
     others = 1.0 + (1.0 if config.resume_path else 0.0)
     spare = max(0.0, cluster_cpus - others) / config.compute.num_actors
     if wanted <= spare:
@@ -282,20 +325,34 @@ def _write(dataset: Any, config: JobConfig, output: Location, storage_options: d
     )
 
 
-def _scan_output(output: Location, storage_options: dict[str, Any]) -> tuple[dict[str, int], int, str | None]:
-    """Status counts over every data file (earlier attempts included), the file count, the checkpoint digest."""
+def _scan_output(
+    output: Location, storage_options: dict[str, Any]
+) -> tuple[dict[str, int], int, str | None, list[str]]:
+    """Status counts over every data file (earlier attempts included), the file count, the checkpoint digest, and
+    the distinct compile fallbacks the files' metadata record."""
     from pipeline.reader import open_dataset, run_metadata_from_file
 
     files = data_files(output, storage_options)
     if not files:
-        return {}, 0, None
+        return {}, 0, None, []
     filesystem = arrow_filesystem(output.protocol, storage_options)
     dataset = open_dataset(output, files, filesystem)
     statuses = dataset.to_table(columns=[schema.STATUS]).column(schema.STATUS)
     counts = {item["values"]: item["counts"] for item in statuses.value_counts().to_pylist()}
     metadata = run_metadata_from_file(files[0], filesystem)
     checkpoint_sha = (metadata.get("model") or {}).get("checkpoint_sha256")
-    return counts, len(files), checkpoint_sha
+    return counts, len(files), checkpoint_sha, compile_fallbacks(dataset)
+
+
+def compile_fallbacks(dataset: Any) -> list[str]:
+    """Distinct `model.compile_fallback` reasons over the files' footers (each actor records its own)."""
+    reasons: list[str] = []
+    for fragment in dataset.get_fragments():
+        raw = (fragment.physical_schema.metadata or {}).get(schema.METADATA_KEY)
+        reason = (json.loads(raw).get("model") or {}).get("compile_fallback") if raw else None
+        if reason and reason not in reasons:
+            reasons.append(reason)
+    return reasons
 
 
 def _commit(output: Location, summary: RunSummary, storage_options: dict[str, Any]) -> None:

@@ -61,6 +61,12 @@ def validate(config: JobConfig) -> None:
         raise ValueError(f"output.max_error_fraction must be between 0 and 1, not {config.output.max_error_fraction}")
     if config.compute.batch_size < 1 or config.compute.num_actors < 1:
         raise ValueError("compute.batch_size and compute.num_actors must be at least 1")
+    gpus = config.compute.gpus_per_actor
+    if gpus is not None and not 0 <= float(gpus) <= 1:
+        raise ValueError(
+            f"compute.gpus_per_actor must be between 0 and 1, got {gpus}: an actor runs its model on one GPU "
+            "(a share below 1 packs several actors on one); use compute.num_actors for more GPUs"
+        )
     if config.model.imgsz % 14:
         raise ValueError(f"model.imgsz must be a multiple of the patch size 14, got {config.model.imgsz}")
     if config.resume_path and parse_uri(config.resume_path) == parse_uri(config.output.uri):

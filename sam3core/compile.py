@@ -26,6 +26,7 @@ weights before it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -76,7 +77,8 @@ def compile_plan(requested: str | bool, device: torch.device | str, dtype: torch
 
 
 def compiled_modules(vision: nn.Module) -> list[nn.Module]:
-    """The modules compiled in place: the trunk (one graph) and each pyramid level of the neck.
+    """The modules compiled in place: the trunk (one graph) and each pyramid level of the neck (`FpnLevel`, whose
+    forward Dynamo traces; `tests/test_compile.py` checks that every one of them yields a graph).
 
     Compiling the modules rather than one call keeps parameter names (checkpoints stay interchangeable) and serves
     every entry point that calls them, whichever subset of levels it runs.
@@ -105,19 +107,58 @@ def is_compiled(vision: nn.Module) -> bool:
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in compiled_modules(vision))
 
 
+def set_compile_threads(threads: int) -> None:
+    """Inductor's compile workers: as many as the process may use, not the host's core count (inductor counts the
+    host's cores, which in a container limited to a few CPUs starts dozens of workers that fight over them).
+    An explicit `TORCHINDUCTOR_COMPILE_THREADS` wins. The variable is set too, for worker processes."""
+    if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
+        return
+    threads = max(1, int(threads))
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = threads
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device out-of-memory error, also when a compiler wrapped it (inductor's autotuning does)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, torch.OutOfMemoryError) or "out of memory" in str(seen).lower().split("\n", 1)[0]:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _short_reason(exc: BaseException, lines: int = 3, limit: int = 400) -> str:
+    """The exception's type and its first few lines (inductor's wrapped errors put the cause on the second)."""
+    text = " ".join([line.strip() for line in str(exc).splitlines() if line.strip()][:lines])
+    return f"{type(exc).__name__}: {text}"[:limit]
+
+
+def compile_fallback(vision: nn.Module) -> str | None:
+    """Why the last `warm_up` of `vision` gave up compiling (None: it did not): callers record it in metadata."""
+    return getattr(vision, "_compile_fallback", None)
+
+
 def warm_up(run: Callable[[], Any], vision: nn.Module, description: str = "") -> float:
     """Calls `run` once (it should push a padded batch of the real batch size through the compiled modules) and
-    returns its seconds. If compilation fails, warns, reverts `vision` to eager and runs it again eagerly."""
+    returns its seconds. If compilation fails, warns, reverts `vision` to eager, records why (`compile_fallback`)
+    and runs it again eagerly. Running out of device memory is not a compilation failure: it is raised as is."""
     started = time.monotonic()
+    vision._compile_fallback = None
     try:
         with torch.inference_mode():
             run()
     except Exception as exc:
-        if not is_compiled(vision):
+        if not is_compiled(vision) or is_out_of_memory(exc):
             raise
         message = f"compiling the vision backbone failed, running it eagerly: {type(exc).__name__}: {exc}"
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         logger.warning(message)
+        vision._compile_fallback = _short_reason(exc)
         remove_compile(vision)
         torch._dynamo.reset()
         with torch.inference_mode():

@@ -7,9 +7,20 @@ from copy import deepcopy
 from torch import Tensor, nn
 
 
-def fpn_level(dim: int, d_model: int, scale: float) -> nn.Sequential:
+class FpnLevel(nn.Sequential):
+    """An `nn.Sequential` whose forward is defined here, not in torch: Dynamo does not trace a frame of torch's
+    own `Sequential.forward` when the module is compiled on its own (it reports no graph and runs it eagerly),
+    so the level would be "compiled" in name only. Same children, same parameter names."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+def fpn_level(dim: int, d_model: int, scale: float) -> FpnLevel:
     """One pyramid level from the trunk's [B, dim, g, g] map to [B, d_model, g * scale, g * scale]."""
-    level = nn.Sequential()
+    level = FpnLevel()
     if scale == 4.0:
         level.add_module("dconv_2x2_0", nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2))
         level.add_module("gelu", nn.GELU())

@@ -15,7 +15,6 @@ from importlib import resources
 from itertools import pairwise
 from pathlib import Path
 
-import ftfy
 import regex
 import torch
 
@@ -54,6 +53,10 @@ def byte_to_unicode() -> dict[int, str]:
 
 
 def clean_caption(text: str) -> str:
+    # imported here: only strings need it, and a model that is fed token ids (the GPU benchmark's machine has no
+    # ftfy) must import without it
+    import ftfy
+
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip().lower()
 

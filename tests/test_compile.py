@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,3 +84,69 @@ def test_warm_up_does_not_hide_errors_of_an_eager_model():
     model.vision_backbone.trunk.imgsz = 28  # a broken model: RoPE tables sized for 56 px, inputs of 28 px
     with pytest.raises(RuntimeError):
         model.warm_up(1)
+
+
+def test_every_module_compiled_in_place_yields_a_graph():
+    """Each module `apply_compile` compiles is traced by Dynamo (a bare `nn.Sequential` of torch layers is not:
+    Dynamo skips torch's own `Sequential.forward` frame, so the neck's levels ran eagerly while reported compiled)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from sam3core.compile import compiled_modules
+
+    torch._dynamo.reset()
+    model = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ, add_sam2_neck=True)
+    counters = []
+    for module in compiled_modules(model.vision_backbone):
+        counter = CompileCounter()
+        module.compile(backend=counter)
+        counters.append((type(module).__name__, counter))
+    with torch.inference_mode():
+        model.forward_image(torch.zeros(1, 3, IMGSZ, IMGSZ))
+    assert len(counters) == 1 + 2 * len(model.config.scale_factors)
+    assert [name for name, counter in counters if counter.frame_count == 0] == []
+    torch._dynamo.reset()
+
+
+def test_out_of_memory_in_warm_up_is_raised_not_taken_for_a_compilation_failure():
+    """A batch too large for the device is the user's setting to change; falling back to eager would hide it (and
+    run out of memory again on the first real batch)."""
+    from sam3core.compile import compile_fallback, warm_up
+
+    model = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ)
+    apply_compile(model.vision_backbone, CompilePlan(enabled=True, backend="eager"))
+
+    def out_of_memory():
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError("backend compiler failed") from exc  # how inductor wraps errors of its own
+
+    with pytest.raises(RuntimeError, match="backend compiler failed"):
+        warm_up(out_of_memory, model.vision_backbone)
+    assert is_compiled(model.vision_backbone) and compile_fallback(model.vision_backbone) is None
+
+
+@pytest.mark.timeout(120)
+def test_a_compilation_failure_is_recorded_for_the_metadata():
+    from sam3core.compile import compile_fallback
+
+    torch.manual_seed(0)
+    model = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ)
+    apply_compile(model.vision_backbone, CompilePlan(enabled=True, backend=_failing_backend))
+    with pytest.warns(RuntimeWarning):
+        model.warm_up(1, vision_features_only=True)
+    assert "cannot compile anything" in compile_fallback(model.vision_backbone)
+
+
+def test_compile_threads_follow_the_process_not_the_host(monkeypatch: pytest.MonkeyPatch):
+    import torch._inductor.config as inductor_config
+
+    from sam3core.compile import set_compile_threads
+
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    with inductor_config.patch(compile_threads=64):  # as on a 64-core host; restored afterwards
+        set_compile_threads(3)
+        assert inductor_config.compile_threads == 3 and os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "3"
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "5")  # an explicit setting wins
+        set_compile_threads(2)
+        assert inductor_config.compile_threads == 3
