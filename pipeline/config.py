@@ -70,7 +70,8 @@ class ModelConfig:
     random_weights: bool = False  # no checkpoint is refused unless this says random weights are meant
     config: str = "sam3"
     imgsz: int = 1008
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AVX-512 BF16, AMX), float32 on other CPUs
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # auto: per device, as sam3core.compile decides (measured on CPU): inductor + freezing for bfloat16 on CPU,
     # max-autotune on CUDA, eager for float32 on CPU; falls back to eager with a warning if compiling fails
     compile: Literal["auto", "on", "off"] = "auto"

@@ -1,8 +1,9 @@
 """The model stage: a Ray Data actor that builds the backbone once and embeds batches of prepared records.
 
 On a GPU the backbone runs in bfloat16 with the vision trunk compiled (both configurable); without one the same
-class runs on the CPU in float32 (eager; bfloat16 there is compiled by default), so a laptop runs the exact code a
-cluster runs. Compilation is paid in the constructor, on a padded batch of the real batch size.
+class runs on the CPU, in bfloat16 (compiled) where the CPU has it natively and in float32 (eager) elsewhere
+(`sam3core.cpu`), so a laptop runs the exact code a cluster runs. Compilation is paid in the constructor, on a
+padded batch of the real batch size.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from pipeline import arrow_features, schema
 from pipeline.model_cache import local_checkpoint
 from sam3core.compile import is_compiled
+from sam3core.cpu import auto_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class EmbedSettings:
 
 def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return auto_dtype(device)  # bfloat16 on GPUs and on CPUs that have it natively, else float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
