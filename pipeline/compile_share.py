@@ -179,3 +179,71 @@ def _write(location: Location, data: bytes) -> None:
     with open(temporary, "wb") as f:
         f.write(data)
     os.replace(temporary, location.path)
+
+
+# The model actor's side -------------------------------------------------------------------------------------------
+
+
+def compile_cache_uri(cache: str | None, output_uri: str) -> str | None:
+    """The job's artifact root as a URI for the actors (None: sharing is off)."""
+    root = share_root(cache, output_uri, None)
+    return None if root is None else root.uri
+
+
+def checkpoint_identity(sha256: str | None, checkpoint: str | None, seed: int) -> str:
+    """What the key holds for the weights: the file's hash, a hub spec as written, or the random seed."""
+    if sha256:
+        return sha256
+    return f"hub:{checkpoint}" if checkpoint else f"random:{seed}"
+
+
+def warm_up_shared(
+    backbone: Any,
+    *,
+    batch_size: int,
+    vision_features_only: bool,
+    checkpoint_id: str,
+    cache_uri: str | None,
+    storage_options: dict[str, Any] | None,
+    wait_s: float,
+) -> tuple[float, Outcome | None]:
+    """`backbone.warm_up` with the compiled code shared through `cache_uri`: returns the seconds from the start
+    to a warmed-up model (waiting included) and how the compiled code was obtained (None: nothing compiled or
+    sharing off)."""
+    from sam3core.compile import is_compiled
+    from sam3core.compile_cache import (
+        ArtifactError,
+        compile_key,
+        load_artifacts,
+        save_artifacts,
+        seal,
+        start_recording,
+        unseal,
+    )
+
+    started = time.monotonic()
+    if cache_uri is None or not is_compiled(backbone.vision_backbone):
+        return backbone.warm_up(batch_size, vision_features_only=vision_features_only), None
+    key = compile_key(
+        backbone, batch_size=batch_size, vision_features_only=vision_features_only, checkpoint_sha256=checkpoint_id
+    )
+
+    def load(blob: bytes) -> None:
+        try:
+            payload = unseal(blob, key)  # the key and the hash first: nothing unverified reaches torch
+            load_artifacts(payload)
+        except ArtifactError as error:
+            raise ArtifactRefused(str(error)) from error
+        backbone.warm_up(batch_size, vision_features_only=vision_features_only)
+
+    def build() -> bytes | None:
+        start_recording()
+        backbone.warm_up(batch_size, vision_features_only=vision_features_only)
+        if not is_compiled(backbone.vision_backbone):  # compilation failed, eager now: nothing to share
+            return None
+        payload = save_artifacts()
+        return None if payload is None else seal(payload, key)
+
+    settings = ShareSettings(root=parse_uri(cache_uri, storage_options), wait_s=wait_s)
+    outcome = obtain(settings, key.digest(), load=load, build=build)
+    return time.monotonic() - started, outcome

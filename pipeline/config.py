@@ -75,6 +75,10 @@ class ModelConfig:
     # auto: per device, as sam3core.compile decides (measured on CPU): inductor + freezing for bfloat16 on CPU,
     # max-autotune on CUDA, eager for float32 on CPU; falls back to eager with a warning if compiling fails
     compile: Literal["auto", "on", "off"] = "auto"
+    # Where compiled code is shared between actors and nodes (pipeline/compile_share.py): any fsspec URI; None:
+    # `<output>/_compile_cache`; "off": every actor compiles for itself. `sam3-embed compile` fills it ahead.
+    compile_cache: str | None = None
+    compile_wait_s: float = 1800.0  # how long an actor waits for another's compilation before compiling itself
     bpe_path: str | None = None
 
 

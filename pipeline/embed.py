@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import arrow_features, schema
+from pipeline.compile_share import checkpoint_identity, warm_up_shared
 from pipeline.model_cache import local_checkpoint
 from sam3core.compile import is_compiled
 from sam3core.cpu import auto_dtype
@@ -47,6 +48,8 @@ class EmbedSettings:
     run_id: str = ""
     package_version: str = ""
     extra_metadata: dict[str, Any] = field(default_factory=dict)
+    compile_cache: str | None = None  # URI of the shared compile artifacts (pipeline.compile_share); None: off
+    compile_wait_s: float = 1800.0
 
 
 def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -89,8 +92,17 @@ class EmbedWorker:
         wanted = set(settings.features)
         self.vision_only = not ({"backbone_fpn", "sam2_backbone_fpn", schema.TRUNK} & wanted)
         built = time.monotonic() - started
-        # Compilation (lazy) is paid here, on a padded batch of the real batch size, not by the first real batch.
-        self.warm_up_seconds = self.backbone.warm_up(settings.batch_size, vision_features_only=self.vision_only)
+        # Compilation (lazy) is paid here, on a padded batch of the real batch size, not by the first real batch;
+        # once per cluster: the first actor publishes the compiled code, the others load it.
+        self.warm_up_seconds, self.compile_outcome = warm_up_shared(
+            self.backbone,
+            batch_size=settings.batch_size,
+            vision_features_only=self.vision_only,
+            checkpoint_id=checkpoint_identity(resolved.sha256, resolved.path, RANDOM_WEIGHTS_SEED),
+            cache_uri=settings.compile_cache,
+            storage_options=settings.storage_options,
+            wait_s=settings.compile_wait_s,
+        )
         compiled = is_compiled(self.backbone.vision_backbone)
         self.compiled = compiled
         self.metadata = {
@@ -124,7 +136,9 @@ class EmbedWorker:
             self.dtype,
             self.backbone.compile_plan.describe() if compiled else "eager",
             built,
-            " and compilation" if compiled else "",
+            f" and compilation ({self.compile_outcome.how if self.compile_outcome else 'not shared'})"
+            if compiled
+            else "",
             self.warm_up_seconds,
             settings.batch_size,
         )
