@@ -12,7 +12,12 @@ to its first batch done:
 The goal (issue 16): 3 reaches its first batch in at most 20% of the time 1 does. Random weights (the cost does
 not depend on them), `compile: auto` for the dtype (inductor with freezing for bfloat16 on a CPU).
 
+`--pipeline` runs the same through the pipeline instead: `sam3-embed run` with two model actors on the demo
+dataset, an empty inductor cache and an empty shared root, and prints each actor's "model ready" line (which says
+whether it compiled and published or loaded).
+
     flock /tmp/sam3-bench.lock python bench/startup.py --sizes 336 1008 --dtype bfloat16 --batch-size 1
+    flock /tmp/sam3-bench.lock python bench/startup.py --pipeline --sizes 336 --dtype bfloat16 --batch-size 1
 """
 
 from __future__ import annotations
@@ -84,12 +89,36 @@ def run_actor(imgsz: int, args: argparse.Namespace, inductor_dir: str, share: st
     return result
 
 
+def run_pipeline(imgsz: int, args: argparse.Namespace) -> None:
+    """`sam3-embed run` with two model actors, fresh caches; prints the actors' model-ready lines."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from pipeline.demo import write_sample_dataset
+
+    with tempfile.TemporaryDirectory(prefix="sam3-startup-pipeline-") as scratch:
+        dataset = write_sample_dataset(os.path.join(scratch, "data"))
+        command = [sys.executable, "-m", "jobs.cli", "run", "--input", str(dataset.manifest)]
+        command += ["--output", os.path.join(scratch, "out"), "--random-weights", "--model-config", args.config]
+        command += ["--imgsz", str(imgsz), "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
+        command += ["--num-actors", "2"]
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(scratch, "inductor"), "PYTHONPATH": str(REPO_ROOT)}
+        started = time.time()
+        out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO_ROOT)
+        elapsed = time.time() - started
+        lines = [line for line in (out.stdout + out.stderr).splitlines() if "model ready" in line or "compile" in line]
+        print(f"{imgsz} px pipeline, 2 actors: exit {out.returncode} in {elapsed:.0f}s")
+        for line in lines:
+            print("   ", line.strip()[:400])
+        if out.returncode:
+            print(out.stderr[-3000:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[336, 1008])
     parser.add_argument("--config", default="sam3")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--pipeline", action="store_true", help="through sam3-embed run with two model actors")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--imgsz", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--share", default="", help=argparse.SUPPRESS)
@@ -104,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     from sam3core.cpu import cpu_features
 
     print(f"# {date.today()} torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_features().describe()}")
+    if args.pipeline:
+        for imgsz in args.sizes:
+            run_pipeline(imgsz, args)
+        return 0
     rows = []
     for imgsz in args.sizes:
         with tempfile.TemporaryDirectory(prefix="sam3-startup-") as scratch:

@@ -71,7 +71,7 @@ def compile_command(args: argparse.Namespace) -> int:
     if not (config.model.compile_cache or config.output.uri) or config.model.compile_cache == "off":
         print("error: nowhere to publish: pass --output (the job's) or --compile-cache URI", file=sys.stderr)
         return exit_codes.USAGE
-    if config.model.compile == "off":
+    if config.model.compile in ("off", False):  # YAML reads a bare off as False
         print("error: model.compile is off for this job: nothing to compile", file=sys.stderr)
         return exit_codes.USAGE
     from pipeline.embed import EmbedSettings, EmbedWorker

@@ -204,3 +204,18 @@ class _Actor:
 
     def run(self) -> Outcome:
         return obtain(self.settings, KEY.digest(), load=self.load, build=self.build)
+
+
+@pytest.mark.timeout(120)
+def test_the_compile_command_refuses_what_it_cannot_do_and_says_when_nothing_compiles(tmp_path: Path, capsys):
+    from jobs.cli import main
+
+    assert main(["compile", "--random-weights", "--model-config", "tiny"]) == 2  # nowhere to publish
+    assert "nowhere to publish" in capsys.readouterr().err
+    args = ["compile", "--random-weights", "--model-config", "tiny", "--output", str(tmp_path / "out")]
+    assert main([*args, "--set", "model.compile=off"]) == 2
+    assert "nothing to compile" in capsys.readouterr().err
+    # float32 on a CPU runs eagerly (compile auto): the command says so, publishes nothing
+    assert main([*args, "--imgsz", "56", "--dtype", "float32", "--batch-size", "2"]) == 0
+    assert "nothing compiled" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
