@@ -159,6 +159,8 @@ def save_artifacts() -> bytes | None:
 def load_artifacts(payload: bytes) -> None:
     """Fills this process's compile caches from a verified payload (see `unseal`)."""
     try:
-        torch.compiler.load_cache_artifacts(payload)
+        info = torch.compiler.load_cache_artifacts(payload)
     except Exception as error:  # a payload torch cannot read: as damaged as a bad hash
         raise ArtifactError(f"torch could not load the compile artifact: {type(error).__name__}: {error}") from error
+    if info is None:  # torch logs why (a checksum, an unpickling error) and returns None
+        raise ArtifactError("torch could not load the compile artifact (see its warning above)")

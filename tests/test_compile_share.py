@@ -219,3 +219,48 @@ def test_the_compile_command_refuses_what_it_cannot_do_and_says_when_nothing_com
     assert main([*args, "--imgsz", "56", "--dtype", "float32", "--batch-size", "2"]) == 0
     assert "nothing compiled" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+COMPILING_PROCESS = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from sam3core import compile_cache as cc
+mode, path = sys.argv[1], sys.argv[2]
+cc.start_recording()
+if mode == "load":
+    cc.load_artifacts(open(path, "rb").read())
+f = torch.compile(lambda x: torch.nn.functional.gelu(x * 3.0 + 1.0).sum(-1), fullgraph=True)
+f(torch.randn(4, 8))
+if mode == "save":
+    open(path, "wb").write(cc.save_artifacts())
+print(json.dumps({k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torch_caches_saved_by_one_process_serve_another_with_an_empty_cache(tmp_path: Path) -> None:
+    payload = tmp_path / "payload"
+
+    def run(mode: str, cache_dir: str) -> dict:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache_dir)}
+        out = subprocess.run(
+            [sys.executable, "-c", COMPILING_PROCESS, mode, str(payload)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert run("save", "node-a") == {"fxgraph_cache_miss": 1}
+    assert payload.stat().st_size > 0
+    assert run("load", "node-b") == {"fxgraph_cache_hit": 1}  # a fresh cache directory, nothing compiled
+
+
+def test_a_payload_torch_cannot_read_is_refused_even_with_a_valid_seal() -> None:
+    from sam3core.compile_cache import load_artifacts
+
+    sealed = seal(b"not torch's caches", KEY)
+    with pytest.raises(ArtifactError, match="torch could not load"):
+        load_artifacts(unseal(sealed, KEY))
