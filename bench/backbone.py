@@ -21,8 +21,10 @@ wheel in a separate environment (see `tools/official_sam3.py`):
 
 `--device cuda` runs the same comparison on a GPU. `--variants official eager` leaves out the compiled variant;
 `--cpu-kernels sdpa chunked` times the eager model once per CPU attention kernel (`sam3core.attention`), forced,
-next to the kernel the machine's table picks. The AVX2 emulation of docs/benchmarks.md ("Per-CPU choices") is the
-same command under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`.
+next to the kernel the machine's table picks. `--rounds N` calls the official model and the eager variants in turn,
+N times, and keeps the fastest call of each (the form to use on a shared machine; no compiled variant). The AVX2
+emulation of docs/benchmarks.md ("Per-CPU choices") is the same command under `ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`.
 """
 
 from __future__ import annotations
@@ -164,6 +166,58 @@ def forced_kernel(kernel: str | None, dtype: torch.dtype) -> dict:
     return table
 
 
+def interleaved(
+    imgsz: int,
+    dtype: torch.dtype,
+    ours: torch.nn.Module,
+    theirs: torch.nn.Module | None,
+    images: torch.Tensor,
+    reference: list[torch.Tensor],
+    rounds: int,
+    cpu_kernels: tuple[str, ...],
+    flops: float,
+    peak: float,
+) -> list[Row]:
+    """The official model and the eager variants called in turn, `rounds` times after one warm-up call each; the
+    fastest call of each (on a shared machine a neighbour only ever slows a call down, and it slows every variant
+    alike only when they alternate)."""
+    ours.to(dtype)
+    table = attention_module.CPU_KERNELS
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    runs: dict[str, Callable[[], dict]] = {}
+    if theirs is not None:
+        runs["official"] = lambda: theirs.forward_image(images)
+    chosen = attention_module.cpu_attention_kernel(dtype)
+    for kernel in (None, *cpu_kernels):
+
+        def run(kernel: str | None = kernel) -> dict:
+            attention_module.CPU_KERNELS = forced_kernel(kernel, dtype)
+            try:
+                return ours.forward_image(images)
+            finally:
+                attention_module.CPU_KERNELS = table
+
+        runs[f"sam3core eager ({kernel}, forced)" if kernel else f"sam3core eager ({chosen}, the table's)"] = run
+    best = dict.fromkeys(runs, float("inf"))
+    cosines = {}
+    with torch.inference_mode():
+        for name, run in runs.items():
+            with autocast if name == "official" else nullcontext():
+                cosines[name] = min_cosine(run(), reference)
+        for index in range(rounds):
+            for name, run in runs.items():
+                with autocast if name == "official" else nullcontext():
+                    start = time.perf_counter()
+                    run()
+                    best[name] = min(best[name], time.perf_counter() - start)
+            print(f"round {index + 1}: " + ", ".join(f"{n} {s:.2f}" for n, s in best.items()), flush=True)
+    theirs_s = best.get("official")
+    return [
+        Row(imgsz, str(dtype).removeprefix("torch."), name, best[name], flops, peak, cosines[name], theirs_s)
+        for name in runs
+    ]
+
+
 def compare_at(
     imgsz: int,
     dtypes: list[str],
@@ -172,6 +226,7 @@ def compare_at(
     with_official: bool,
     variants: tuple[str, ...] = ("official", "eager", "compiled"),
     cpu_kernels: tuple[str, ...] = (),
+    rounds: int = 0,
 ) -> list[Row]:
     torch.manual_seed(0)
     # the official builder adds the SAM 2 twin neck; give ours the same work
@@ -190,6 +245,9 @@ def compare_at(
         dtype = getattr(torch, dtype_name)
         peak = matmul_peak(dtype, device)
         print(f"{imgsz} px {dtype_name}: {flops / 1e12:.2f} TFLOP/image, matmul peak {peak / 1e12:.2f} TFLOP/s")
+        if rounds:
+            rows += interleaved(imgsz, dtype, ours, theirs, images, reference, rounds, cpu_kernels, flops, peak)
+            continue
         theirs_s = None
         if theirs is not None:
             autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
@@ -253,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-official", action="store_true", help="time sam3core only")
     parser.add_argument("--variants", nargs="+", default=["official", "eager", "compiled"])
     parser.add_argument("--cpu-kernels", nargs="*", default=[], choices=["sdpa", "chunked"])
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="call the official model and the eager variants in turn, this often"
+    )
     args = parser.parse_args(argv)
 
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
@@ -270,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             with_official=not args.no_official,
             variants=tuple(args.variants),
             cpu_kernels=tuple(args.cpu_kernels),
+            rounds=args.rounds,
         )
 
     print("\n| " + " | ".join(HEADER) + " |")
