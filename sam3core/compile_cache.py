@@ -1,11 +1,15 @@
 """Compiled code as one portable artifact: what keys it, how it is sealed, saved and loaded. No I/O here.
 
 An artifact is torch's portable compile caches (`torch.compiler.save_cache_artifacts`: inductor's FX graph cache,
-AOTAutograd's cache and autotuning results) for one compiled backbone, behind a header that names the key it was
-made for and the SHA-256 of the payload. Loading it (`torch.compiler.load_cache_artifacts`) fills this process's
-local caches, so the warm-up call that follows finds every graph compiled: it still traces the model with dynamo
-(seconds), but generates and compiles no code. An artifact made for another key, truncated or altered is refused
-(`ArtifactError`) before torch reads a byte of it; whoever holds it then compiles and writes a new one.
+AOTAutograd's cache and autotuning results) for one compiled backbone, plus the C++ kernels inductor built for it
+on a CPU (the `.so` files of `TORCHINDUCTOR_CACHE_DIR`, which torch's caches do not carry: without them a fresh
+node compiles every kernel again from the cached source), behind a header that names the key it was made for and
+the SHA-256 of the payload. Loading it fills this process's local caches, so the warm-up call that follows finds
+every graph and kernel compiled: it still traces the model with dynamo and, with freezing (which AOTAutograd's
+cache refuses), runs the freezing passes and lowering again, but generates and builds no code. An artifact runs
+native code: its URI must be as trusted as the checkpoint's. An artifact made for another key, truncated or
+altered is refused (`ArtifactError`) before torch reads a byte of it; whoever holds it then compiles and writes a
+new one.
 
 The key is everything that changes the compiled code or whether it may run: torch and Python versions, the device
 kind and instruction set (or GPU model and compute capability), dtype, image size, batch size, which entry point is
@@ -16,8 +20,12 @@ hash (freezing folds small weights into the code) and the source of `sam3core` i
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import platform
+import tarfile
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +37,9 @@ from .cpu import CpuFeatures, cpu_features
 
 MAGIC = b"SAM3CC1\n"  # the format of the header below; a new format gets a new magic
 _SOURCE_DIR = Path(__file__).resolve().parent
+_TORCH_MEMBER = "torch-caches"
+_BINARY_PREFIX = "kernels/"
+_recording_since = 0.0  # wall time: kernels built after it belong to the compilation being recorded
 
 
 class ArtifactError(ValueError):
@@ -147,20 +158,73 @@ def start_recording() -> None:
     compilation that follows produces (or loads)."""
     from torch.compiler._cache import CacheArtifactManager
 
+    global _recording_since
     CacheArtifactManager.clear()
+    _recording_since = time.time() - 1.0
 
 
 def save_artifacts() -> bytes | None:
-    """What this process compiled (or found in its caches) since `start_recording`, as bytes; None if nothing."""
+    """What this process compiled (or found in its caches) since `start_recording`, as bytes; None if nothing.
+
+    One tar: torch's serialized caches, and the kernels built since `start_recording` (a process that found its
+    kernels in a warm local cache built none: its artifact carries torch's caches alone, and a fresh node builds
+    the kernels from them)."""
     saved = torch.compiler.save_cache_artifacts()
-    return None if saved is None else saved[0]
+    if saved is None:
+        return None
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        _add(tar, _TORCH_MEMBER, saved[0])
+        root = _inductor_cache_dir()
+        for path in sorted(root.glob("*/*.so")):
+            if path.stat().st_mtime >= _recording_since:
+                _add(tar, _BINARY_PREFIX + path.relative_to(root).as_posix(), path.read_bytes())
+    return buffer.getvalue()
 
 
 def load_artifacts(payload: bytes) -> None:
     """Fills this process's compile caches from a verified payload (see `unseal`)."""
     try:
-        info = torch.compiler.load_cache_artifacts(payload)
+        with tarfile.open(fileobj=io.BytesIO(payload), mode="r") as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    except (tarfile.TarError, OSError, AttributeError) as error:
+        raise ArtifactError(f"compile artifact payload unreadable: {error}") from error
+    if _TORCH_MEMBER not in members:
+        raise ArtifactError("compile artifact payload holds no torch caches")
+    kernels = {}
+    for name, data in members.items():
+        if name == _TORCH_MEMBER:
+            continue
+        relative = name.removeprefix(_BINARY_PREFIX).split("/")
+        # exactly <2 characters>/<name>.so, as inductor lays them out: nothing else is written anywhere
+        valid = name.startswith(_BINARY_PREFIX) and len(relative) == 2 and relative[1].endswith(".so")
+        if not valid or any(part in ("", ".", "..") for part in relative):
+            raise ArtifactError(f"compile artifact holds an unexpected member {name!r}")
+        kernels[tuple(relative)] = data
+    try:
+        info = torch.compiler.load_cache_artifacts(members[_TORCH_MEMBER])
     except Exception as error:  # a payload torch cannot read: as damaged as a bad hash
         raise ArtifactError(f"torch could not load the compile artifact: {type(error).__name__}: {error}") from error
     if info is None:  # torch logs why (a checksum, an unpickling error) and returns None
         raise ArtifactError("torch could not load the compile artifact (see its warning above)")
+    root = _inductor_cache_dir()
+    for relative, data in kernels.items():
+        target = root.joinpath(*relative)
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, target)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _inductor_cache_dir() -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir())

@@ -227,13 +227,18 @@ from torch._dynamo.utils import counters
 from sam3core import compile_cache as cc
 mode, path = sys.argv[1], sys.argv[2]
 cc.start_recording()
+from pathlib import Path
+from torch._inductor.runtime.cache_dir_utils import cache_dir
 if mode == "load":
     cc.load_artifacts(open(path, "rb").read())
+kernels = sorted(p.relative_to(cache_dir()).as_posix() for p in Path(cache_dir()).glob("*/*.so"))
 f = torch.compile(lambda x: torch.nn.functional.gelu(x * 3.0 + 1.0).sum(-1), fullgraph=True)
 f(torch.randn(4, 8))
 if mode == "save":
     open(path, "wb").write(cc.save_artifacts())
-print(json.dumps({k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}))
+caches = {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
+after = sorted(p.relative_to(cache_dir()).as_posix() for p in Path(cache_dir()).glob("*/*.so"))
+print(json.dumps([caches, kernels, after]))
 """
 
 
@@ -253,14 +258,49 @@ def test_torch_caches_saved_by_one_process_serve_another_with_an_empty_cache(tmp
         )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    assert run("save", "node-a") == {"fxgraph_cache_miss": 1}
-    assert payload.stat().st_size > 0
-    assert run("load", "node-b") == {"fxgraph_cache_hit": 1}  # a fresh cache directory, nothing compiled
+    caches, before, built = run("save", "node-a")
+    assert caches == {"fxgraph_cache_miss": 1} and before == [] and built  # it compiled C++ kernels
+    caches, installed, after = run("load", "node-b")
+    # a fresh cache directory: the graph found in the loaded caches, its kernels installed before they were needed
+    # (inductor builds a kernel only when its .so is absent)
+    assert caches == {"fxgraph_cache_hit": 1}
+    assert installed == built and after == built
 
 
-def test_a_payload_torch_cannot_read_is_refused_even_with_a_valid_seal() -> None:
+def _tar(members: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        pytest.param(b"not a tar", "unreadable", id="not-a-tar"),
+        pytest.param(_tar({"kernels/ab/x.so": b""}), "no torch caches", id="no-torch-caches"),
+        pytest.param(_tar({"torch-caches": b"not torch's caches"}), "torch could not load", id="torch-refuses"),
+    ],
+)
+def test_a_payload_that_cannot_be_loaded_is_refused_even_with_a_valid_seal(payload: bytes, message: str) -> None:
     from sam3core.compile_cache import load_artifacts
 
-    sealed = seal(b"not torch's caches", KEY)
-    with pytest.raises(ArtifactError, match="torch could not load"):
-        load_artifacts(unseal(sealed, KEY))
+    with pytest.raises(ArtifactError, match=message):
+        load_artifacts(unseal(seal(payload, KEY), KEY))
+
+
+@pytest.mark.parametrize("name", ["kernels/../../evil.so", "kernels/ab/evil.py", "kernels/evil.so", "other/ab/x.so"])
+def test_kernels_are_only_ever_written_where_inductor_keeps_them(tmp_path: Path, monkeypatch, name: str) -> None:
+    from sam3core.compile_cache import load_artifacts
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache" / "inductor"))
+    payload = _tar({"torch-caches": b"checked after the members", name: b"\x7fELF"})
+    with pytest.raises(ArtifactError, match="unexpected member"):
+        load_artifacts(unseal(seal(payload, KEY), KEY))
+    assert not list(tmp_path.rglob("evil*")) and not list(tmp_path.rglob("x.so"))
