@@ -59,9 +59,11 @@ class Outcome:
     note: str = ""  # why an artifact found was rebuilt, or why a claim was taken over
 
 
-def share_root(cache_uri: str | None, output_uri: str, storage_options: dict[str, Any] | None) -> Location | None:
+def share_root(
+    cache_uri: str | bool | None, output_uri: str, storage_options: dict[str, Any] | None
+) -> Location | None:
     """Where artifacts go: `cache_uri`, or `<output>/_compile_cache` when None; "off" shares nothing."""
-    if cache_uri == "off":
+    if cache_uri in ("off", False):  # YAML reads a bare `off` as False
         return None
     if cache_uri:
         return parse_uri(cache_uri, storage_options)
@@ -184,7 +186,7 @@ def _write(location: Location, data: bytes) -> None:
 # The model actor's side -------------------------------------------------------------------------------------------
 
 
-def compile_cache_uri(cache: str | None, output_uri: str) -> str | None:
+def compile_cache_uri(cache: str | bool | None, output_uri: str) -> str | None:
     """The job's artifact root as a URI for the actors (None: sharing is off)."""
     root = share_root(cache, output_uri, None)
     return None if root is None else root.uri

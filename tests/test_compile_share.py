@@ -304,3 +304,12 @@ def test_kernels_are_only_ever_written_where_inductor_keeps_them(tmp_path: Path,
     with pytest.raises(ArtifactError, match="unexpected member"):
         load_artifacts(unseal(seal(payload, KEY), KEY))
     assert not list(tmp_path.rglob("evil*")) and not list(tmp_path.rglob("x.so"))
+
+
+def test_where_artifacts_go(tmp_path: Path) -> None:
+    from pipeline.compile_share import compile_cache_uri
+
+    output = str(tmp_path / "out")
+    assert compile_cache_uri(None, output) == f"{output}/_compile_cache"  # beside the output by default
+    assert compile_cache_uri("s3://bucket/compiled", output) == "s3://bucket/compiled"
+    assert compile_cache_uri("off", output) is None and compile_cache_uri(False, output) is None  # YAML's off
