@@ -178,9 +178,9 @@ def interleaved(
     flops: float,
     peak: float,
 ) -> list[Row]:
-    """The official model and the eager variants called in turn, `rounds` times after one warm-up call each; the
-    fastest call of each (on a shared machine a neighbour only ever slows a call down, and it slows every variant
-    alike only when they alternate)."""
+    """The official model and the eager variants called in turn (the order rotating), `rounds` times after one
+    warm-up call each; the fastest call of each (on a shared machine a neighbour only ever slows a call down, and
+    it slows every variant alike only when they alternate)."""
     ours.to(dtype)
     table = attention_module.CPU_KERNELS
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
@@ -204,8 +204,11 @@ def interleaved(
         for name, run in runs.items():
             with autocast if name == "official" else nullcontext():
                 cosines[name] = min_cosine(run(), reference)
+        names = list(runs)
         for index in range(rounds):
-            for name, run in runs.items():
+            # each round starts one variant later: none always follows the same neighbour
+            for name in names[index % len(names) :] + names[: index % len(names)]:
+                run = runs[name]
                 with autocast if name == "official" else nullcontext():
                     start = time.perf_counter()
                     run()

@@ -52,6 +52,7 @@ class CpuFeatures:
     amx: bool  # the hardware has AMX tiles
     onednn_bf16: bool  # oneDNN runs bfloat16 matmuls (its ISA cap allows AVX-512 at least)
     onednn_isa_cap: str = "ALL"  # ONEDNN_MAX_CPU_ISA as set, upper case
+    l3_bytes: int | None = None  # the last-level cache of one core's cluster (Linux sysfs); None: unknown
 
     @property
     def native_bfloat16(self) -> bool:
@@ -79,7 +80,23 @@ def read_cpu_features(environ: Mapping[str, str] | None = None) -> CpuFeatures:
         amx=bool(torch.cpu._is_amx_tile_supported()),
         onednn_bf16=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         onednn_isa_cap=(environ.get("ONEDNN_MAX_CPU_ISA") or "ALL").upper(),
+        l3_bytes=_l3_bytes(),
     )
+
+
+def _l3_bytes(cpu: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The L3 cache cpu0 shares (on AMD parts one CCX's, not the socket's), from sysfs; None where unreadable."""
+    try:
+        for index in sorted(os.listdir(cpu)):
+            base = os.path.join(cpu, index)
+            with open(os.path.join(base, "level")) as level, open(os.path.join(base, "size")) as size:
+                if level.read().strip() == "3":
+                    text = size.read().strip().upper()
+                    scale = {"K": 1024, "M": 1024**2}.get(text[-1:], 1)
+                    return int(text.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 @functools.cache

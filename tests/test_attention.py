@@ -111,3 +111,10 @@ def test_where_a_gradient_is_wanted_attention_runs_sdpa_and_backpropagates() -> 
     F.scaled_dot_product_attention(*expected).square().sum().backward()
     for actual, reference in zip(grads, expected, strict=True):
         torch.testing.assert_close(actual, reference.grad)
+
+
+def test_chunks_take_the_same_share_of_a_smaller_l3_cache() -> None:
+    budget = attention_module.SCORES_PER_CHUNK
+    assert chunk_shape(16, 5184, 2, l3_bytes=32 * 2**20)[1] == budget // 5184  # the cache it was measured on
+    assert chunk_shape(16, 5184, 2, l3_bytes=16 * 2**20)[1] == budget // 2 // 5184  # half the cache, half the chunk
+    assert chunk_shape(16, 5184, 4, l3_bytes=16 * 2**20)[1] == budget // 4 // 5184
