@@ -96,7 +96,8 @@ def run_pipeline(imgsz: int, args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory(prefix="sam3-startup-pipeline-") as scratch:
         dataset = write_sample_dataset(os.path.join(scratch, "data"))
-        command = [sys.executable, "-m", "jobs.cli", "run", "--input", str(dataset.manifest)]
+        # -v: the actors' log lines ("model ready ...") reach the driver's stderr
+        command = [sys.executable, "-m", "jobs.cli", "-v", "run", "--input", str(dataset.manifest)]
         command += ["--output", os.path.join(scratch, "out"), "--random-weights", "--model-config", args.config]
         command += ["--imgsz", str(imgsz), "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
         command += ["--num-actors", "2"]
@@ -104,7 +105,8 @@ def run_pipeline(imgsz: int, args: argparse.Namespace) -> None:
         started = time.time()
         out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO_ROOT)
         elapsed = time.time() - started
-        lines = [line for line in (out.stdout + out.stderr).splitlines() if "model ready" in line or "compile" in line]
+        wanted = ("model ready", "compile artifact", "compile claim")
+        lines = [line for line in (out.stdout + out.stderr).splitlines() if any(w in line for w in wanted)]
         print(f"{imgsz} px pipeline, 2 actors: exit {out.returncode} in {elapsed:.0f}s")
         for line in lines:
             print("   ", line.strip()[:400])
