@@ -19,12 +19,18 @@ wheel in a separate environment (see `tools/official_sam3.py`):
     TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTHONPATH=. /work/refenv/bin/python bench/backbone.py \\
         --sizes 336 1008 --dtypes bfloat16 --iters 2
 
-`--device cuda` runs the same comparison on a GPU.
+`--device cuda` runs the same comparison on a GPU. `--variants official eager` leaves out the compiled variant;
+`--cpu-kernels sdpa chunked` times the eager model once per CPU attention kernel (`sam3core.attention`), forced,
+next to the kernel the machine's table picks. `--rounds N` calls the official model and the eager variants in turn,
+N times, and keeps the fastest call of each (the form to use on a shared machine; no compiled variant). The AVX2
+emulation of docs/benchmarks.md ("Per-CPU choices") is the same command under `ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -40,10 +46,14 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+import sam3core.attention as attention_module  # noqa: E402
 from sam3core import build_sam3_vl_backbone, get_config  # noqa: E402
 from sam3core.build import _assemble  # noqa: E402
 from sam3core.compile import apply_compile, compile_plan, is_compiled  # noqa: E402
+from sam3core.cpu import cpu_features  # noqa: E402
 from sam3core.tokenizer import Sam3Tokenizer  # noqa: E402
+
+CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 @dataclass
@@ -148,11 +158,83 @@ def min_cosine(actual: dict, expected: list[torch.Tensor]) -> float:
     )
 
 
-def compare_at(imgsz: int, dtypes: list[str], iters: int, device: str, with_official: bool) -> list[Row]:
+def forced_kernel(kernel: str | None, dtype: torch.dtype) -> dict:
+    """The CPU kernel table with `kernel` for `dtype` on this machine (None: the table as it is)."""
+    table = dict(attention_module.CPU_KERNELS)
+    if kernel is not None:
+        table[(cpu_features().isa, dtype)] = kernel
+    return table
+
+
+def interleaved(
+    imgsz: int,
+    dtype: torch.dtype,
+    ours: torch.nn.Module,
+    theirs: torch.nn.Module | None,
+    images: torch.Tensor,
+    reference: list[torch.Tensor],
+    rounds: int,
+    cpu_kernels: tuple[str, ...],
+    flops: float,
+    peak: float,
+) -> list[Row]:
+    """The official model and the eager variants called in turn (the order rotating), `rounds` times after one
+    warm-up call each; the fastest call of each (on a shared machine a neighbour only ever slows a call down, and
+    it slows every variant alike only when they alternate)."""
+    ours.to(dtype)
+    table = attention_module.CPU_KERNELS
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    runs: dict[str, Callable[[], dict]] = {}
+    if theirs is not None:
+        runs["official"] = lambda: theirs.forward_image(images)
+    chosen = attention_module.cpu_attention_kernel(dtype)
+    for kernel in (None, *cpu_kernels):
+
+        def run(kernel: str | None = kernel) -> dict:
+            attention_module.CPU_KERNELS = forced_kernel(kernel, dtype)
+            try:
+                return ours.forward_image(images)
+            finally:
+                attention_module.CPU_KERNELS = table
+
+        runs[f"sam3core eager ({kernel}, forced)" if kernel else f"sam3core eager ({chosen}, the table's)"] = run
+    best = dict.fromkeys(runs, float("inf"))
+    cosines = {}
+    with torch.inference_mode():
+        for name, run in runs.items():
+            with autocast if name == "official" else nullcontext():
+                cosines[name] = min_cosine(run(), reference)
+        names = list(runs)
+        for index in range(rounds):
+            # each round starts one variant later: none always follows the same neighbour
+            for name in names[index % len(names) :] + names[: index % len(names)]:
+                run = runs[name]
+                with autocast if name == "official" else nullcontext():
+                    start = time.perf_counter()
+                    run()
+                    best[name] = min(best[name], time.perf_counter() - start)
+            print(f"round {index + 1}: " + ", ".join(f"{n} {s:.2f}" for n, s in best.items()), flush=True)
+    theirs_s = best.get("official")
+    return [
+        Row(imgsz, str(dtype).removeprefix("torch."), name, best[name], flops, peak, cosines[name], theirs_s)
+        for name in runs
+    ]
+
+
+def compare_at(
+    imgsz: int,
+    dtypes: list[str],
+    iters: int,
+    device: str,
+    with_official: bool,
+    variants: tuple[str, ...] = ("official", "eager", "compiled"),
+    cpu_kernels: tuple[str, ...] = (),
+    rounds: int = 0,
+) -> list[Row]:
     torch.manual_seed(0)
     # the official builder adds the SAM 2 twin neck; give ours the same work
     ours = build_sam3_vl_backbone(config="sam3", imgsz=imgsz, device=device, add_sam2_neck=True)
-    theirs = official_backbone(imgsz, device) if with_official else None
+    theirs = official_backbone(imgsz, device) if with_official and "official" in variants else None
     if theirs is not None:
         # same names on both sides; only the official complex RoPE tables are not in ours
         missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
@@ -166,6 +248,9 @@ def compare_at(imgsz: int, dtypes: list[str], iters: int, device: str, with_offi
         dtype = getattr(torch, dtype_name)
         peak = matmul_peak(dtype, device)
         print(f"{imgsz} px {dtype_name}: {flops / 1e12:.2f} TFLOP/image, matmul peak {peak / 1e12:.2f} TFLOP/s")
+        if rounds:
+            rows += interleaved(imgsz, dtype, ours, theirs, images, reference, rounds, cpu_kernels, flops, peak)
+            continue
         theirs_s = None
         if theirs is not None:
             autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
@@ -175,11 +260,21 @@ def compare_at(imgsz: int, dtypes: list[str], iters: int, device: str, with_offi
             rows.append(Row(imgsz, dtype_name, "official", theirs_s, flops, peak, cosine, theirs_s))
             print(" | ".join(rows[-1].cells()), flush=True)
         ours.to(dtype)
-        with torch.inference_mode():
-            seconds = time_forward(lambda: ours.forward_image(images), iters, device)
-            cosine = min_cosine(ours.forward_image(images), reference)
-        rows.append(Row(imgsz, dtype_name, "sam3core eager", seconds, flops, peak, cosine, theirs_s))
-        print(" | ".join(rows[-1].cells()), flush=True)
+        table = attention_module.CPU_KERNELS
+        for kernel in (None, *cpu_kernels) if "eager" in variants else ():
+            attention_module.CPU_KERNELS = forced_kernel(kernel, dtype)
+            try:
+                with torch.inference_mode():
+                    seconds = time_forward(lambda: ours.forward_image(images), iters, device)
+                    cosine = min_cosine(ours.forward_image(images), reference)
+            finally:
+                attention_module.CPU_KERNELS = table
+            chosen = attention_module.cpu_attention_kernel(dtype) if device == "cpu" else "sdpa"
+            label = f"sam3core eager ({kernel}, forced)" if kernel else f"sam3core eager ({chosen}, the table's)"
+            rows.append(Row(imgsz, dtype_name, label, seconds, flops, peak, cosine, theirs_s))
+            print(" | ".join(rows[-1].cells()), flush=True)
+        if "compiled" not in variants:
+            continue
 
         plan = compile_plan("auto", device, dtype)
         if not plan.enabled:
@@ -217,13 +312,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-official", action="store_true", help="time sam3core only")
+    parser.add_argument("--variants", nargs="+", default=["official", "eager", "compiled"])
+    parser.add_argument("--cpu-kernels", nargs="*", default=[], choices=["sdpa", "chunked"])
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="call the official model and the eager variants in turn, this often"
+    )
     args = parser.parse_args(argv)
 
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
     print(f"# {date.today()} torch {torch.__version__} on {machine}, {torch.get_num_threads()} threads")
+    if args.device == "cpu":
+        caps = {k: os.environ[k] for k in CAPS if k in os.environ}
+        print(f"# CPU: {cpu_features().describe()}; caps: {caps or 'none'}")
     rows = []
     for imgsz in args.sizes:
-        rows += compare_at(imgsz, args.dtypes, args.iters, args.device, with_official=not args.no_official)
+        rows += compare_at(
+            imgsz,
+            args.dtypes,
+            args.iters,
+            args.device,
+            with_official=not args.no_official,
+            variants=tuple(args.variants),
+            cpu_kernels=tuple(args.cpu_kernels),
+            rounds=args.rounds,
+        )
 
     print("\n| " + " | ".join(HEADER) + " |")
     print("|" + "---|" * len(HEADER))

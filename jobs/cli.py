@@ -1,4 +1,4 @@
-"""`sam3-embed`: the command line (`run`, `demo`, `inspect`).
+"""`sam3-embed`: the command line (`run`, `demo`, `inspect`, `compile`).
 
 `run` is `python -m jobs.embed` with flags for the common settings: a job file is optional, and every flag
 overrides the file. Ray is the cluster in RAY_ADDRESS when set, otherwise a local cluster started in-process.
@@ -15,6 +15,8 @@ from typing import Any
 
 from jobs import exit_codes
 from jobs.cli_common import configure_logging
+from jobs.compile_command import add_parser as add_compile_parser
+from jobs.compile_command import compile_command
 from jobs.embed import execute
 from jobs.job_config import apply_overrides, read_config_data
 from pipeline.config import JobConfig
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-config", choices=MODEL_CONFIGS, help="default: auto with a --checkpoint, else tiny (random weights)"
     )
     demo.add_argument("--imgsz", type=int, help="default: 224 for tiny, 1008 for sam3")
+
+    add_compile_parser(commands)
 
     inspect = commands.add_parser("inspect", allow_abbrev=False, help="describe an output dataset")
     inspect.add_argument("output", metavar="OUTPUT", help="output URI of a run")
@@ -233,7 +237,7 @@ def print_feature_sizes(dataset: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
-    commands = {"run": run_command, "demo": demo_command, "inspect": inspect_command}
+    commands = {"run": run_command, "demo": demo_command, "inspect": inspect_command, "compile": compile_command}
     return commands[args.command](args)
 
 

@@ -73,10 +73,15 @@ class ModelConfig:
     # (sam3, sam3.1, tiny, tiny-sam3.1) overrides it and a checkpoint of the other generation is refused
     config: str = "auto"
     imgsz: int = 1008
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AVX-512 BF16, AMX), float32 on other CPUs
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # auto: per device, as sam3core.compile decides (measured on CPU): inductor + freezing for bfloat16 on CPU,
     # max-autotune on CUDA, eager for float32 on CPU; falls back to eager with a warning if compiling fails
     compile: Literal["auto", "on", "off"] = "auto"
+    # Where compiled code is shared between actors and nodes (pipeline/compile_share.py): any fsspec URI; None:
+    # `<output>/_compile_cache`; "off": every actor compiles for itself. `sam3-embed compile` fills it ahead.
+    compile_cache: str | None = None
+    compile_wait_s: float = 1800.0  # how long an actor waits for another's compilation before compiling itself
     bpe_path: str | None = None
 
 

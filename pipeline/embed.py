@@ -1,8 +1,9 @@
 """The model stage: a Ray Data actor that builds the backbone once and embeds batches of prepared records.
 
 On a GPU the backbone runs in bfloat16 with the vision trunk compiled (both configurable); without one the same
-class runs on the CPU in float32 (eager; bfloat16 there is compiled by default), so a laptop runs the exact code a
-cluster runs. Compilation is paid in the constructor, on a padded batch of the real batch size.
+class runs on the CPU, in bfloat16 (compiled) where the CPU has it natively and in float32 (eager) elsewhere
+(`sam3core.cpu`), so a laptop runs the exact code a cluster runs. Compilation is paid in the constructor, on a
+padded batch of the real batch size.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import arrow_features, schema
+from pipeline.compile_share import checkpoint_identity, warm_up_shared
 from pipeline.model_cache import local_checkpoint
 from pipeline.neck_heads import DENSE_HEADS, head_columns, head_levels, image_forward_options, unsupported_features
 from sam3core.compile import compile_fallback, is_compiled, is_out_of_memory, set_compile_threads
+from sam3core.cpu import auto_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +53,13 @@ class EmbedSettings:
     run_id: str = ""
     package_version: str = ""
     extra_metadata: dict[str, Any] = field(default_factory=dict)
+    compile_cache: str | None = None  # URI of the shared compile artifacts (pipeline.compile_share); None: off
+    compile_wait_s: float = 1800.0
 
 
 def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return auto_dtype(device)  # bfloat16 on GPUs and on CPUs that have it natively, else float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
@@ -103,9 +108,18 @@ class EmbedWorker:
         wanted = set(settings.features)
         self.vision_only = not ({*DENSE_HEADS, schema.TRUNK} & wanted)
         built = time.monotonic() - started
-        # Compilation (lazy) is paid here, on a padded batch of the real batch size, not by the first real batch.
+        # Compilation (lazy) is paid here, on a padded batch of the real batch size, not by the first real batch;
+        # once per cluster: the first actor publishes the compiled code, the others load it.
         try:
-            self.warm_up_seconds = self.backbone.warm_up(settings.batch_size, vision_features_only=self.vision_only)
+            self.warm_up_seconds, self.compile_outcome = warm_up_shared(
+                self.backbone,
+                batch_size=settings.batch_size,
+                vision_features_only=self.vision_only,
+                checkpoint_id=checkpoint_identity(resolved.sha256, resolved.path, RANDOM_WEIGHTS_SEED),
+                cache_uri=settings.compile_cache,
+                storage_options=settings.storage_options,
+                wait_s=settings.compile_wait_s,
+            )
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise RuntimeError(
@@ -153,7 +167,9 @@ class EmbedWorker:
             self.dtype,
             self.backbone.compile_plan.describe() if compiled else "eager",
             built,
-            " and compilation" if compiled else "",
+            f" and compilation ({self.compile_outcome.how if self.compile_outcome else 'not shared'})"
+            if compiled
+            else "",
             self.warm_up_seconds,
             settings.batch_size,
         )

@@ -202,6 +202,7 @@ def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options:
     import ray
     from ray.data import ActorPoolStrategy
 
+    from pipeline.compile_share import compile_cache_uri
     from pipeline.embed import EmbedSettings, EmbedWorker
 
     resources = ray.cluster_resources()
@@ -226,6 +227,8 @@ def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options:
         run_id=config.run_id,
         package_version=package_version(),
         extra_metadata={"input": {"format": source.format, "uri": config.input.uri}},
+        compile_cache=compile_cache_uri(config.model.compile_cache, config.output.uri),
+        compile_wait_s=config.model.compile_wait_s,
     )
     return dataset.map_batches(
         EmbedWorker,

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import schema
 from pipeline.columns import ColumnError, resolve_columns
@@ -24,6 +24,9 @@ from pipeline.markers import data_files
 from pipeline.neck_heads import unsupported_features
 from pipeline.sources import IMAGE_EXTENSIONS, input_protocol, input_uris
 from pipeline.storage import Location, fsspec_filesystem, options_for, parse_uri
+
+if TYPE_CHECKING:
+    from sam3core.cpu import CpuFeatures
 
 logger = logging.getLogger("pipeline.preflight")
 
@@ -42,6 +45,7 @@ class Plan:
     checkpoint_format: str | None = None  # e.g. "torch zip, sam3.pt layout"; None with random weights
     notes: list[str] = field(default_factory=list)  # decisions worth a log line (columns recognised, …)
     layout: ManifestLayout | None = None  # the manifest's files and schema, read once here and reused by the run
+    warnings: list[str] = field(default_factory=list)  # legal but costly choices, logged once as warnings
 
 
 def validate(config: JobConfig) -> None:
@@ -119,6 +123,10 @@ def preflight(config: JobConfig) -> Plan:
     plan.checkpoint_format = check_settings(config)
     if plan.checkpoint_format is None:
         plan.notes.append(f"RANDOM WEIGHTS: no checkpoint; the {config.model.config!r} model's embeddings mean nothing")
+    emulated = emulated_dtype_warning(config)
+    if emulated:
+        logger.warning(emulated)
+        plan.warnings.append(emulated)
     uris = input_uris(config.input.uri)
     try:
         protocol = input_protocol(uris)
@@ -135,6 +143,24 @@ def preflight(config: JobConfig) -> Plan:
             raise
         raise PreflightError(f"cannot reach the storage: {type(error).__name__}: {_one_line(error)}") from error
     return plan
+
+
+def emulated_dtype_warning(config: JobConfig, features: CpuFeatures | None = None) -> str | None:
+    """One line when the job asks for bfloat16 on CPU actors and this machine's CPU only emulates it.
+
+    Judged on the driver's CPU: on a CPU-only cluster its nodes are usually alike; a job that asks for GPUs is not
+    judged (its actors run on GPUs).
+    """
+    if config.model.dtype != "bfloat16" or (config.compute.gpus_per_actor or 0) > 0:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    from sam3core.cpu import emulated_dtype_warning as warning_for
+
+    line = warning_for(torch.bfloat16, features)
+    return f"model.dtype {line}" if line else None
 
 
 def _check_checkpoint(config: JobConfig, storage_options: dict[str, Any]) -> str | None:

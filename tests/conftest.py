@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+# `dtype: auto` picks bfloat16 (and so compiles) on a CPU with native bfloat16; tests that do not test that choice
+# run in float32, eagerly, as on any CPU. Set before Ray starts so its workers inherit it.
+os.environ.setdefault("SAM3_CPU_AUTO_DTYPE", "float32")
+
 _DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

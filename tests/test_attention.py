@@ -1,4 +1,8 @@
-"""The trunk's attention: chunked on a CPU, equal to SDPA, one opaque op when compiled."""
+"""The trunk's attention: chunked on a CPU, equal to SDPA, one opaque op when compiled.
+
+Which kernel a CPU runs depends on its instruction set and the dtype (`cpu_attention_kernel`, tested in
+test_cpu_choices.py); the tests of the chunked op force it, whatever this machine's table says.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,15 @@ import sam3core.attention as attention_module
 from sam3core.attention import attention, chunk_shape
 
 
+@pytest.fixture(autouse=True)
+def chunked_on_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sam3core.cpu import cpu_features
+
+    isa = cpu_features().isa
+    table = {(isa, dtype): "chunked" for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+    monkeypatch.setattr(attention_module, "CPU_KERNELS", table)
+
+
 def qkv(batch: int, heads: int, length: int, head_dim: int = 16) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
     return tuple(torch.randn(batch, heads, length, head_dim, generator=generator) for _ in range(3))
@@ -17,6 +30,8 @@ def qkv(batch: int, heads: int, length: int, head_dim: int = 16) -> tuple[torch.
 
 def test_chunk_shape_keeps_the_scores_of_a_chunk_within_the_budget() -> None:
     budget = attention_module.SCORES_PER_CHUNK
+    # what counts is bytes: float32 scores get half as many per chunk as bfloat16 ones
+    assert chunk_shape(16, 5184, element_bytes=4)[1] == budget // 2 // 5184
     assert chunk_shape(144, 576) == (budget // (576 * 576), 576)  # windows: whole maps, several heads at once
     sequences, queries = chunk_shape(16, 5184)  # a global block at 1008 px: one head, a slice of the queries
     assert sequences == 1 and queries == budget // 5184
@@ -72,6 +87,15 @@ def test_compiled_attention_is_one_opaque_op_and_matches_eager() -> None:
     torch.testing.assert_close(inductor, attention(q, k, v))
 
 
+def test_where_the_table_says_sdpa_the_cpu_runs_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention_module, "CPU_KERNELS", {})
+    calls: list[str] = []
+    monkeypatch.setattr(attention_module, "chunked_attention", lambda *a: calls.append("chunked"))
+    q, k, v = qkv(1, 2, 30)
+    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert calls == []
+
+
 def test_off_the_cpu_attention_is_sdpa() -> None:
     # the meta device stands for an accelerator here; FLOP counting on meta copies relies on this path too
     q, k, v = (t.to("meta") for t in qkv(1, 2, 10))
@@ -87,3 +111,10 @@ def test_where_a_gradient_is_wanted_attention_runs_sdpa_and_backpropagates() -> 
     F.scaled_dot_product_attention(*expected).square().sum().backward()
     for actual, reference in zip(grads, expected, strict=True):
         torch.testing.assert_close(actual, reference.grad)
+
+
+def test_chunks_take_the_same_share_of_a_smaller_l3_cache() -> None:
+    budget = attention_module.SCORES_PER_CHUNK
+    assert chunk_shape(16, 5184, 2, l3_bytes=32 * 2**20)[1] == budget // 5184  # the cache it was measured on
+    assert chunk_shape(16, 5184, 2, l3_bytes=16 * 2**20)[1] == budget // 2 // 5184  # half the cache, half the chunk
+    assert chunk_shape(16, 5184, 4, l3_bytes=16 * 2**20)[1] == budget // 4 // 5184

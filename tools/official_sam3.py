@@ -6,7 +6,7 @@ reference environment, never by the project or its tests:
     python -m venv /work/refenv
     /work/refenv/bin/pip install torch==2.13.0            # the CPU wheel
     /work/refenv/bin/pip install --no-deps sam3-0.1.4-py3-none-any.whl
-    /work/refenv/bin/pip install ftfy regex iopath huggingface_hub einops "numpy<2.4" safetensors
+    /work/refenv/bin/pip install ftfy regex iopath huggingface_hub einops "numpy<2.4" safetensors pillow
     /work/refenv/bin/pip install --no-deps timm
 
 Two package initialisers stand between us and the backbone modules, and both import torchvision, which has no

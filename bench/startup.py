@@ -1,0 +1,166 @@
+"""From a fresh process to its first batch: compiling cold, with a warm local cache, and loading shared artifacts.
+
+For each image size, three fresh processes play model actors (`pipeline.compile_share.warm_up_shared`, as
+`EmbedWorker` calls it: build the model, warm it up, then embed one real batch), each timed from before its start
+to its first batch done:
+
+1. cold: an empty inductor cache directory and an empty shared root: it compiles everything and publishes;
+2. warm local cache: the same inductor directory again, sharing off (a second actor on the same node before this
+   change);
+3. fresh node: a new, empty inductor directory with the shared root from 1: it loads the artifact.
+
+The goal (issue 16): 3 reaches its first batch in at most 20% of the time 1 does. Random weights (the cost does
+not depend on them), `compile: auto` for the dtype (inductor with freezing for bfloat16 on a CPU).
+
+`--pipeline` runs the same through the pipeline instead: `sam3-embed run` with two model actors on the demo
+dataset, an empty inductor cache and an empty shared root, and prints each actor's "model ready" line (which says
+whether it compiled and published or loaded).
+
+    flock /tmp/sam3-bench.lock python bench/startup.py --sizes 336 1008 --dtype bfloat16 --batch-size 1
+    flock /tmp/sam3-bench.lock python bench/startup.py --pipeline --sizes 336 --dtype bfloat16 --batch-size 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def actor(args: argparse.Namespace) -> dict:
+    """One model actor in this process: what EmbedWorker does before its first batch, then that batch."""
+    started = time.time()
+    sys.path.insert(0, str(REPO_ROOT))
+    import torch
+
+    from pipeline.compile_share import warm_up_shared
+    from sam3core import build_sam3_vl_backbone
+
+    imported = time.time()
+    torch.manual_seed(0)
+    model = build_sam3_vl_backbone(config=args.config, imgsz=args.imgsz, dtype=args.dtype, compile_visual="auto")
+    built = time.time()
+    warm_s, outcome = warm_up_shared(
+        model,
+        batch_size=args.batch_size,
+        vision_features_only=True,
+        checkpoint_id="random:0",
+        cache_uri=args.share or None,
+        storage_options=None,
+        wait_s=3600,
+    )
+    weight = model.vision_backbone.trunk.patch_embed.proj.weight
+    with torch.inference_mode():
+        images = torch.rand(args.batch_size, 3, args.imgsz, args.imgsz, dtype=weight.dtype)
+        batch_started = time.time()
+        model.forward_vision_features(images)
+    done = time.time()
+    from torch._dynamo.utils import counters
+
+    return {
+        "import_s": imported - started,
+        "build_s": built - imported,
+        "warm_up_s": warm_s,
+        "batch_s": done - batch_started,
+        "done_at": done,
+        "how": outcome.how if outcome else "not shared",
+        "fx_cache": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")},
+    }
+
+
+def run_actor(imgsz: int, args: argparse.Namespace, inductor_dir: str, share: str) -> dict:
+    command = [sys.executable, __file__, "--child", "--imgsz", str(imgsz), "--config", args.config]
+    command += ["--dtype", args.dtype, "--batch-size", str(args.batch_size), "--share", share]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir, "PYTHONPATH": str(REPO_ROOT)}
+    started = time.time()
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"actor failed: {out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["first_batch_s"] = result.pop("done_at") - started
+    return result
+
+
+def run_pipeline(imgsz: int, args: argparse.Namespace) -> None:
+    """`sam3-embed run` with two model actors, fresh caches; prints the actors' model-ready lines."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from pipeline.demo import write_sample_dataset
+
+    with tempfile.TemporaryDirectory(prefix="sam3-startup-pipeline-") as scratch:
+        dataset = write_sample_dataset(os.path.join(scratch, "data"))
+        # -v: the actors' log lines ("model ready ...") reach the driver's stderr
+        command = [sys.executable, "-m", "jobs.cli", "-v", "run", "--input", str(dataset.manifest)]
+        command += ["--output", os.path.join(scratch, "out"), "--random-weights", "--model-config", args.config]
+        command += ["--imgsz", str(imgsz), "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
+        command += ["--num-actors", "2"]
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(scratch, "inductor"), "PYTHONPATH": str(REPO_ROOT)}
+        started = time.time()
+        out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO_ROOT)
+        elapsed = time.time() - started
+        wanted = ("model ready", "compile artifact", "compile claim")
+        lines = [line for line in (out.stdout + out.stderr).splitlines() if any(w in line for w in wanted)]
+        print(f"{imgsz} px pipeline, 2 actors: exit {out.returncode} in {elapsed:.0f}s")
+        for line in lines:
+            print("   ", line.strip()[:400])
+        if out.returncode:
+            print(out.stderr[-3000:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[336, 1008])
+    parser.add_argument("--config", default="sam3")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--pipeline", action="store_true", help="through sam3-embed run with two model actors")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--imgsz", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--share", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(actor(args)))
+        return 0
+
+    sys.path.insert(0, str(REPO_ROOT))
+    import torch
+
+    from sam3core.cpu import cpu_features
+
+    print(f"# {date.today()} torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_features().describe()}")
+    if args.pipeline:
+        for imgsz in args.sizes:
+            run_pipeline(imgsz, args)
+        return 0
+    rows = []
+    for imgsz in args.sizes:
+        with tempfile.TemporaryDirectory(prefix="sam3-startup-") as scratch:
+            first, second, share = (os.path.join(scratch, name) for name in ("inductor-a", "inductor-b", "share"))
+            cold = run_actor(imgsz, args, first, share)
+            warm = run_actor(imgsz, args, first, "")
+            loaded = run_actor(imgsz, args, second, share)
+            artifact_bytes = sum(p.stat().st_size for p in Path(share).glob("*.artifact"))
+        for name, result in (("cold", cold), ("warm local cache", warm), ("fresh node, shared artifact", loaded)):
+            rows.append((imgsz, name, result, result["first_batch_s"] / cold["first_batch_s"]))
+            print(imgsz, name, json.dumps(result), flush=True)
+        print(f"{imgsz} px: artifact {artifact_bytes / 1e6:.1f} MB")
+    print(f"\n{args.config}, {args.dtype}, batch {args.batch_size}: seconds from the process start")
+    print("| size | actor | import | build | warm-up | first batch | to first batch | vs cold | how |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for imgsz, name, r, ratio in rows:
+        print(
+            f"| {imgsz} | {name} | {r['import_s']:.1f} | {r['build_s']:.1f} | {r['warm_up_s']:.1f} | "
+            f"{r['batch_s']:.1f} | {r['first_batch_s']:.1f} | {ratio:.0%} | {r['how']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""Compiled code paid once per cluster: the first model actor compiles and publishes, the others wait and load.
+
+Every actor of a job (on every node) computes the same key (`sam3core.compile_cache.compile_key`) and looks under
+the shared root (any fsspec URI; by default `<output>/_compile_cache`) for two objects named by the key's digest:
+
+- `<digest>.artifact`: the sealed compile caches. Present: verified (key and SHA-256) and loaded, then the warm-up
+  call finds every graph compiled. A damaged or foreign artifact is never loaded: the actor that finds it
+  compiles and overwrites it.
+- `<digest>.claim`: a publisher's claim, created exclusively (`If-None-Match: *` on object stores, a hard link on
+  local disks), so exactly one actor compiles; it holds the owner and a heartbeat the owner rewrites while it
+  compiles, and is removed once the artifact is written (or the compilation failed).
+
+An actor that finds a live claim waits, polling for the artifact. If the claim's heartbeat stops (the publisher
+died: killed, preempted, out of memory) for `stale_s`, a waiter removes it and claims in its place; if nothing
+comes within `wait_s` in all, it compiles itself. Heartbeats compare wall clocks across nodes: `stale_s` must
+exceed their skew by far (the default is two minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.storage import Location, parse_uri
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DIRECTORY = "_compile_cache"  # under the output when no URI is configured
+ARTIFACT_SUFFIX = ".artifact"
+CLAIM_SUFFIX = ".claim"
+
+
+class ArtifactRefused(ValueError):
+    """Raised by a `load` callback for an artifact that must not be used (wrong key, damaged)."""
+
+
+@dataclass(frozen=True)
+class ShareSettings:
+    root: Location
+    wait_s: float = 1800.0  # the longest an actor waits for someone else's compilation, in all
+    stale_s: float = 120.0  # a claim whose heartbeat is older than this belongs to a dead publisher
+    poll_s: float = 2.0
+    heartbeat_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    how: str  # "loaded" | "compiled and published" | "compiled" (nothing published) | "compiled after waiting"
+    waited_s: float = 0.0
+    note: str = ""  # why an artifact found was rebuilt, or why a claim was taken over
+
+
+def share_root(
+    cache_uri: str | bool | None, output_uri: str, storage_options: dict[str, Any] | None
+) -> Location | None:
+    """Where artifacts go: `cache_uri`, or `<output>/_compile_cache` when None; "off" shares nothing."""
+    if cache_uri in ("off", False):  # YAML reads a bare `off` as False
+        return None
+    if cache_uri:
+        return parse_uri(cache_uri, storage_options)
+    return parse_uri(output_uri, storage_options).join(DEFAULT_DIRECTORY)
+
+
+def obtain(
+    settings: ShareSettings,
+    digest: str,
+    *,
+    load: Callable[[bytes], None],
+    build: Callable[[], bytes | None],
+) -> Outcome:
+    """Loads the artifact for `digest`, or compiles (`build`, which returns the artifact to publish or None).
+
+    `load` receives the artifact's bytes and raises ArtifactRefused when it must not be used; it is called before
+    anything of the artifact runs.
+    """
+    artifact = settings.root.join(digest + ARTIFACT_SUFFIX)
+    claim = settings.root.join(digest + CLAIM_SUFFIX)
+    started = time.monotonic()
+    note = ""
+    refused: bytes | None = None  # the bad artifact already seen: not loaded twice while someone rebuilds it
+    while True:
+        blob = _read(artifact)
+        if blob is not None and blob != refused:
+            try:
+                load(blob)
+                return Outcome("loaded", time.monotonic() - started, note)
+            except ArtifactRefused as error:
+                note = f"rebuilt: {error}"
+                logger.warning("compile artifact %s refused (%s); compiling again", artifact.uri, error)
+                refused = blob
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        if claim.create_exclusive(_claim_record(owner)):
+            return _build_and_publish(settings, artifact, claim, owner, build, started, note)
+        record = _read_claim(claim)
+        if record is not None and time.time() - record.get("heartbeat", 0.0) > settings.stale_s:
+            note = f"took over from {record.get('owner')}, silent for {time.time() - record['heartbeat']:.0f}s"
+            logger.warning("compile claim %s is stale (%s); taking it over", claim.uri, note)
+            if _read_claim(claim) == record:  # not renewed meanwhile, nor taken over by another waiter
+                claim.remove()
+            continue
+        if time.monotonic() - started > settings.wait_s:
+            logger.warning("no compile artifact at %s after %.0fs; compiling here", artifact.uri, settings.wait_s)
+            build()
+            return Outcome("compiled after waiting", time.monotonic() - started, note)
+        time.sleep(settings.poll_s)
+
+
+def _build_and_publish(
+    settings: ShareSettings,
+    artifact: Location,
+    claim: Location,
+    owner: str,
+    build: Callable[[], bytes | None],
+    started: float,
+    note: str,
+) -> Outcome:
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(settings.heartbeat_s):
+            try:
+                claim.write_text(_claim_record(owner))
+            except Exception as error:  # a missed beat only risks a waiter compiling too
+                logger.debug("heartbeat on %s failed: %s", claim.uri, error)
+
+    heart = threading.Thread(target=beat, name="compile-claim-heartbeat", daemon=True)
+    heart.start()
+    try:
+        blob = build()
+        if blob is not None:
+            _write(artifact, blob)
+            logger.info("published compile artifact %s (%d bytes)", artifact.uri, len(blob))
+    finally:
+        stop.set()
+        heart.join()
+        try:
+            claim.remove()
+        except Exception as error:
+            logger.warning("could not remove compile claim %s: %s", claim.uri, error)
+    waited = time.monotonic() - started
+    return Outcome("compiled and published" if blob is not None else "compiled", waited, note)
+
+
+def _claim_record(owner: str) -> str:
+    return json.dumps({"owner": owner, "heartbeat": time.time()})
+
+
+def _read_claim(claim: Location) -> dict[str, Any] | None:
+    try:
+        return json.loads(claim.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # half-written by a crashed writer: as silent as a dead publisher
+        return {"owner": "unreadable", "heartbeat": 0.0}
+
+
+def _read(location: Location) -> bytes | None:
+    try:
+        return location.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _write(location: Location, data: bytes) -> None:
+    """Replace in one step: readers see the old artifact or the new one, never a prefix."""
+    fs = location.fs
+    if not location.is_local:
+        fs.pipe_file(location.path, data)  # one PUT is atomic on object stores
+        return
+    fs.makedirs(posixpath.dirname(location.path), exist_ok=True)
+    temporary = f"{location.path}.tmp-{uuid.uuid4().hex[:12]}"
+    with open(temporary, "wb") as f:
+        f.write(data)
+    os.replace(temporary, location.path)
+
+
+# The model actor's side -------------------------------------------------------------------------------------------
+
+
+def compile_cache_uri(cache: str | bool | None, output_uri: str) -> str | None:
+    """The job's artifact root as a URI for the actors (None: sharing is off)."""
+    root = share_root(cache, output_uri, None)
+    return None if root is None else root.uri
+
+
+def checkpoint_identity(sha256: str | None, checkpoint: str | None, seed: int) -> str:
+    """What the key holds for the weights: the file's hash, a hub spec as written, or the random seed."""
+    if sha256:
+        return sha256
+    return f"hub:{checkpoint}" if checkpoint else f"random:{seed}"
+
+
+def warm_up_shared(
+    backbone: Any,
+    *,
+    batch_size: int,
+    vision_features_only: bool,
+    checkpoint_id: str,
+    cache_uri: str | None,
+    storage_options: dict[str, Any] | None,
+    wait_s: float,
+) -> tuple[float, Outcome | None]:
+    """`backbone.warm_up` with the compiled code shared through `cache_uri`: returns the seconds from the start
+    to a warmed-up model (waiting included) and how the compiled code was obtained (None: nothing compiled or
+    sharing off)."""
+    from sam3core.compile import is_compiled
+    from sam3core.compile_cache import (
+        ArtifactError,
+        compile_key,
+        load_artifacts,
+        save_artifacts,
+        seal,
+        start_recording,
+        unseal,
+    )
+
+    started = time.monotonic()
+    if cache_uri is None or not is_compiled(backbone.vision_backbone):
+        return backbone.warm_up(batch_size, vision_features_only=vision_features_only), None
+    key = compile_key(
+        backbone, batch_size=batch_size, vision_features_only=vision_features_only, checkpoint_sha256=checkpoint_id
+    )
+
+    def load(blob: bytes) -> None:
+        try:
+            payload = unseal(blob, key)  # the key and the hash first: nothing unverified reaches torch
+            load_artifacts(payload)
+        except ArtifactError as error:
+            raise ArtifactRefused(str(error)) from error
+        backbone.warm_up(batch_size, vision_features_only=vision_features_only)
+
+    def build() -> bytes | None:
+        start_recording()
+        backbone.warm_up(batch_size, vision_features_only=vision_features_only)
+        if not is_compiled(backbone.vision_backbone):  # compilation failed, eager now: nothing to share
+            return None
+        payload = save_artifacts()
+        return None if payload is None else seal(payload, key)
+
+    settings = ShareSettings(root=parse_uri(cache_uri, storage_options), wait_s=wait_s)
+    outcome = obtain(settings, key.digest(), load=load, build=build)
+    return time.monotonic() - started, outcome

@@ -1,0 +1,230 @@
+"""Compiled code as one portable artifact: what keys it, how it is sealed, saved and loaded. No I/O here.
+
+An artifact is torch's portable compile caches (`torch.compiler.save_cache_artifacts`: inductor's FX graph cache,
+AOTAutograd's cache and autotuning results) for one compiled backbone, plus the C++ kernels inductor built for it
+on a CPU (the `.so` files of `TORCHINDUCTOR_CACHE_DIR`, which torch's caches do not carry: without them a fresh
+node compiles every kernel again from the cached source), behind a header that names the key it was made for and
+the SHA-256 of the payload. Loading it fills this process's local caches, so the warm-up call that follows finds
+every graph and kernel compiled: it still traces the model with dynamo and, with freezing (which AOTAutograd's
+cache refuses), runs the freezing passes and lowering again, but generates and builds no code. An artifact runs
+native code: its URI must be as trusted as the checkpoint's. An artifact made for another key, truncated or
+altered is refused (`ArtifactError`) before torch reads a byte of it; whoever holds it then compiles and writes a
+new one.
+
+The key is everything that changes the compiled code or whether it may run: torch and Python versions, the device
+kind and instruction set (or GPU model and compute capability), dtype, image size, batch size, which entry point is
+compiled (vision features only or the whole pyramid), the compile plan, the model configuration, the checkpoint's
+hash (freezing folds small weights into the code) and the source of `sam3core` itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import tarfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cpu import CpuFeatures, cpu_features
+
+MAGIC = b"SAM3CC1\n"  # the format of the header below; a new format gets a new magic
+_SOURCE_DIR = Path(__file__).resolve().parent
+_TORCH_MEMBER = "torch-caches"
+_BINARY_PREFIX = "kernels/"
+_recording_since = 0.0  # wall time: kernels built after it belong to the compilation being recorded
+
+
+class ArtifactError(ValueError):
+    """An artifact that must not be loaded: not one, another key's, or damaged."""
+
+
+@dataclass(frozen=True)
+class CompileKey:
+    torch_version: str
+    python: str
+    device: str  # "cpu:avx512_bf16 (ATen AVX512, bfloat16 native)" or "cuda:NVIDIA H100 80GB HBM3 sm_90"
+    dtype: str
+    imgsz: int
+    batch_size: int
+    vision_features_only: bool
+    sam2_neck: bool
+    plan: str  # CompilePlan.describe()
+    model_config: str  # the configuration as canonical JSON
+    checkpoint_sha256: str  # "random:<seed>" for random weights
+    source_sha256: str  # of sam3core's Python files
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def device_description(device: torch.device | str, features: CpuFeatures | None = None) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda:{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+    if device.type == "cpu":
+        return f"cpu:{(features or cpu_features()).describe()}"
+    return device.type
+
+
+def source_sha256() -> str:
+    """Of every Python file of sam3core: a changed model or compile plan must not meet old compiled code."""
+    digest = hashlib.sha256()
+    for path in sorted(_SOURCE_DIR.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def compile_key(
+    model: Any,
+    *,
+    batch_size: int,
+    vision_features_only: bool,
+    checkpoint_sha256: str,
+    features: CpuFeatures | None = None,
+) -> CompileKey:
+    """The key of `model` (a built SAM3VLBackbone, compile plan applied) warmed up at `batch_size`."""
+    weight = model.vision_backbone.trunk.patch_embed.proj.weight
+    return CompileKey(
+        torch_version=torch.__version__,
+        python=platform.python_version(),
+        device=device_description(weight.device, features),
+        dtype=str(weight.dtype).removeprefix("torch."),
+        imgsz=int(model.imgsz),
+        batch_size=int(batch_size),
+        vision_features_only=bool(vision_features_only),
+        sam2_neck=getattr(model.vision_backbone, "sam2_convs", None) is not None,
+        plan=model.compile_plan.describe(),
+        model_config=json.dumps(model.config.to_dict(), sort_keys=True),
+        checkpoint_sha256=checkpoint_sha256,
+        source_sha256=source_sha256(),
+    )
+
+
+def seal(payload: bytes, key: CompileKey) -> bytes:
+    """The artifact: magic, one JSON header line (key, digest, payload size and hash), the payload."""
+    header = {
+        "key": key.as_dict(),
+        "digest": key.digest(),
+        "payload_bytes": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+
+
+def read_header(blob: bytes) -> Mapping[str, Any]:
+    if not blob.startswith(MAGIC):
+        raise ArtifactError("not a sam3core compile artifact (bad magic)")
+    end = blob.find(b"\n", len(MAGIC))
+    if end < 0:
+        raise ArtifactError("compile artifact truncated in its header")
+    try:
+        return json.loads(blob[len(MAGIC) : end])
+    except ValueError as error:
+        raise ArtifactError(f"compile artifact header unreadable: {error}") from error
+
+
+def unseal(blob: bytes, key: CompileKey) -> bytes:
+    """The payload of `blob` if it was made for `key` and is intact; ArtifactError otherwise."""
+    header = read_header(blob)
+    if header.get("digest") != key.digest() or header.get("key") != key.as_dict():
+        theirs = header.get("key") or {}
+        changed = sorted(name for name, value in key.as_dict().items() if theirs.get(name) != value)
+        raise ArtifactError(f"compile artifact made for another key (differs in {', '.join(changed) or 'digest'})")
+    payload = blob[blob.find(b"\n", len(MAGIC)) + 1 :]
+    if len(payload) != header.get("payload_bytes") or hashlib.sha256(payload).hexdigest() != header.get(
+        "payload_sha256"
+    ):
+        raise ArtifactError(
+            f"compile artifact damaged: {len(payload)} payload bytes, SHA-256 does not match its header"
+        )
+    return payload
+
+
+def start_recording() -> None:
+    """Forget cache artifacts recorded so far in this process, so the next `save_artifacts` holds only what the
+    compilation that follows produces (or loads)."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    global _recording_since
+    CacheArtifactManager.clear()
+    _recording_since = time.time() - 1.0
+
+
+def save_artifacts() -> bytes | None:
+    """What this process compiled (or found in its caches) since `start_recording`, as bytes; None if nothing.
+
+    One tar: torch's serialized caches, and the kernels built since `start_recording` (a process that found its
+    kernels in a warm local cache built none: its artifact carries torch's caches alone, and a fresh node builds
+    the kernels from them)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return None
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        _add(tar, _TORCH_MEMBER, saved[0])
+        root = _inductor_cache_dir()
+        for path in sorted(root.glob("*/*.so")):
+            if path.stat().st_mtime >= _recording_since:
+                _add(tar, _BINARY_PREFIX + path.relative_to(root).as_posix(), path.read_bytes())
+    return buffer.getvalue()
+
+
+def load_artifacts(payload: bytes) -> None:
+    """Fills this process's compile caches from a verified payload (see `unseal`)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(payload), mode="r") as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    except (tarfile.TarError, OSError, AttributeError) as error:
+        raise ArtifactError(f"compile artifact payload unreadable: {error}") from error
+    if _TORCH_MEMBER not in members:
+        raise ArtifactError("compile artifact payload holds no torch caches")
+    kernels = {}
+    for name, data in members.items():
+        if name == _TORCH_MEMBER:
+            continue
+        relative = name.removeprefix(_BINARY_PREFIX).split("/")
+        # exactly <2 characters>/<name>.so, as inductor lays them out: nothing else is written anywhere
+        valid = name.startswith(_BINARY_PREFIX) and len(relative) == 2 and relative[1].endswith(".so")
+        if not valid or any(part in ("", ".", "..") for part in relative):
+            raise ArtifactError(f"compile artifact holds an unexpected member {name!r}")
+        kernels[tuple(relative)] = data
+    try:
+        info = torch.compiler.load_cache_artifacts(members[_TORCH_MEMBER])
+    except Exception as error:  # a payload torch cannot read: as damaged as a bad hash
+        raise ArtifactError(f"torch could not load the compile artifact: {type(error).__name__}: {error}") from error
+    if info is None:  # torch logs why (a checksum, an unpickling error) and returns None
+        raise ArtifactError("torch could not load the compile artifact (see its warning above)")
+    root = _inductor_cache_dir()
+    for relative, data in kernels.items():
+        target = root.joinpath(*relative)
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, target)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _inductor_cache_dir() -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir())

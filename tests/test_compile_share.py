@@ -1,0 +1,315 @@
+"""Compiled code paid once per cluster: keys, sealed artifacts, and the publish-while-others-wait protocol.
+
+The protocol runs against real storage (a local directory and moto's S3 server) with real processes; what is
+built and loaded is a sealed artifact as `sam3core.compile_cache` makes it, around bytes that stand for torch's
+caches (a real torch payload is the subject of the last test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.compile_share import ArtifactRefused, Outcome, ShareSettings, obtain
+from pipeline.storage import Location
+from sam3core import build_sam3_vl_backbone
+from sam3core.compile_cache import ArtifactError, CompileKey, compile_key, seal, unseal
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KEY = CompileKey(
+    torch_version="2.13.0+cpu",
+    python="3.11.7",
+    device="cpu:avx512_bf16 (ATen AVX512, bfloat16 native)",
+    dtype="bfloat16",
+    imgsz=336,
+    batch_size=8,
+    vision_features_only=True,
+    sam2_neck=False,
+    plan="inductor (freezing=True)",
+    model_config='{"d_model": 256}',
+    checkpoint_sha256="ab" * 32,
+    source_sha256="cd" * 32,
+)
+PAYLOAD = b"compiled code " * 1000
+
+
+def _other_value(value: object) -> object:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 14
+    return f"{value}-other"
+
+
+@pytest.mark.parametrize("component", [f.name for f in dataclasses.fields(CompileKey)])
+def test_a_change_of_any_key_component_misses(component: str):
+    other = dataclasses.replace(KEY, **{component: _other_value(getattr(KEY, component))})
+    assert other.digest() != KEY.digest()  # another file name: a lookup misses
+    with pytest.raises(ArtifactError, match=f"another key .*{component}"):
+        unseal(seal(PAYLOAD, KEY), other)  # and an artifact renamed into place is refused
+    assert unseal(seal(PAYLOAD, KEY), KEY) == PAYLOAD
+
+
+@pytest.mark.timeout(120)
+def test_the_key_of_a_built_model_follows_its_settings():
+    def key(imgsz: int = 56, dtype: str = "bfloat16", batch: int = 2, checkpoint: str = "random:0", vision=True):
+        torch.manual_seed(0)
+        model = build_sam3_vl_backbone(config="tiny", imgsz=imgsz, dtype=dtype, compile_visual="on")
+        return compile_key(model, batch_size=batch, vision_features_only=vision, checkpoint_sha256=checkpoint)
+
+    base = key()
+    assert base.dtype == "bfloat16" and base.imgsz == 56 and base.device.startswith("cpu:")
+    variants = [key(imgsz=84), key(dtype="float32"), key(batch=4), key(checkpoint="random:1"), key(vision=False)]
+    digests = {base.digest(), *(k.digest() for k in variants)}
+    assert len(digests) == 6
+    assert key().digest() == base.digest()  # the same settings in another build: the same key
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda blob: blob[:-1] + bytes([blob[-1] ^ 1]), id="flipped-bit"),
+        pytest.param(lambda blob: blob[: len(blob) // 2], id="truncated"),
+        pytest.param(lambda blob: seal(PAYLOAD, dataclasses.replace(KEY, imgsz=1008)), id="another-key"),
+        pytest.param(lambda blob: b"<html>not an artifact</html>", id="not-an-artifact"),
+    ],
+)
+def test_a_damaged_artifact_is_never_loaded_and_is_rebuilt(storage_root: Location, damage) -> None:
+    actor = _Actor(storage_root)
+    assert actor.run().how == "compiled and published" and actor.builds == 1
+    artifact = storage_root.join(KEY.digest() + ".artifact")
+    artifact.fs.pipe_file(artifact.path, damage(artifact.read_bytes()))
+
+    second = _Actor(storage_root)
+    outcome = second.run()
+    assert outcome.how == "compiled and published" and outcome.note.startswith("rebuilt: ")
+    assert second.builds == 1 and second.loaded == []  # nothing of the damaged artifact ran
+    third = _Actor(storage_root)
+    assert third.run().how == "loaded" and third.loaded == [PAYLOAD] and third.builds == 0
+
+
+@pytest.mark.timeout(120)
+def test_only_one_of_several_actors_compiles_the_others_wait_and_load(storage_root: Location) -> None:
+    actors = [_Actor(storage_root, build_s=1.0) for _ in range(3)]
+    outcomes: list[Outcome] = []
+    threads = [threading.Thread(target=lambda a=a: outcomes.append(a.run())) for a in actors]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(o.how for o in outcomes) == ["compiled and published", "loaded", "loaded"]
+    assert sum(a.builds for a in actors) == 1
+    assert not storage_root.join(KEY.digest() + ".claim").exists()  # the claim is gone once published
+
+
+PUBLISHER = """
+import sys, time
+from pipeline.compile_share import ShareSettings, obtain
+from pipeline.storage import Location
+import json
+root = Location.parse(sys.argv[1], json.loads(sys.argv[2]) or None)
+def build():
+    print("compiling", flush=True)
+    time.sleep(3600)
+obtain(ShareSettings(root=root, heartbeat_s=0.2), sys.argv[3], load=lambda blob: None, build=build)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_when_the_publisher_dies_a_waiting_actor_compiles_and_publishes(storage_root: Location) -> None:
+    options = json.dumps(storage_root.storage_options or {})
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    publisher = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, storage_root.uri, options, KEY.digest()],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert publisher.stdout.readline().strip() == "compiling"  # it holds the claim now
+        claim = storage_root.join(KEY.digest() + ".claim")
+        assert claim.exists()
+        publisher.send_signal(signal.SIGKILL)  # killed mid-compilation: no cleanup, the claim stays
+        publisher.wait(timeout=30)
+        assert claim.exists()
+        waiter = _Actor(storage_root, stale_s=1.5)
+        outcome = waiter.run()
+    finally:
+        if publisher.poll() is None:
+            publisher.kill()
+    assert outcome.how == "compiled and published" and "took over" in outcome.note
+    assert waiter.builds == 1 and outcome.waited_s < 60
+    assert _Actor(storage_root).run().how == "loaded"
+
+
+@pytest.mark.timeout(120)
+def test_a_waiter_compiles_itself_when_a_live_publisher_takes_too_long(tmp_path: Path) -> None:
+    root = Location.parse(str(tmp_path / "cache"))
+    release = threading.Event()
+    slow = _Actor(root, build_s=0.0, gate=release)
+    thread = threading.Thread(target=slow.run)
+    thread.start()
+    try:
+        while not root.join(KEY.digest() + ".claim").exists():
+            time.sleep(0.05)
+        impatient = _Actor(root, wait_s=1.0)
+        outcome = impatient.run()
+        assert outcome.how == "compiled after waiting" and impatient.builds == 1 and outcome.waited_s >= 1.0
+    finally:
+        release.set()
+        thread.join(timeout=30)
+    assert slow.builds == 1
+
+
+class _Actor:
+    """One model actor's side of the protocol: `build` seals PAYLOAD under KEY, `load` unseals (refusing what
+    fails) and records what it would hand to torch."""
+
+    def __init__(
+        self,
+        root: Location,
+        *,
+        build_s: float = 0.0,
+        stale_s: float = 120.0,
+        wait_s: float = 60.0,
+        gate: threading.Event | None = None,
+    ) -> None:
+        self.settings = ShareSettings(root=root, wait_s=wait_s, stale_s=stale_s, poll_s=0.1, heartbeat_s=0.2)
+        self.build_s, self.gate = build_s, gate
+        self.builds = 0
+        self.loaded: list[bytes] = []
+
+    def build(self) -> bytes:
+        self.builds += 1
+        time.sleep(self.build_s)
+        if self.gate is not None:
+            self.gate.wait(timeout=60)
+        return seal(PAYLOAD, KEY)
+
+    def load(self, blob: bytes) -> None:
+        try:
+            self.loaded.append(unseal(blob, KEY))
+        except ArtifactError as error:
+            raise ArtifactRefused(str(error)) from error
+
+    def run(self) -> Outcome:
+        return obtain(self.settings, KEY.digest(), load=self.load, build=self.build)
+
+
+@pytest.mark.timeout(120)
+def test_the_compile_command_refuses_what_it_cannot_do_and_says_when_nothing_compiles(tmp_path: Path, capsys):
+    from jobs.cli import main
+
+    assert main(["compile", "--random-weights", "--model-config", "tiny"]) == 2  # nowhere to publish
+    assert "nowhere to publish" in capsys.readouterr().err
+    args = ["compile", "--random-weights", "--model-config", "tiny", "--output", str(tmp_path / "out")]
+    assert main([*args, "--set", "model.compile=off"]) == 2
+    assert "nothing to compile" in capsys.readouterr().err
+    # float32 on a CPU runs eagerly (compile auto): the command says so, publishes nothing
+    assert main([*args, "--imgsz", "56", "--dtype", "float32", "--batch-size", "2"]) == 0
+    assert "nothing compiled" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+COMPILING_PROCESS = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from sam3core import compile_cache as cc
+mode, path = sys.argv[1], sys.argv[2]
+cc.start_recording()
+from pathlib import Path
+from torch._inductor.runtime.cache_dir_utils import cache_dir
+if mode == "load":
+    cc.load_artifacts(open(path, "rb").read())
+kernels = sorted(p.relative_to(cache_dir()).as_posix() for p in Path(cache_dir()).glob("*/*.so"))
+f = torch.compile(lambda x: torch.nn.functional.gelu(x * 3.0 + 1.0).sum(-1), fullgraph=True)
+f(torch.randn(4, 8))
+if mode == "save":
+    open(path, "wb").write(cc.save_artifacts())
+caches = {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
+after = sorted(p.relative_to(cache_dir()).as_posix() for p in Path(cache_dir()).glob("*/*.so"))
+print(json.dumps([caches, kernels, after]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torch_caches_saved_by_one_process_serve_another_with_an_empty_cache(tmp_path: Path) -> None:
+    payload = tmp_path / "payload"
+
+    def run(mode: str, cache_dir: str) -> dict:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache_dir)}
+        out = subprocess.run(
+            [sys.executable, "-c", COMPILING_PROCESS, mode, str(payload)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    caches, before, built = run("save", "node-a")
+    assert caches == {"fxgraph_cache_miss": 1} and before == [] and built  # it compiled C++ kernels
+    caches, installed, after = run("load", "node-b")
+    # a fresh cache directory: the graph found in the loaded caches, its kernels installed before they were needed
+    # (inductor builds a kernel only when its .so is absent)
+    assert caches == {"fxgraph_cache_hit": 1}
+    assert installed == built and after == built
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        pytest.param(b"not a tar", "unreadable", id="not-a-tar"),
+        pytest.param(_tar({"kernels/ab/x.so": b""}), "no torch caches", id="no-torch-caches"),
+        pytest.param(_tar({"torch-caches": b"not torch's caches"}), "torch could not load", id="torch-refuses"),
+    ],
+)
+def test_a_payload_that_cannot_be_loaded_is_refused_even_with_a_valid_seal(payload: bytes, message: str) -> None:
+    from sam3core.compile_cache import load_artifacts
+
+    with pytest.raises(ArtifactError, match=message):
+        load_artifacts(unseal(seal(payload, KEY), KEY))
+
+
+@pytest.mark.parametrize("name", ["kernels/../../evil.so", "kernels/ab/evil.py", "kernels/evil.so", "other/ab/x.so"])
+def test_kernels_are_only_ever_written_where_inductor_keeps_them(tmp_path: Path, monkeypatch, name: str) -> None:
+    from sam3core.compile_cache import load_artifacts
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache" / "inductor"))
+    payload = _tar({"torch-caches": b"checked after the members", name: b"\x7fELF"})
+    with pytest.raises(ArtifactError, match="unexpected member"):
+        load_artifacts(unseal(seal(payload, KEY), KEY))
+    assert not list(tmp_path.rglob("evil*")) and not list(tmp_path.rglob("x.so"))
+
+
+def test_where_artifacts_go(tmp_path: Path) -> None:
+    from pipeline.compile_share import compile_cache_uri
+
+    output = str(tmp_path / "out")
+    assert compile_cache_uri(None, output) == f"{output}/_compile_cache"  # beside the output by default
+    assert compile_cache_uri("s3://bucket/compiled", output) == "s3://bucket/compiled"
+    assert compile_cache_uri("off", output) is None and compile_cache_uri(False, output) is None  # YAML's off
