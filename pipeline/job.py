@@ -13,12 +13,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import console, schema
-from pipeline.config import FEATURES_DEFAULT, JobConfig
+from pipeline.config import FEATURES_DEFAULT, JobConfig, uses_dataset_protocol
 from pipeline.duplicate_ids import ids_derive_from_content, report_repeated_content_ids
 from pipeline.markers import data_files, remove_markers, write_markers
 from pipeline.outcome import error_fraction
 from pipeline.preflight import Plan, preflight
 from pipeline.records import PrepareSettings, prepare_batch
+from pipeline.row_selection import check_after_prepare, select_before_prepare
 from pipeline.sources import SourceSpec, input_protocol, input_uris, log_renamed_columns, plan_source, read_source
 from pipeline.storage import Location, arrow_filesystem, fsspec_filesystem, parse_uri
 from pipeline.version import package_version
@@ -56,11 +57,13 @@ class RunSummary:
         return dataclasses.asdict(self)
 
 
-def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
+def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) -> RunSummary:
     """Run one embedding job to completion; starts a local Ray cluster when none is initialised.
 
     The job is checked first (`pipeline.preflight`; pass the `Plan` of a check already made): a mistake raises
-    PreflightError before Ray starts and before anything is written.
+    PreflightError before Ray starts and before anything is written. An incremental run (`output.mode:
+    incremental`, `output.retry_errors`, `output.refresh: changed`) goes through `pipeline.incremental`, which calls
+    back here to embed the rows it selected (`selection`, a `pipeline.row_selection.RowSelection`) into staging.
     """
     import ray
 
@@ -68,6 +71,10 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
     started = time.monotonic()
     plan = plan or preflight(config)
     config = plan.config  # the manifest's columns resolved
+    if selection is None and uses_dataset_protocol(config):
+        from pipeline.incremental import run_incremental
+
+        return run_incremental(config, plan, run_job)
     for note in plan.notes:
         (logger.warning if note.startswith("RANDOM WEIGHTS") else logger.info)(note)
     storage_options = config.storage_options()
@@ -88,7 +95,11 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
     with _checkpointing(config, source, storage_options):
         memory = decode_memory(config.model.imgsz)
         dataset = read_source(source, uris, storage_options, layout)
+        if selection is not None:
+            dataset = select_before_prepare(dataset, selection)
         dataset = _prepare(dataset, config, source, storage_options, memory)
+        if selection is not None:
+            dataset = check_after_prepare(dataset, selection)
         from pipeline.progress import ProgressCounter, ProgressReporter
 
         counter = ProgressCounter.remote()
