@@ -58,7 +58,7 @@ class IncrementalRunSummary(RunSummary):
     mode: str = "incremental"
     commit_id: str = ""
     rows_added: int = 0  # new ids now in the dataset
-    rows_computed: int = 0  # rows the model embedded (counted on their way into the model stage)
+    rows_computed: int = 0  # rows whose image went through the model (counted by the model actor)
     rows_copied: int = 0  # rows that got another row's features without the model
     rows_skipped_present: int = 0  # input rows whose id the dataset held, left as they were
     rows_retried: int = 0  # error rows embedded again
@@ -224,8 +224,8 @@ def _run_leased(
         mode=_mode(config),
         commit_id=commit_id,
         rows_added=prepared.rows_added,
-        rows_computed=int(counts.get("computed", 0)),
-        rows_copied=int(counts.get("copied", 0)),
+        rows_computed=int(counts.get("model_image_rows", 0)),
+        rows_copied=prepared.rows_copied,
         rows_skipped_present=int(counts.get("skipped_present", 0)),
         rows_retried=prepared.rows_retried,
         rows_retried_ok=prepared.rows_retried_ok,
@@ -268,6 +268,7 @@ def _embed_selected(
     source, _ = plan_source(
         SourceSpec.from_config(config.input, input_protocol(uris)), uris, config.storage_options(), plan.layout
     )
+    area.data.fs.makedirs(area.data.path, exist_ok=True)  # a run that selects no row still writes its summary there
     console.start_ray()
     selection = start_selection(
         source,

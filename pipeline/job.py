@@ -104,7 +104,7 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
 
         counter = ProgressCounter.remote()
         try:
-            dataset = _embed(dataset, config, source, storage_options, counter)
+            dataset = _embed(dataset, config, source, storage_options, counter, getattr(selection, "worker", None))
             with ProgressReporter(counter, total) as progress:
                 _write(dataset, config, output, storage_options)
                 done = progress.snapshot()
@@ -202,7 +202,14 @@ def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_option
     )
 
 
-def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options: dict[str, Any], counter: Any) -> Any:
+def _embed(
+    dataset: Any,
+    config: JobConfig,
+    source: SourceSpec,
+    storage_options: dict[str, Any],
+    counter: Any,
+    worker: type | None = None,  # an EmbedWorker subclass (incremental runs: pipeline.copy_aware_embed)
+) -> Any:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -233,7 +240,7 @@ def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options:
         extra_metadata={"input": {"format": source.format, "uri": config.input.uri}},
     )
     return dataset.map_batches(
-        EmbedWorker,
+        worker or EmbedWorker,
         fn_constructor_kwargs={"settings": settings, "progress": counter},
         compute=ActorPoolStrategy(size=config.compute.num_actors),
         batch_size=config.compute.batch_size,

@@ -5,7 +5,8 @@ looked up in the dataset's id set (shipped once through the object store, sorted
 kept when the run adds new rows, an `error` id when it retries errors, an `ok` id when it refreshes changed images;
 everything else is dropped before any image is fetched. After the CPU stage (`check_prepared`), a refreshed row
 whose image digest is unchanged is dropped before the model. The rows left with status `ok` are what the model
-stage embeds; they are counted here, on their way in (`computed`).
+stage embeds; they are counted here on their way in (`sent_to_model`) and again by the model actor itself, where
+the image forward pass runs (`model_image_rows`, what summaries report as computed).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.dataset import schema
+from pipeline.dataset.copies import COPY_COLUMN, COPY_FROM_DATASET, COPY_IN_RUN
 from pipeline.dataset.id_set import ERROR, OK, IdSet
 from pipeline.sources import SourceSpec, block_ids
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 _KNOWN_CACHE: dict[str, IdSet] = {}  # per worker process: the id set, fetched once per run
+_OK_DIGESTS_CACHE: dict[str, np.ndarray] = {}  # ... and the sorted digests of its ok rows
 
 
 class SelectionCounter:
@@ -48,6 +51,28 @@ class RowSelection:
     new_rows: bool = True  # add ids the dataset does not hold
     retry_errors: bool = False  # re-embed ids whose row is an error
     refresh_changed: bool = False  # re-hash ok rows, re-embed those whose image changed
+    claims: Any = None  # ContentClaims actor handle: rows repeating an image computed in this run are copies
+
+    @property
+    def worker(self) -> type:
+        """The model actor class: it skips the image model for rows marked as copies."""
+        from pipeline.copy_aware_embed import CopyAwareEmbedWorker
+
+        return type("CopyAwareEmbedWorker", (CopyAwareEmbedWorker,), {"counter": self.counter})
+
+
+class ContentClaims:
+    """The image digests seen so far in a run: the first row with a digest is computed, later ones are copies."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def claim(self, digests: list[str]) -> list[bool]:
+        first = []
+        for digest in digests:
+            first.append(digest not in self.seen)
+            self.seen.add(digest)
+        return first
 
 
 def start_selection(
@@ -56,8 +81,9 @@ def start_selection(
     import ray
 
     counter = ray.remote(num_cpus=0)(SelectionCounter).remote()
+    claims = ray.remote(num_cpus=0)(ContentClaims).remote()
     slim = IdSet(id_set.ids, id_set.status, id_set.sha256, np.empty(0, np.int32), ())
-    return RowSelection(source, ray.put(slim), counter, new_rows, retry_errors, refresh_changed)
+    return RowSelection(source, ray.put(slim), counter, new_rows, retry_errors, refresh_changed, claims)
 
 
 def selection_counts(selection: RowSelection) -> dict[str, int]:
@@ -125,11 +151,46 @@ def check_prepared(table: pa.Table, selection: RowSelection) -> pa.Table:
         counts["refresh_unreadable"] = int(unreadable.sum())
         counts["refresh_changed"] = int((refreshed & ~drop).sum())
     kept = table.filter(pa.array(~drop)) if drop.any() else table
-    statuses = kept.column(schema.STATUS).to_pylist()
-    counts["computed"] = sum(status == schema.STATUS_OK for status in statuses)
-    counts["failed_before_model"] = len(statuses) - counts["computed"]
+    ok = np.asarray([s == schema.STATUS_OK for s in kept.column(schema.STATUS).to_pylist()], dtype=bool)
+    copies = _mark_copies(kept, ok, selection)
+    counts["sent_to_model"] = int((ok & (copies == None)).sum())  # noqa: E711 (element-wise)
+    counts["copied_in_run"] = int((copies == COPY_IN_RUN).sum())
+    counts["copied_from_dataset"] = int((copies == COPY_FROM_DATASET).sum())
+    counts["copied"] = counts["copied_in_run"] + counts["copied_from_dataset"]
+    counts["failed_before_model"] = int((~ok).sum())
     _report(selection, counts)
-    return kept
+    return kept.append_column(COPY_COLUMN, pa.array(copies.tolist(), pa.string()))
+
+
+def _mark_copies(table: pa.Table, ok: np.ndarray, selection: RowSelection) -> np.ndarray:
+    """Per row: None (the model computes it), COPY_FROM_DATASET or COPY_IN_RUN (its image was seen before)."""
+    copies = np.full(table.num_rows, None, dtype=object)
+    if selection.claims is None or not ok.any():
+        return copies
+    import ray
+
+    digests = np.asarray(table.column(schema.IMAGE_SHA256).to_pylist(), dtype=object)
+    ok_digests = _ok_digests(selection)
+    in_dataset = np.zeros(len(ok), dtype=bool)
+    if len(ok_digests):
+        position = np.minimum(np.searchsorted(ok_digests, digests[ok]), len(ok_digests) - 1)
+        in_dataset[ok] = ok_digests[position] == digests[ok]
+    copies[in_dataset] = COPY_FROM_DATASET
+    rest = np.flatnonzero(ok & ~in_dataset)
+    if len(rest):
+        first = ray.get(selection.claims.claim.remote(digests[rest].tolist()))
+        copies[rest[~np.asarray(first, dtype=bool)]] = COPY_IN_RUN
+    return copies
+
+
+def _ok_digests(selection: RowSelection) -> np.ndarray:
+    key = selection.known.hex()
+    if key not in _OK_DIGESTS_CACHE:
+        known = _known(selection)
+        digests = known.sha256[(known.status == OK) & (known.sha256 != None)]  # noqa: E711 (element-wise)
+        _OK_DIGESTS_CACHE.clear()
+        _OK_DIGESTS_CACHE[key] = np.unique(digests.astype(str)).astype(object)
+    return _OK_DIGESTS_CACHE[key]
 
 
 def select_before_prepare(dataset: Any, selection: RowSelection) -> Any:

@@ -269,8 +269,111 @@ def test_two_runs_at_once_one_writes_the_other_is_refused(tmp_path: Path) -> Non
     while not (lease_dir.exists() and any(lease_dir.glob("lease-*.json"))) and time.monotonic() < deadline:
         time.sleep(0.1)
     second = cli(*cli_args(manifest, output))
-    out, err = first.communicate(timeout=400)
+    _, err = first.communicate(timeout=400)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 2, second.stderr[-2000:]
     assert "is being written by run" in second.stderr.strip().splitlines()[-1]
     assert_each_id_once(output, {f"r{i}" for i in range(10)})
+
+
+# Identical images, changed images -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(400)
+def test_each_distinct_image_goes_through_the_model_once(ray_local: None, tmp_path: Path) -> None:
+    images = write_images(tmp_path / "images", range(6))
+    output = tmp_path / "dataset"
+    repeats = {6: 0, 7: 1, 8: 2, 9: 0}  # r6..r9 repeat the images of r0, r1, r2 (their captions differ)
+    first = run_job(
+        job(
+            write_manifest(tmp_path / "m.parquet", manifest_rows(images, range(10), image_of=repeats)),
+            str(output),
+            mode="incremental",
+        )
+    )
+    assert (first.rows_added, first.rows_computed, first.rows_copied) == (10, 6, 4)
+    rows = rows_by_id(output)
+    for copy, source in repeats.items():
+        assert rows[f"r{copy}"]["status"] == "ok"
+        assert rows[f"r{copy}"]["image_embedding"] == rows[f"r{source}"]["image_embedding"]
+        assert rows[f"r{copy}"]["image_sha256"] == rows[f"r{source}"]["image_sha256"]
+        assert rows[f"r{copy}"]["text_embedding"] is not None  # its own caption, encoded
+        assert rows[f"r{copy}"]["text_embedding"] != rows[f"r{source}"]["text_embedding"]
+
+    # new ids whose bytes match ok rows already in the dataset: copied without the model
+    later = {10: 4, 11: 5}
+    second = run_job(
+        job(
+            write_manifest(tmp_path / "m.parquet", manifest_rows(images, range(12), image_of={**repeats, **later})),
+            str(output),
+            mode="incremental",
+        )
+    )
+    assert (second.rows_added, second.rows_computed, second.rows_copied, second.rows_skipped_present) == (2, 0, 2, 10)
+    rows = rows_by_id(output)
+    for copy, source in later.items():
+        assert rows[f"r{copy}"]["image_embedding"] == rows[f"r{source}"]["image_embedding"]
+    assert_each_id_once(output, {f"r{i}" for i in range(12)})
+
+
+@pytest.mark.timeout(400)
+def test_refresh_changed_re_embeds_only_images_whose_bytes_changed(ray_local: None, tmp_path: Path) -> None:
+    images = write_images(tmp_path / "images", range(6))
+    output = tmp_path / "dataset"
+    manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(images, range(6)))
+    run_job(job(manifest, str(output), mode="incremental"))
+    before = rows_by_id(output)
+    images[1].write_bytes(jpeg(101))  # the same URI now holds another image
+    refreshed = run_job(job(manifest, str(output), refresh="changed"))
+    assert (refreshed.rows_refreshed, refreshed.rows_unchanged, refreshed.rows_computed) == (1, 5, 1)
+    assert (refreshed.rows_added, refreshed.files_rewritten, refreshed.rows_total) == (0, 1, 6)
+    after = rows_by_id(output)
+    assert after["r1"]["image_sha256"] != before["r1"]["image_sha256"]
+    assert after["r1"]["image_embedding"] != before["r1"]["image_embedding"]
+    for row_id in ("r0", "r2", "r3", "r4", "r5"):
+        assert after[row_id] == before[row_id]
+    assert_each_id_once(output, {f"r{i}" for i in range(6)})
+
+
+# Backfills ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(400)
+def test_an_incremental_backfill_adds_only_the_new_rows_of_a_committed_partition(
+    ray_local: None, tmp_path: Path
+) -> None:
+    from pipeline.backfill.commit import read_manifest
+    from pipeline.backfill.runner import Backfill, BackfillOptions
+
+    day = "2025-03-01"
+    images = write_images(tmp_path / "images", range(6))
+    manifest = tmp_path / "in" / f"date={day}" / "manifest.parquet"
+    write_manifest(
+        manifest, [{k: v for k, v in row.items() if k != "split"} for row in manifest_rows(images, range(4))]
+    )
+    config = job(tmp_path / "in", str(tmp_path / "out"))
+    config.output.partition_by = []
+
+    def backfill(run_id: str, **options: Any) -> Any:
+        run_config = JobConfig.from_dict({**config.to_dict(), "run_id": run_id})
+        return Backfill(run_config, BackfillOptions(column="date", values=[day], **options), run_job).run()
+
+    assert backfill("night-1").results[0].status == "committed"
+    partition = Location.parse(str(tmp_path / "out" / f"date={day}"))
+    before = rows_by_id(tmp_path / "out")
+    write_manifest(
+        manifest, [{k: v for k, v in row.items() if k != "split"} for row in manifest_rows(images, range(6))]
+    )
+
+    assert backfill("night-2").results[0].message == "already committed"  # without --incremental: skipped whole
+    report = backfill("night-3", incremental=True)
+    result = report.results[0]
+    assert (result.status, result.rows, result.message) == ("committed", 6, "incremental: 2 rows added")
+    committed = read_manifest(partition)
+    assert committed.rows == 6 and committed.run_id == "night-3"
+    record = read_record(partition)
+    assert [run["rows_added"] for run in record.runs] == [2] and record.runs[0]["rows_skipped_present"] == 4
+    assert_each_id_once(tmp_path / "out", {f"r{i}" for i in range(6)})
+    after = rows_by_id(tmp_path / "out")
+    assert all(after[row_id]["image_embedding"] == row["image_embedding"] for row_id, row in before.items())
+    assert not (tmp_path / "out.staging" / f"date={day}").exists()

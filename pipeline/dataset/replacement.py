@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.dataset import schema
+from pipeline.dataset.copies import collect_sources, fill_copies
 from pipeline.dataset.id_set import IdSet
 from pipeline.dataset.identity import ModelIdentity
 from pipeline.dataset.markers import data_files
@@ -85,6 +86,7 @@ class PreparedCommit:
     rows_retried: int = 0  # replaced rows that were errors
     rows_retried_ok: int = 0  # ... and are ok now
     rows_refreshed: int = 0  # replaced rows that were ok (their image changed)
+    rows_copied: int = 0  # rows whose image features were copied from a row with the same image
 
 
 def new_commit_id(run_id: str) -> str:
@@ -110,8 +112,11 @@ def prepare_commit(
     result = PreparedCommit(ops=[])
     replacing: dict[int, list[pa.Table]] = defaultdict(list)
     staged_root = staged.path.rstrip("/") + "/"
-    for index, path in enumerate(data_files(staged, staged.storage_options)):
-        table = _read(staged_fs, path)
+    staged_files = data_files(staged, staged.storage_options)
+    sources = collect_sources(staged_files, staged_fs, output, output_fs, id_set)
+    for index, path in enumerate(staged_files):
+        table, copied = fill_copies(_read(staged_fs, path), sources)
+        result.rows_copied += copied
         relative_dir = posixpath.dirname(path[len(staged_root) :])
         ids = table.column(schema.ID).cast(pa.string()).to_numpy(zero_copy_only=False)
         present, position = id_set.positions(ids)
