@@ -197,7 +197,7 @@ def _run_leased(
         output, area.data, area.root.join("commit"), id_set, commit_id, compression=config.output.compression
     )
     files_added = sum(op.kind == "add" for op in prepared.ops)
-    rows_ok, rows_error = _totals_after(id_set, area.data, storage_options, prepared)
+    rows_ok, rows_error = id_set.count(OK) + prepared.ok_delta, id_set.count(ERROR) + prepared.error_delta
     finished_wall = datetime.now(timezone.utc)
     elapsed = time.monotonic() - started
     rows_total = rows_ok + rows_error
@@ -281,31 +281,6 @@ def _embed_selected(
     summary["selection"] = selection_counts(selection)
     logger.info("selection: %s", ", ".join(f"{k} {v}" for k, v in sorted(summary["selection"].items())))
     return summary
-
-
-def _totals_after(id_set: Any, staged: Location, storage_options: dict[str, Any] | None, prepared: Any) -> tuple:
-    """(ok, error) rows of the dataset once the commit is applied, from the id set and the staged statuses."""
-    import pyarrow.parquet as pq
-
-    filesystem = arrow_filesystem(staged.protocol, storage_options)
-    ok, error = id_set.count(OK), id_set.count(ERROR)
-    for path in data_files(staged, storage_options):
-        with filesystem.open_input_file(path) as f:
-            table = pq.ParquetFile(f).read(columns=[schema.ID, schema.STATUS])
-        ids = table.column(schema.ID).cast("string").to_numpy(zero_copy_only=False)
-        present, known_status, _ = id_set.lookup(ids)
-        for is_present, before, status in zip(
-            present, known_status, table.column(schema.STATUS).to_pylist(), strict=True
-        ):
-            new_ok = status == schema.STATUS_OK
-            if is_present:
-                was_ok = before == OK
-                ok += int(new_ok) - int(was_ok)
-                error += int(not new_ok) - int(not was_ok)
-            else:
-                ok += int(new_ok)
-                error += int(not new_ok)
-    return ok, error
 
 
 def _mode(config: JobConfig) -> str:

@@ -377,3 +377,56 @@ def test_an_incremental_backfill_adds_only_the_new_rows_of_a_committed_partition
     after = rows_by_id(tmp_path / "out")
     assert all(after[row_id]["image_embedding"] == row["image_embedding"] for row_id, row in before.items())
     assert not (tmp_path / "out.staging" / f"date={day}").exists()
+
+
+# On object storage ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(400)
+def test_incremental_runs_on_s3_keep_each_id_once_for_every_reader(
+    ray_local: None, tmp_path: Path, bucket: Any
+) -> None:
+    import duckdb
+    import polars as pl
+    import pyarrow.fs as pafs
+    import s3fs
+
+    images = write_images(tmp_path / "images", range(7))
+    output = bucket.uri("embeddings/events")
+
+    def config(ids: range) -> JobConfig:
+        rows = [{**row, "image": bucket.put(f"images/{Path(row['image']).name}", Path(row["image"]).read_bytes())}
+                for row in manifest_rows(images, ids)]  # fmt: skip
+        manifest = bucket.put("manifest.parquet", _parquet_bytes(rows))
+        data = job(manifest, output, mode="incremental").to_dict()
+        data["s3"] = {"endpoint_url": bucket.endpoint, "region": "us-east-1"}
+        return JobConfig.from_dict(data)
+
+    first = run_job(config(range(5)))
+    second = run_job(config(range(7)))
+    assert (first.rows_added, second.rows_added, second.rows_skipped_present, second.rows_total) == (5, 2, 5, 7)
+    assert not bucket.keys("embeddings/events.staging/")  # the staging area is cleared after the commit
+    expected = {f"r{i}" for i in range(7)}
+
+    prefix = f"{bucket.name}/embeddings/events"
+    s3 = pafs.S3FileSystem(endpoint_override=bucket.endpoint, scheme="http", region="us-east-1")
+    seen = {
+        "pyarrow": ds.dataset(prefix, filesystem=s3, format="parquet", partitioning="hive").to_table()["id"].to_pylist()
+    }
+    options = {"aws_endpoint_url": bucket.endpoint, "aws_region": "us-east-1", "aws_allow_http": "true"}
+    seen["polars"] = pl.scan_parquet(f"s3://{prefix}/**/*.parquet", storage_options=options).collect()["id"].to_list()
+    connection = duckdb.connect()
+    connection.register_filesystem(s3fs.S3FileSystem(client_kwargs={"endpoint_url": bucket.endpoint}))
+    seen["duckdb"] = [
+        r[0] for r in connection.sql(f"select id from read_parquet('s3://{prefix}/**/*.parquet')").fetchall()
+    ]
+    seen["pipeline.reader"] = read_embeddings(output, storage_options=bucket.storage_options).column("id").to_pylist()
+    for reader, ids in seen.items():
+        assert len(ids) == len(set(ids)) and set(ids) == expected, reader
+    assert [run["rows_added"] for run in json.loads(bucket.get("embeddings/events/_dataset.json"))["runs"]] == [5, 2]
+
+
+def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue().to_pybytes()

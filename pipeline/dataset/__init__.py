@@ -9,5 +9,6 @@
 - `id_set`: the ids already present, read from the id / status / digest columns only.
 - `replacement`: the commit of an incremental run: staged rows become new files and in-place rewrites, applied
   from a journal so a killed commit is finished by the next writer.
+- `copies`: rows that repeat an image get its image features at the commit, without the model.
 - `lock`: one writer per dataset (a lease).
 """

@@ -87,6 +87,8 @@ class PreparedCommit:
     rows_retried_ok: int = 0  # ... and are ok now
     rows_refreshed: int = 0  # replaced rows that were ok (their image changed)
     rows_copied: int = 0  # rows whose image features were copied from a row with the same image
+    ok_delta: int = 0  # how the dataset's ok and error counts change when the commit is applied
+    error_delta: int = 0
 
 
 def new_commit_id(run_id: str) -> str:
@@ -128,6 +130,9 @@ def prepare_commit(
             _write(new_rows, source, compression)
             result.ops.append(FileOp("add", source.path, target))
             result.rows_added += new_rows.num_rows
+            added_ok = sum(status == schema.STATUS_OK for status in new_rows.column(schema.STATUS).to_pylist())
+            result.ok_delta += added_ok
+            result.error_delta += new_rows.num_rows - added_ok
         if present.any():
             rows = np.flatnonzero(present)
             owners = id_set.file_index[position[rows]]
@@ -144,6 +149,8 @@ def prepare_commit(
         result.rows_retried += counts["retried"]
         result.rows_retried_ok += counts["retried_ok"]
         result.rows_refreshed += counts["refreshed"]
+        result.ok_delta += counts["ok_delta"]
+        result.error_delta -= counts["ok_delta"]
     return result
 
 
@@ -176,9 +183,10 @@ def _replace_rows(old: pa.Table, new: pa.Table) -> tuple[pa.Table, dict[str, int
     }
     statuses = new.column(schema.STATUS).to_pylist()
     errors = new.column(schema.ERROR).to_pylist()
-    counts = {"replaced": len(statuses), "retried": 0, "retried_ok": 0, "refreshed": 0}
+    counts = {"replaced": len(statuses), "retried": 0, "retried_ok": 0, "refreshed": 0, "ok_delta": 0}
     for i, row_id in enumerate(new_ids.to_pylist()):
         old_status, old_error = previous_by_id.get(row_id, (None, None))
+        counts["ok_delta"] += int(statuses[i] == schema.STATUS_OK) - int(old_status == schema.STATUS_OK)
         if old_status == schema.STATUS_ERROR:
             counts["retried"] += 1
             counts["retried_ok"] += statuses[i] == schema.STATUS_OK
