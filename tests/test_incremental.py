@@ -280,22 +280,20 @@ def test_two_runs_at_once_one_writes_the_other_is_refused(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(400)
-def test_each_distinct_image_goes_through_the_model_once(ray_local: None, tmp_path: Path) -> None:
+def test_each_distinct_image_goes_through_the_model_once(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = write_images(tmp_path / "images", range(6))
     output = tmp_path / "dataset"
     repeats = {6: 0, 7: 1, 8: 2, 9: 0}  # r6..r9 repeat the images of r0, r1, r2 (their captions differ)
-    first = run_job(
-        job(
-            write_manifest(tmp_path / "m.parquet", manifest_rows(images, range(10), image_of=repeats)),
-            str(output),
-            mode="incremental",
-        )
-    )
+    manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(images, range(10), image_of=repeats))
+    first = run_job(job(manifest, str(output), mode="incremental", features=["trunk"]))
     assert (first.rows_added, first.rows_computed, first.rows_copied) == (10, 6, 4)
     rows = rows_by_id(output)
     for copy, source in repeats.items():
         assert rows[f"r{copy}"]["status"] == "ok"
         assert rows[f"r{copy}"]["image_embedding"] == rows[f"r{source}"]["image_embedding"]
+        assert rows[f"r{copy}"]["trunk"] == rows[f"r{source}"]["trunk"] is not None  # dense maps too
         assert rows[f"r{copy}"]["image_sha256"] == rows[f"r{source}"]["image_sha256"]
         assert rows[f"r{copy}"]["text_embedding"] is not None  # its own caption, encoded
         assert rows[f"r{copy}"]["text_embedding"] != rows[f"r{source}"]["text_embedding"]
@@ -307,6 +305,7 @@ def test_each_distinct_image_goes_through_the_model_once(ray_local: None, tmp_pa
             write_manifest(tmp_path / "m.parquet", manifest_rows(images, range(12), image_of={**repeats, **later})),
             str(output),
             mode="incremental",
+            features=["trunk"],
         )
     )
     assert (second.rows_added, second.rows_computed, second.rows_copied, second.rows_skipped_present) == (2, 0, 2, 10)
@@ -314,6 +313,14 @@ def test_each_distinct_image_goes_through_the_model_once(ray_local: None, tmp_pa
     for copy, source in later.items():
         assert rows[f"r{copy}"]["image_embedding"] == rows[f"r{source}"]["image_embedding"]
     assert_each_id_once(output, {f"r{i}" for i in range(12)})
+    # the feature cache and `inspect` read the same files: each id once
+    from jobs.cli import inspect_output
+    from pipeline.feature_cache import FeatureCache
+
+    cached = FeatureCache(str(output), checkpoint=None).dataset.to_table(columns=["id"])["id"].to_pylist()
+    assert sorted(cached) == sorted(f"r{i}" for i in range(12))
+    inspect_output(str(output), rows=1)
+    assert "rows:       12 (12 ok, 0 error)" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(400)
@@ -430,3 +437,21 @@ def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), sink)
     return sink.getvalue().to_pybytes()
+
+
+def test_both_entry_points_take_the_dataset_flags(tmp_path: Path) -> None:
+    from jobs import cli, embed
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("input: {uri: m.parquet}\noutput: {uri: out}\n")
+    args = embed.build_parser().parse_args(
+        ["--config", str(job_file), "--incremental", "--retry-errors", "--refresh", "changed"]
+    )
+    config = embed.resolve_config(args)
+    assert (config.output.mode, config.output.retry_errors, config.output.refresh) == ("incremental", True, "changed")
+    args = cli.build_parser().parse_args(["run", "--input", "m.parquet", "--output", "out", "--incremental"])
+    assert args.incremental and not args.retry_errors and args.refresh is None
+    job_file.write_text("input: {uri: m.parquet}\noutput: {uri: out, mode: incremental}\n")
+    assert (
+        embed.resolve_config(embed.build_parser().parse_args(["--config", str(job_file)])).output.mode == "incremental"
+    )
