@@ -104,7 +104,7 @@ def cpu_flags() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20000)
-    parser.add_argument("--imgsz", type=int, default=112)
+    parser.add_argument("--imgsz", type=int, default=224)  # the demo's size for tiny
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one, removed at the end)")
     args = parser.parse_args()
