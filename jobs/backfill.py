@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--overwrite", action="store_true", help="redo partitions that are already committed")
     parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="a committed partition gets only its new input rows (docs/incremental.md), instead of being skipped",
+    )
+    parser.add_argument(
         "--lease-ttl",
         type=_positive_seconds,
         default=DEFAULT_TTL_S,
@@ -93,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             values = discover_partition_values(config.input.uri, args.partition_column, config.storage_options())
         options = BackfillOptions(
-            column=args.partition_column, values=values, overwrite=args.overwrite, lease_ttl_s=args.lease_ttl
+            column=args.partition_column,
+            values=values,
+            overwrite=args.overwrite,
+            lease_ttl_s=args.lease_ttl,
+            incremental=args.incremental,
         )
         if not values:
             print(f"no {args.partition_column}=... partitions found under {config.input.uri}", file=sys.stderr)

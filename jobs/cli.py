@@ -17,7 +17,7 @@ from jobs import exit_codes
 from jobs.cli_common import configure_logging
 from jobs.compile_command import add_parser as add_compile_parser
 from jobs.compile_command import compile_command
-from jobs.embed import execute
+from jobs.embed import add_dataset_arguments, apply_dataset_arguments, execute
 from jobs.job_config import apply_overrides, read_config_data
 from pipeline.config import JobConfig
 
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, moto, …)")
     run.add_argument("--resume-path", metavar="URI", help="checkpoint location: a rerun skips finished rows")
     run.add_argument("--run-id")
+    add_dataset_arguments(run)
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--report", metavar="PATH_OR_URI", help="also write the run summary as JSON here")
 
@@ -120,6 +121,7 @@ def run_command(args: argparse.Namespace) -> int:
         if args.random_weights:
             overrides.append("model.random_weights=true")
         config = JobConfig.from_dict(apply_overrides(data, overrides + args.overrides))
+        apply_dataset_arguments(config, args)
     except (OSError, ValueError, TypeError) as error:
         print(f"error: cannot build the job config: {error}", file=sys.stderr)
         return exit_codes.USAGE

@@ -47,9 +47,38 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run without a checkpoint, on random weights (model.random_weights: true); for tests and demos",
     )
+    add_dataset_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of runs that grow one dataset (docs/incremental.md); shared with `sam3-embed run`."""
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="add to the dataset at --output only the input rows whose id it does not hold (output.mode: incremental)",
+    )
+    parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="re-embed exactly the dataset's rows whose status is error (output.retry_errors: true)",
+    )
+    parser.add_argument(
+        "--refresh",
+        choices=["none", "changed"],
+        help="changed: re-hash the images of rows already present, re-embed those that changed (output.refresh)",
+    )
+
+
+def apply_dataset_arguments(config: JobConfig, args: argparse.Namespace) -> None:
+    if args.incremental:
+        config.output.mode = "incremental"
+    if args.retry_errors:
+        config.output.retry_errors = True
+    if args.refresh:
+        config.output.refresh = args.refresh
 
 
 def resolve_config(args: argparse.Namespace) -> JobConfig:
@@ -58,6 +87,7 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
         config.run_id = args.run_id
     if args.resume_path:
         config.resume_path = args.resume_path
+    apply_dataset_arguments(config, args)
     return config
 
 
@@ -86,7 +116,7 @@ def render_summary(config: JobConfig, summary: dict[str, Any], code: int) -> str
     for reason in summary.get("compile_fallbacks") or []:
         lines.append(f"  compile:      FAILED, the model ran eagerly (slower): {reason}")
     this_attempt = summary.get("rows_this_run")
-    if isinstance(this_attempt, int) and rows is not None and this_attempt < rows:
+    if isinstance(this_attempt, int) and rows is not None and this_attempt < rows and "rows_computed" not in summary:
         lines.append(f"  resumed:      {rows - this_attempt} rows were already written by an earlier attempt")
     if "elapsed_s" in summary:
         rate = f"{summary['elapsed_s']:.1f}s, {summary.get('rows_per_s', 0):.2f} rows/s"
@@ -95,6 +125,13 @@ def render_summary(config: JobConfig, summary: dict[str, Any], code: int) -> str
         lines.append(f"  elapsed:      {rate}")
     if "files" in summary:
         lines.append(f"  files:        {summary['files']}")
+    if "rows_computed" in summary:
+        lines.append(
+            f"  this run:     {summary['rows_added']} rows added, {summary['rows_retried']} retried "
+            f"({summary['rows_retried_ok']} now ok), {summary['rows_refreshed']} refreshed; {summary['rows_computed']} "
+            f"computed by the model, {summary['rows_copied']} copied, {summary['rows_skipped_present']} skipped as "
+            f"present, {summary['rows_unchanged']} unchanged"
+        )
     lines.append(f"exit code {code} ({exit_codes.describe(code)})")
     return "\n".join(lines)
 
@@ -137,6 +174,9 @@ def execute(config: JobConfig, report: str | None = None, verbose: bool = False)
     with contextlib.nullcontext() if verbose else NativeStderrFilter():
         try:
             summary = summary_to_dict(run_job(config, plan))
+        except PreflightError as error:  # found under the dataset's lease, still before Ray started
+            print(f"error: {error}", file=sys.stderr)
+            return exit_codes.USAGE
         except KeyboardInterrupt:
             print(f"run {config.run_id}: interrupted", file=sys.stderr)
             return exit_codes.INTERRUPTED

@@ -108,6 +108,13 @@ class OutputConfig:
     compression: str = "zstd"
     # The error budget: a run whose share of error rows is at most this exits 0, above it 3 (see pipeline/outcome)
     max_error_fraction: float = 0.05
+    # new: the output must be empty (or the run resumes itself); incremental: the output is one dataset that grows,
+    # each run adds the input rows whose id it does not hold yet (docs/incremental.md)
+    mode: Literal["new", "incremental"] = "new"
+    retry_errors: bool = False  # re-embed the dataset's error rows (alone, or with mode incremental)
+    refresh: Literal["none", "changed"] = "none"  # changed: re-hash present images, re-embed those that changed
+    # where incremental runs stage their rows before the commit; None: beside the output, `<output>.staging`
+    staging_uri: str | None = None
 
 
 @dataclass
@@ -146,6 +153,12 @@ class JobConfig:
 
     def storage_options(self) -> dict[str, Any]:
         return self.s3.storage_options()
+
+
+def uses_dataset_protocol(config: JobConfig) -> bool:
+    """Whether the run joins an existing dataset (incremental, retry, refresh) rather than writing a fresh one."""
+    output = config.output
+    return output.mode == "incremental" or output.retry_errors or output.refresh == "changed"
 
 
 def _section(kind: type, values: dict[str, Any], name: str) -> Any:

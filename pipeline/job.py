@@ -13,12 +13,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import console, schema
-from pipeline.config import FEATURES_DEFAULT, JobConfig
+from pipeline.config import FEATURES_DEFAULT, JobConfig, uses_dataset_protocol
 from pipeline.duplicate_ids import ids_derive_from_content, report_repeated_content_ids
 from pipeline.markers import data_files, remove_markers, write_markers
 from pipeline.outcome import error_fraction
 from pipeline.preflight import Plan, preflight
 from pipeline.records import PrepareSettings, prepare_batch
+from pipeline.row_selection import check_after_prepare, select_before_prepare
 from pipeline.sources import SourceSpec, input_protocol, input_uris, log_renamed_columns, plan_source, read_source
 from pipeline.storage import Location, arrow_filesystem, fsspec_filesystem, parse_uri
 from pipeline.version import package_version
@@ -59,11 +60,13 @@ class RunSummary:
         return dataclasses.asdict(self)
 
 
-def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
+def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) -> RunSummary:
     """Run one embedding job to completion; starts a local Ray cluster when none is initialised.
 
     The job is checked first (`pipeline.preflight`; pass the `Plan` of a check already made): a mistake raises
-    PreflightError before Ray starts and before anything is written.
+    PreflightError before Ray starts and before anything is written. An incremental run (`output.mode:
+    incremental`, `output.retry_errors`, `output.refresh: changed`) goes through `pipeline.incremental`, which calls
+    back here to embed the rows it selected (`selection`, a `pipeline.row_selection.RowSelection`) into staging.
     """
     import ray
 
@@ -71,6 +74,10 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
     started = time.monotonic()
     plan = plan or preflight(config)
     config = plan.config  # the manifest's columns resolved
+    if selection is None and uses_dataset_protocol(config):
+        from pipeline.incremental import run_incremental
+
+        return run_incremental(config, plan, run_job)
     for note in plan.notes:
         (logger.warning if note.startswith("RANDOM WEIGHTS") else logger.info)(note)
     storage_options = config.storage_options()
@@ -91,12 +98,16 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
     with _checkpointing(config, source, storage_options):
         memory = decode_memory(config.model.imgsz)
         dataset = read_source(source, uris, storage_options, layout)
+        if selection is not None:
+            dataset = select_before_prepare(dataset, selection)
         dataset = _prepare(dataset, config, source, storage_options, memory)
+        if selection is not None:
+            dataset = check_after_prepare(dataset, selection)
         from pipeline.progress import ProgressCounter, ProgressReporter
 
         counter = ProgressCounter.remote()
         try:
-            dataset = _embed(dataset, config, source, storage_options, counter)
+            dataset = _embed(dataset, config, source, storage_options, counter, getattr(selection, "worker", None))
             with ProgressReporter(counter, total) as progress:
                 _write(dataset, config, output, storage_options)
                 done = progress.snapshot()
@@ -198,7 +209,14 @@ def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_option
     )
 
 
-def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options: dict[str, Any], counter: Any) -> Any:
+def _embed(
+    dataset: Any,
+    config: JobConfig,
+    source: SourceSpec,
+    storage_options: dict[str, Any],
+    counter: Any,
+    worker: type | None = None,  # an EmbedWorker subclass (incremental runs: pipeline.copy_aware_embed)
+) -> Any:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -231,7 +249,7 @@ def _embed(dataset: Any, config: JobConfig, source: SourceSpec, storage_options:
         compile_wait_s=config.model.compile_wait_s,
     )
     return dataset.map_batches(
-        EmbedWorker,
+        worker or EmbedWorker,
         fn_constructor_kwargs={"settings": settings, "progress": counter},
         compute=ActorPoolStrategy(size=config.compute.num_actors),
         batch_size=config.compute.batch_size,

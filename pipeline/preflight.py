@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import schema
 from pipeline.columns import ColumnError, resolve_columns
-from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig
+from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig, uses_dataset_protocol
+from pipeline.dataset.markers import data_files
 from pipeline.duplicate_ids import check_unique_ids
 from pipeline.manifest_layout import ManifestLayout, manifest_layout
-from pipeline.markers import data_files
 from pipeline.neck_heads import unsupported_features
 from pipeline.sources import IMAGE_EXTENSIONS, input_protocol, input_uris
 from pipeline.storage import Location, fsspec_filesystem, options_for, parse_uri
@@ -75,6 +75,10 @@ def validate(config: JobConfig) -> None:
         raise ValueError(f"model.imgsz must be a multiple of the patch size 14, got {config.model.imgsz}")
     if config.resume_path and parse_uri(config.resume_path) == parse_uri(config.output.uri):
         raise ValueError("resume_path must differ from output.uri (Ray Data keeps its own files there)")
+    if config.output.mode not in ("new", "incremental"):
+        raise ValueError(f"output.mode must be new or incremental, not {config.output.mode!r}")
+    if config.output.refresh not in ("none", "changed"):
+        raise ValueError(f"output.refresh must be none or changed, not {config.output.refresh!r}")
     if config.input.format not in ("manifest", "images", "webdataset"):
         raise ValueError(f"input.format must be manifest, images or webdataset, not {config.input.format!r}")
     if config.input.format == "images" and config.input.captions_column:
@@ -302,7 +306,12 @@ def _check_partition_columns(config: JobConfig, manifest_columns: list[str] | No
 
 
 def _check_output(config: JobConfig, storage_options: dict[str, Any]) -> None:
-    """The output is empty, or this run resumes the run that wrote it."""
+    """The output is empty, or this run resumes the run that wrote it (or joins it: `pipeline.incremental`)."""
+    if uses_dataset_protocol(config):
+        from pipeline.incremental import check_dataset_output
+
+        check_dataset_output(config, storage_options)
+        return
     output = parse_uri(config.output.uri)
     fs = fsspec_filesystem(output.protocol, storage_options)
     fs.invalidate_cache(output.path)

@@ -148,3 +148,21 @@ def _describe(location: Location, relative_path: str) -> CommittedFile:
         with location.fs.open(location.path, "rb") as f:
             rows = pq.ParquetFile(f).metadata.num_rows
     return CommittedFile(path=relative_path, bytes=size, rows=rows)
+
+
+def refresh_manifest(
+    partition_dir: Location, *, partition: dict[str, str], run_id: str, details: dict[str, Any] | None = None
+) -> CommitManifest:
+    """Rewrite the `_SUCCESS` manifest of a committed partition that grew in place (an incremental backfill): it
+    lists every file now there. One write, so a reader sees the old manifest or the new one."""
+    files = [_describe(partition_dir.join(name), name) for name in partition_dir.files() if is_data_file(name)]
+    manifest = CommitManifest(
+        partition=dict(partition),
+        run_id=run_id,
+        committed_at=time.time(),
+        files=files,
+        rows=sum(entry.rows or 0 for entry in files),
+        details=dict(details or {}),
+    )
+    partition_dir.join(SUCCESS_MARKER).write_text(manifest.to_json())
+    return manifest

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.backfill.commit import commit_partition, read_manifest
+from pipeline.backfill.commit import commit_partition, read_manifest, refresh_manifest
 from pipeline.backfill.lease import DEFAULT_TTL_S, PartitionLease
 from pipeline.backfill.partitions import Partition, partition_input
 from pipeline.backfill.staging import StagingArea, StagingState, config_fingerprint
@@ -99,6 +99,7 @@ class BackfillOptions:
     values: list[str]
     overwrite: bool = False
     lease_ttl_s: float = DEFAULT_TTL_S
+    incremental: bool = False  # a committed partition gets its new rows (pipeline.incremental), not skipped
 
 
 class Backfill:
@@ -154,7 +155,7 @@ class Backfill:
         results = []
         for partition in self.partitions:
             manifest = read_manifest(self.output.join(partition.dirname))
-            if manifest is not None:
+            if manifest is not None and not self.options.incremental:
                 results.append(PartitionResult(partition.value, "skipped", rows=manifest.rows, message="committed"))
                 continue
             current = PartitionLease(self._lease_dir(partition), ttl_s=self.options.lease_ttl_s).current()
@@ -167,7 +168,7 @@ class Backfill:
     def _process(self, partition: Partition, started_at: float) -> PartitionResult:
         final = self.output.join(partition.dirname)
         try:
-            if not self.options.overwrite and read_manifest(final) is not None:
+            if not (self.options.overwrite or self.options.incremental) and read_manifest(final) is not None:
                 return PartitionResult(partition.value, "skipped", message="already committed")
             lease = PartitionLease(
                 self._lease_dir(partition),
@@ -193,6 +194,12 @@ class Backfill:
         self, partition: Partition, final: Location, lease: PartitionLease, started_at: float
     ) -> PartitionResult:
         existing = read_manifest(final)
+        if existing is not None and self.options.incremental and not self.options.overwrite:
+            if existing.committed_at >= started_at:
+                return PartitionResult(
+                    partition.value, "skipped", rows=existing.rows, message="extended by another run"
+                )
+            return self._extend_committed(partition, final, lease)
         if existing is not None and (not self.options.overwrite or existing.committed_at >= started_at):
             # Committed by another backfill between our first look and the lease (or, when overwriting,
             # already redone by a concurrent overwrite that started after us).
@@ -232,6 +239,34 @@ class Backfill:
             error_fraction=error_fraction(rows, error_rows),
             files=len(manifest.files),
             message=f"staging was {state.value}",
+        )
+
+    def _extend_committed(self, partition: Partition, final: Location, lease: PartitionLease) -> PartitionResult:
+        """Add a committed partition's new input rows as an incremental run of the partition's own dataset.
+
+        Under the partition's lease (and, inside the run, the partition dataset's own lease), so two backfills never
+        both write an id. Staged beside the output root, outside every glob of the dataset. The `_SUCCESS` manifest
+        is rewritten last, listing every file the partition now holds.
+        """
+        config = self._partition_config(partition)
+        config.output.uri = final.uri
+        config.output.mode = "incremental"
+        staging = Location(self.output.protocol, self.output.path.rstrip("/") + ".staging", self.output.storage_options)
+        config.output.staging_uri = staging.join(partition.dirname).uri
+        summary = summary_to_dict(self.run_pipeline(config))
+        lease.check()
+        manifest = refresh_manifest(
+            final, partition=partition.as_dict(), run_id=self.config.run_id, details={"summary": summary}
+        )
+        rows, error_rows = summary_counts(summary)
+        return PartitionResult(
+            partition.value,
+            "committed",
+            rows=manifest.rows,
+            error_rows=error_rows,
+            error_fraction=error_fraction(rows, error_rows),
+            files=len(manifest.files),
+            message=f"incremental: {summary.get('rows_added', 0)} rows added",
         )
 
     def _partition_config(self, partition: Partition) -> JobConfig:

@@ -1,0 +1,163 @@
+"""Incremental runs against a first run, side by side: model calls and wall time (docs/incremental.md).
+
+    python bench/incremental.py --rows 20000
+
+Tiny model configuration, random weights, on the CPU. Every run is a separate `sam3-embed run` process, timed
+from its start to its exit, so each wall time includes Python, Ray and model start-up. Model calls are what the
+model actors counted (rows whose image went through the backbone, `rows_computed` in `_summary.json`), never
+derived from the input sizes. The runs:
+
+* first:   N rows into an empty output with `--incremental`; 1% of them name images that do not exist yet
+           (error rows, no model call);
+* second:  the same input plus 10% new rows, `--incremental`;
+* retry:   the missing images now exist, `--retry-errors`: the model must run on exactly those rows;
+* repeats: N rows of which 30% repeat another row's image bytes, into a fresh output: the model must run on 70%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f"img{i:06d}.jpg"
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=80)
+        path.write_bytes(buffer.getvalue())
+        paths.append(path)
+    return paths
+
+
+def write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
+    table = pa.table(
+        {
+            "id": [row_id for row_id, _ in rows],
+            "image": [image for _, image in rows],
+            "caption": [f"a photo numbered {row_id}" for row_id, _ in rows],
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def run(manifest: Path, output: Path, imgsz: int, batch_size: int, *flags: str) -> dict[str, Any]:
+    command = [
+        sys.executable, "-m", "jobs.cli", "run", "--input", str(manifest), "--output", str(output),
+        "--model-config", "tiny", "--imgsz", str(imgsz), "--random-weights", "--batch-size", str(batch_size),
+        "--max-error-fraction", "0.5", *flags,
+    ]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    began = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO)
+    wall = time.monotonic() - began
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr[-4000:])
+        raise SystemExit(f"run failed with exit code {result.returncode}: {' '.join(command)}")
+    summary = json.loads((output / "_summary.json").read_text())
+    return {"wall_s": round(wall, 1), **{k: summary[k] for k in SUMMARY_KEYS}}
+
+
+SUMMARY_KEYS = (
+    "rows_total",
+    "rows_ok",
+    "rows_error",
+    "rows_added",
+    "rows_computed",
+    "rows_copied",
+    "rows_skipped_present",
+    "rows_retried",
+    "rows_retried_ok",
+)
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return ",".join(flag for flag in wanted if f" {flag}" in flags)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--imgsz", type=int, default=224)  # the demo's size for tiny
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workdir", help="scratch folder (default: a temporary one, removed at the end)")
+    parser.add_argument("--skip-retry-and-repeats", action="store_true", help="only the first and second runs")
+    args = parser.parse_args()
+    n = args.rows
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sam3-incremental-"))
+    try:
+        new_count, failed_count = n // 10, n // 100
+        images = write_images(root / "images", n + new_count)
+        missing = {i: root / "late" / f"img{i:06d}.jpg" for i in range(0, n, 100)[:failed_count]}
+        first_rows = [(f"r{i}", str(missing.get(i, images[i]))) for i in range(n)]
+        second_rows = first_rows + [(f"r{i}", str(images[i])) for i in range(n, n + new_count)]
+        dataset = root / "dataset"
+        results: dict[str, Any] = {}
+        results["first"] = run(
+            write_manifest(root / "m1.parquet", first_rows), dataset, args.imgsz, args.batch_size, "--incremental"
+        )
+        results["second"] = run(
+            write_manifest(root / "m2.parquet", second_rows), dataset, args.imgsz, args.batch_size, "--incremental"
+        )
+        if not args.skip_retry_and_repeats:
+            (root / "late").mkdir()
+            for i, path in missing.items():
+                shutil.copyfile(images[i], path)
+            results["retry"] = run(root / "m2.parquet", dataset, args.imgsz, args.batch_size, "--retry-errors")
+            distinct = n - (3 * n) // 10
+            repeat_rows = [(f"d{i}", str(images[i if i < distinct else (i * 7919) % distinct])) for i in range(n)]
+            results["repeats"] = run(
+                write_manifest(root / "m3.parquet", repeat_rows),
+                root / "repeats",
+                args.imgsz,
+                args.batch_size,
+                "--incremental",
+            )
+        first, second = results["first"], results["second"]
+        report = {
+            "rows": n,
+            "imgsz": args.imgsz,
+            "batch_size": args.batch_size,
+            "cpu": {"cores": os.cpu_count(), "flags": cpu_flags()},
+            "runs": results,
+            "second_over_first_model_calls": round(second["rows_computed"] / first["rows_computed"], 4),
+            "second_over_first_wall": round(second["wall_s"] / first["wall_s"], 4),
+        }
+        if "retry" in results:
+            report["retry_model_calls"] = results["retry"]["rows_computed"]
+            report["retry_expected"] = failed_count
+            report["repeats_model_calls_fraction"] = round(results["repeats"]["rows_computed"] / n, 4)
+        print(json.dumps(report, indent=1))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
