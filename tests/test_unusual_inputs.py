@@ -143,3 +143,76 @@ def test_a_bad_cell_after_the_first_csv_block_reads_with_the_run_convert_options
         pacsv.open_csv(path, read_options=small_blocks).read_all()
     table = pacsv.open_csv(path, read_options=small_blocks, convert_options=csv_convert_options(["caption"])).read_all()
     assert table.num_rows == 201 and table.column("caption")[-1].as_py() == BAD
+
+
+# Numbers that are not finite ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_state() -> dict[str, Any]:
+    from sam3core import build_sam3_vl_backbone
+
+    return build_sam3_vl_backbone(config="tiny", imgsz=56).state_dict()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("poisoned", "failing"),
+    [("vision_backbone.trunk.ln_pre.bias", "image_embedding"), ("language_backbone.resizer.bias", "text_embedding")],
+)
+@pytest.mark.parametrize("multi_caption", [False, True])
+def test_a_checkpoint_that_yields_nan_fails_the_rows_instead_of_storing_nan_as_ok(
+    tmp_path: Path, tiny_state: dict[str, Any], poisoned: str, failing: str, multi_caption: bool
+) -> None:
+    """Default features (the pooled embeddings only): a weight holding NaN, as a bad checkpoint or float16
+    compute that overflowed gives, makes NaN vectors; each affected row fails with a reason naming the feature."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.embed import EmbedSettings, EmbedWorker
+    from pipeline.records import PrepareSettings, prepare_batch
+    from pipeline.sources import SourceSpec
+
+    weights = {k: v.clone().contiguous() for k, v in tiny_state.items()}
+    weights[poisoned][0] = float("nan")
+    checkpoint = tmp_path / "model.safetensors"
+    save_file(weights, checkpoint)
+
+    uris = images(tmp_path)
+    if multi_caption:
+        spec = SourceSpec(format="manifest", protocol="file", caption_column=None, captions_column="captions")
+        manifest = pa.table({"image": uris, "captions": [["a cat", "a hat"], None, ["a dog"]]})
+    else:
+        spec = SourceSpec(format="manifest", protocol="file")
+        manifest = pa.table({"image": uris, "caption": ["a cat", None, "a dog"]})
+    prepared = prepare_batch(
+        manifest, PrepareSettings(source=spec, imgsz=56, context_length=32, bpe_path=None, storage_options=None)
+    )
+    settings = EmbedSettings(
+        checkpoint=str(checkpoint),
+        model_config="tiny",
+        imgsz=56,
+        dtype="float32",
+        compile="off",
+        bpe_path=None,
+        features=("image_embedding", "text_embedding"),
+        feature_dtype="float16",
+        multi_caption=multi_caption,
+        batch_size=3,
+    )
+    with torch.random.fork_rng():
+        out = EmbedWorker(settings)(prepared)
+    statuses, errors = out.column("status").to_pylist(), out.column("error").to_pylist()
+    # Rows without a caption have nothing NaN when only the text encoder is poisoned.
+    expected_failed = [0, 1, 2] if failing == "image_embedding" else [0, 2]
+    for row in range(3):
+        if row in expected_failed:
+            assert statuses[row] == "error" and errors[row].startswith(f"{failing} "), (row, errors[row])
+            assert out.column("image_embedding")[row].as_py() is None
+            assert out.column("text_embedding")[row].as_py() is None
+        else:
+            assert statuses[row] == "ok" and errors[row] is None
+            assert np.isfinite(np.asarray(out.column("image_embedding")[row].as_py(), dtype=np.float32)).all()
+    for name in ("image_embedding", "text_embedding"):
+        for value in out.column(name).to_pylist():
+            assert value is None or np.isfinite(np.asarray(value, dtype=np.float32)).all(), name
