@@ -27,6 +27,10 @@ logger = logging.getLogger("pipeline")
 
 PREPARE_BATCH_ROWS = 32  # rows per CPU task call: enough to amortize fetch latency, small enough to stream
 DECODE_BASE_MEMORY = 512 * 1024**2  # a worker process with torch imported, Pillow, the encoded bytes of a batch
+# Decoded batches Ray Data may hold per model actor, waiting for it or being decoded: enough that the model
+# never waits for the CPUs, few enough that decoding never runs far ahead (docs/benchmarks.md, "Soak").
+IN_FLIGHT_BATCHES_PER_ACTOR = 8
+IN_FLIGHT_FLOOR = 1024**3  # room for a few blocks of every operator whatever the image size
 
 
 @dataclass
@@ -85,7 +89,7 @@ def run_job(config: JobConfig, plan: Plan | None = None) -> RunSummary:
         remove_markers(output, storage_options)
         total = None  # how many rows are left is only known once Ray Data has read the checkpoint
 
-    with _checkpointing(config, source, storage_options):
+    with _checkpointing(config, source, storage_options), _bounded_in_flight(config):
         memory = decode_memory(config.model.imgsz)
         dataset = read_source(source, uris, storage_options, layout)
         dataset = _prepare(dataset, config, source, storage_options, memory)
@@ -157,6 +161,37 @@ def _checkpointing(config: JobConfig, source: SourceSpec, storage_options: dict[
         yield
     finally:
         context.checkpoint_config = previous
+
+
+def in_flight_limit(config: JobConfig) -> int:
+    """Object store bytes the run's dataset may hold: decoded batches for every model actor, and a floor.
+
+    Ray Data's own budget is half the cluster's object store whatever the model needs. Decoding a small JPEG to
+    1008 px takes milliseconds and makes 3 MB of pixels, while a model embeds a row in tens of milliseconds on a
+    GPU and in seconds on a CPU; with that budget the decoded rows piled up in front of the model by the gigabyte
+    (growing for as long as the run, then spilling to disk). The limit scales with the model actors, not with
+    the cluster's memory.
+    """
+    row_bytes = config.model.imgsz * config.model.imgsz * 3
+    rows = config.compute.num_actors * config.compute.batch_size * IN_FLIGHT_BATCHES_PER_ACTOR
+    return max(IN_FLIGHT_FLOOR, rows * row_bytes + 2 * PREPARE_BATCH_ROWS * row_bytes)
+
+
+@contextlib.contextmanager
+def _bounded_in_flight(config: JobConfig) -> Iterator[None]:
+    """Ray Data's object store limit for datasets built inside the block (`in_flight_limit`), unless the caller
+    has set one in the DataContext already."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    previous = options.resource_limits
+    limit = previous.object_store_memory
+    if limit is None or limit == float("inf"):
+        options.resource_limits = previous.copy(object_store_memory=in_flight_limit(config))
+    try:
+        yield
+    finally:
+        options.resource_limits = previous
 
 
 def decode_memory(imgsz: int) -> int:
