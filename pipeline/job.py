@@ -214,6 +214,11 @@ def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_option
         storage_options=storage_options,
         partition_by=tuple(config.output.partition_by),
     )
+    # A read block can hold thousands of rows (Ray reads a Parquet file of small JPEGs as one block), and one
+    # decode task per block would decode them all: no backpressure pauses a task half way, so its decoded pixels
+    # piled up in front of the model by the gigabyte. Blocks of one decode batch make each task small enough
+    # for Ray Data's backpressure to hold decoding back (docs/benchmarks.md, "Soak"). Streaming: no shuffle.
+    dataset = dataset.repartition(target_num_rows_per_block=PREPARE_BATCH_ROWS)
     return dataset.map_batches(
         prepare_batch,
         fn_kwargs={"settings": settings},

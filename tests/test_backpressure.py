@@ -49,3 +49,47 @@ def test_every_operator_fits_one_block_under_the_limit(imgsz: int) -> None:
     config = job(imgsz, 1, 16)
     row = imgsz * imgsz * 3
     assert in_flight_limit(config) >= 4 * max(PREPARE_BATCH_ROWS, 16) * row
+
+
+@pytest.mark.timeout(300)
+def test_a_parquet_file_read_as_one_block_is_decoded_by_many_small_tasks(ray_local: None, tmp_path) -> None:
+    """Ray reads a Parquet file of small JPEGs as one block; decoded by one task, its pixels (3 MB a row at
+    1008 px) would all be in flight before backpressure could act. The CPU stage gets blocks of one batch."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline.job import _prepare, decode_memory
+    from pipeline.preflight import preflight
+    from pipeline.sources import SourceSpec, input_protocol, input_uris, plan_source, read_source
+
+    rows = 4 * PREPARE_BATCH_ROWS + 5
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((24, 32, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    images = [{"bytes": buffer.getvalue(), "path": f"{i}.jpg"} for i in range(rows)]
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(
+        pa.table({"image": pa.array(images, image_type), "caption": [f"c{i}" for i in range(rows)]}),
+        tmp_path / "m.parquet",
+    )
+    config = JobConfig.from_dict(
+        {
+            "input": {"uri": str(tmp_path / "m.parquet")},
+            "output": {"uri": str(tmp_path / "out")},
+            "model": {"config": "tiny", "imgsz": 56, "random_weights": True},
+        }
+    )
+    plan = preflight(config)
+    uris = input_uris(plan.config.input.uri)
+    source, layout = plan_source(
+        SourceSpec.from_config(plan.config.input, input_protocol(uris)), uris, None, plan.layout
+    )
+    read = read_source(source, uris, None, layout)
+    assert read.materialize().num_blocks() == 1  # the premise: one block for the whole file
+    prepared = _prepare(read, plan.config, source, {}, decode_memory(56)).materialize()
+    assert prepared.count() == rows
+    sizes = [meta.num_rows for bundle in prepared.iter_internal_ref_bundles() for meta in bundle.metadata]
+    assert max(sizes) <= PREPARE_BATCH_ROWS and len(sizes) >= rows // PREPARE_BATCH_ROWS, sizes
