@@ -137,13 +137,20 @@ def execute(config: JobConfig, report: str | None = None, verbose: bool = False)
         except KeyboardInterrupt as error:
             print(interrupted, file=sys.stderr)
             return interrupts.exit_code_for(error)
+        import ray
+
         from pipeline import run_job  # imported late: loading the pipeline pulls in Ray and torch
 
+        started_here = not ray.is_initialized()
         with contextlib.nullcontext() if verbose else NativeStderrFilter():
             try:
                 console.start_ray()  # here, so that the signals are ours again once ray.init has set its handler
                 signals.rearm()
                 summary = summary_to_dict(run_job(config, plan))
+                if started_here:
+                    # The local cluster stops while the signals are still ours: a Ctrl-C during its shutdown is
+                    # then cut short like any other, instead of raising inside Ray's shutdown at exit.
+                    ray.shutdown()
             except KeyboardInterrupt as error:
                 # Ray Data has stopped its executor; a local cluster and anything it left go too, so no process
                 # of the run outlives it (jobs/interrupts.py forces this if it takes more than a few seconds).

@@ -60,12 +60,9 @@ def stop_on_signals(message: str, grace_s: float = GRACE_S) -> Iterator[SignalHa
         yield SignalHandlers(None)
         return
     received: list[int] = []
-    ended = threading.Event()
 
     def handle(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
-        if ended.is_set():  # the run is over (summary printed); only Ray's shutdown at exit is left to cut short
-            _force_exit(f"{message} while Ray shut down, after the run had ended", 128 + signum)
         if len(received) > 1:
             _force_exit(message, 128 + received[0])
         threading.Thread(target=_watchdog, args=(message, 128 + signum, grace_s), daemon=True).start()
@@ -73,14 +70,15 @@ def stop_on_signals(message: str, grace_s: float = GRACE_S) -> Iterator[SignalHa
             raise KeyboardInterrupt
         raise Interrupted(signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handle)
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield SignalHandlers(handle)
     finally:
-        # The handlers stay: Ray's shutdown at interpreter exit (atexit) can take seconds, and a signal then must
-        # end the process and its Ray processes at once, not print a traceback from inside `atexit`.
-        ended.set()
+        # After a signal the handlers stay (a second one during the exit must force it); otherwise the caller's
+        # come back (the block is over, and the caller may go on: tests, `sam3-embed demo`).
+        if not received:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def _watchdog(message: str, code: int, grace_s: float) -> None:
