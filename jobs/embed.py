@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import Any
 
-from jobs import exit_codes
+from jobs import exit_codes, interrupts
 from jobs.cli_common import configure_logging, write_report
 from jobs.job_config import add_config_arguments, load_job_config
 from jobs.native_stderr import NativeStderrFilter
@@ -164,26 +164,50 @@ def execute(config: JobConfig, report: str | None = None, verbose: bool = False)
     from pipeline.preflight import PreflightError, preflight
 
     console.set_verbose(verbose)
-    try:
-        plan = preflight(config)
-    except PreflightError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return exit_codes.USAGE
-    from pipeline import run_job  # imported late: loading the pipeline pulls in Ray and torch
-
-    with contextlib.nullcontext() if verbose else NativeStderrFilter():
+    interrupted = f"run {config.run_id}: interrupted"
+    if config.resume_path:
+        interrupted += f"; rerun with --resume-path {config.resume_path} to continue"
+    with interrupts.stop_on_signals(interrupted) as signals:
         try:
-            summary = summary_to_dict(run_job(config, plan))
-        except PreflightError as error:  # found under the dataset's lease, still before Ray started
+            plan = preflight(config)
+        except PreflightError as error:
             print(f"error: {error}", file=sys.stderr)
             return exit_codes.USAGE
-        except KeyboardInterrupt:
-            print(f"run {config.run_id}: interrupted", file=sys.stderr)
-            return exit_codes.INTERRUPTED
-        except Exception as error:
-            traceback.print_exc()
-            print(f"run {config.run_id}: FAILED: {type(error).__name__}: {error}", file=sys.stderr)
-            return exit_codes.FAILED
+        except KeyboardInterrupt as error:
+            print(interrupted, file=sys.stderr)
+            return interrupts.exit_code_for(error)
+        import ray
+
+        from pipeline import run_job  # imported late: loading the pipeline pulls in Ray and torch
+
+        started_here = not ray.is_initialized()
+        # Ray starts inside run_job (an incremental run takes the dataset's lease first, so a run refused there
+        # never starts a cluster); ray.init installs its own SIGTERM handler, so the signals are ours again after.
+        console.after_ray_start(signals.rearm)
+        with contextlib.nullcontext() if verbose else NativeStderrFilter():
+            try:
+                summary = summary_to_dict(run_job(config, plan))
+                if started_here:
+                    # The local cluster stops while the signals are still ours: a Ctrl-C during its shutdown is
+                    # then cut short like any other, instead of raising inside Ray's shutdown at exit.
+                    ray.shutdown()
+            except PreflightError as error:  # found under the dataset's lease (a run holds it, another identity)
+                if started_here:
+                    ray.shutdown()
+                print(f"error: {error}", file=sys.stderr)
+                return exit_codes.USAGE
+            except KeyboardInterrupt as error:
+                # Ray Data has stopped its executor; a local cluster and anything it left go too, so no process
+                # of the run outlives it (jobs/interrupts.py forces this if it takes more than a few seconds).
+                interrupts.shut_down_ray()
+                print(interrupted, file=sys.stderr)
+                return interrupts.exit_code_for(error)
+            except Exception as error:
+                traceback.print_exc()
+                print(f"run {config.run_id}: FAILED: {type(error).__name__}: {error}", file=sys.stderr)
+                return exit_codes.FAILED
+            finally:
+                console.after_ray_start(None)
     code = exit_code_for(summary, config.output.max_error_fraction)
     print(render_summary(config, summary, code), flush=True)
     if report:

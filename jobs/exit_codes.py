@@ -14,7 +14,7 @@ FAILED = 1  # the job (or at least one partition) failed; nothing partial became
 USAGE = 2  # bad command line, job config or input, refused before Ray starts (argparse uses 2 as well)
 FINISHED_WITH_ERROR_ROWS = 3  # output committed, but the share of error rows is above output.max_error_fraction
 PARTITIONS_BUSY = 4  # backfill only: some partitions are leased by another backfill that is still running
-INTERRUPTED = 130  # Ctrl-C / SIGINT, the shell convention
+INTERRUPTED = 130  # Ctrl-C / SIGINT, the shell convention (SIGTERM: 143, 128 + the signal, jobs/interrupts.py)
 
 CODES = {
     Outcome.OK: OK,

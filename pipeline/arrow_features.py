@@ -7,7 +7,7 @@ Rows that have nothing to store (error rows, records without a caption) are null
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,17 @@ def ragged(items: pa.Array, counts: Sequence[int], valid: np.ndarray) -> pa.Arra
     """Group consecutive `items` into one list per row (`counts[i]` items for row i); null where not valid."""
     offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), items, mask=_null_mask(valid))
+
+
+def null_rows(column: pa.Array, rows: Iterable[int]) -> pa.Array:
+    """`column` (built by the functions above) with `rows` turned to nulls; values stay, unseen, under the mask."""
+    mask = column.is_null().to_numpy(zero_copy_only=False).copy()
+    mask[list(rows)] = True
+    if isinstance(column, pa.ExtensionArray):
+        return pa.ExtensionArray.from_storage(column.type, null_rows(column.storage, rows))
+    if isinstance(column, pa.FixedSizeListArray):
+        return pa.FixedSizeListArray.from_arrays(column.values, column.type.list_size, mask=pa.array(mask))
+    return pa.ListArray.from_arrays(column.offsets, column.values, mask=pa.array(mask))
 
 
 def empty_rows(num_rows: int, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:

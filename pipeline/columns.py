@@ -2,7 +2,10 @@
 
 The schema comes from the first manifest file only: a Parquet footer, or the first 64 KiB of a CSV / TSV / JSON
 Lines file. When the job names no image, caption or id column, the first of the names below that the manifest
-has (compared without case) is taken, and the choice is logged; a name the job does give must exist.
+has (compared without case) is taken, and the choice is logged; a name the job does give must exist. An image or
+caption column with one of these names but the wrong kind of values (a `caption` column of numbers) is refused
+rather than skipped: skipping it would drop every caption of the run without a word. (An id column of the wrong
+kind is skipped with a note: ids are then derived from each row, and nothing is lost.)
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ IMAGE_COLUMN_NAMES = (
 CAPTION_COLUMN_NAMES = ("caption", "text", "alt", "alt_text", "prompt", "description", "sentence")
 CAPTIONS_COLUMN_NAMES = ("captions", "texts", "prompts", "sentences")
 ID_COLUMN_NAMES = ("id", "key", "uid", "image_id", "sample_id")
+EMPTY = "''"  # how a user asks for no caption column on the command line
 
 
 class ColumnError(ValueError):
@@ -99,13 +103,25 @@ def resolve_columns(
         if not accepts(present[name]):
             raise ColumnError(f"manifest column {name!r} ({flag}) holds {present[name]}, not {kind}")
 
+    by_lower = {name.lower(): name for name in schema.names}
+
     def recognise(names: tuple[str, ...], accepts: Any) -> str | None:
-        by_lower = {name.lower(): name for name in schema.names}
         for candidate in names:
             actual = by_lower.get(candidate)
             if actual is not None and accepts(present[actual]):
                 return actual
         return None
+
+    def refuse_mistyped(names: tuple[str, ...], what: str, flag: str, kind: str, optional: bool) -> None:
+        """A column named like one the job needs but holding other values: never dropped without a word."""
+        for candidate in names:
+            actual = by_lower.get(candidate)
+            if actual is not None:
+                instead = f", or {flag} {EMPTY} for none" if optional else ""
+                raise ColumnError(
+                    f"manifest column {actual!r} is named like {what} but holds {present[actual]}, not {kind}; "
+                    f"name the column to use with {flag}{instead}"
+                )
 
     image_kind = "image URIs (strings), image bytes (binary) or {bytes, path} structs"
     if image_column:
@@ -113,6 +129,7 @@ def resolve_columns(
     else:
         image_column = recognise(IMAGE_COLUMN_NAMES, is_image_type)
         if image_column is None:
+            refuse_mistyped(IMAGE_COLUMN_NAMES, "images", "--image-column", image_kind, optional=False)
             raise ColumnError(
                 f"no image column recognised in the manifest (looked for {', '.join(IMAGE_COLUMN_NAMES)}); its "
                 f"columns are: {listing}; set --image-column / input.image_column"
@@ -141,6 +158,13 @@ def resolve_columns(
             what = "caption column" if caption_column else "captions column (several per row)"
             notes.append(f"{what}: {chosen!r} (recognised; set {flag} to choose another)")
         else:
+            refuse_mistyped(
+                CAPTION_COLUMN_NAMES + CAPTIONS_COLUMN_NAMES,
+                "captions",
+                "--caption-column",
+                "text or lists of text",
+                optional=True,
+            )
             notes.append(
                 f"no caption column recognised (looked for {', '.join(CAPTION_COLUMN_NAMES + CAPTIONS_COLUMN_NAMES)})"
                 "; rows get no caption"

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 
 logger = logging.getLogger("pipeline")
 
@@ -43,6 +44,16 @@ def is_verbose() -> bool:
     return _verbose
 
 
+_after_ray_start: Callable[[], None] | None = None
+
+
+def after_ray_start(callback: Callable[[], None] | None) -> None:
+    """Call `callback` right after `start_ray` has initialised Ray (None: nothing). The entry points use it to take
+    SIGINT and SIGTERM back from the handler `ray.init` installs, wherever in the run Ray is started."""
+    global _after_ray_start
+    _after_ray_start = callback
+
+
 def start_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS, or start a local one, unless Ray is already initialised."""
     import ray
@@ -61,6 +72,8 @@ def start_ray() -> None:
             resources.get("CPU", 0),
             resources.get("GPU", 0),
         )
+        if _after_ray_start is not None:
+            _after_ray_start()
     quiet_ray_data()
 
 

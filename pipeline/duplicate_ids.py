@@ -23,7 +23,7 @@ from pipeline import schema
 from pipeline.config import JobConfig
 from pipeline.ids import id_to_string
 from pipeline.manifest_layout import ManifestLayout, read_columns
-from pipeline.sources import SourceSpec, describe_block, input_protocol, input_uris, plan_source
+from pipeline.sources import SourceSpec, caption_columns, describe_block, input_protocol, input_uris, plan_source
 from pipeline.storage import Location, arrow_filesystem
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def check_layout_ids(spec: SourceSpec, layout: ManifestLayout | None, storage_op
     if spec.image_bytes or spec.image_column not in layout.column_names:
         return  # content-derived ids; or a missing image column, which the column checks report
     columns = [c for c in (spec.image_column, spec.caption_column, spec.captions_column) if c]
-    records = describe_block(read_columns(layout, columns, filesystem), spec)
+    records = describe_block(read_columns(layout, columns, filesystem, caption_columns(spec)), spec)
     counts = Counter(records.ids)
     repeated_uris = list(
         dict.fromkeys(

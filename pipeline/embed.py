@@ -181,11 +181,16 @@ class EmbedWorker:
             if failures:
                 ok = ok.copy()
                 ok[list(failures)] = False
-            text_columns = self._text_columns(batch.column(schema.TOKENS), ok)
+            text_columns, text_failures = self._text_columns(batch.column(schema.TOKENS), ok)
+        features = {**image_columns, **text_columns}
+        if text_failures:  # a caption that embeds to NaN fails its row: its image columns go null too
+            ok = ok.copy()
+            ok[list(text_failures)] = False
+            failures = {**failures, **text_failures}
+            features = {name: arrow_features.null_rows(column, text_failures) for name, column in features.items()}
         out = batch.drop_columns([schema.PIXELS, schema.TOKENS])
         if failures:
             out = _mark_failed(out, failures)
-        features = {**image_columns, **text_columns}
         # The two pooled embeddings first, then the optional dense features in a fixed order.
         for name in sorted(features, key=lambda n: n not in (schema.IMAGE_EMBEDDING, schema.TEXT_EMBEDDING)):
             out = out.append_column(name, features[name])
@@ -206,7 +211,9 @@ class EmbedWorker:
             outputs = self._forward_images_splitting(uint8)
             pooled[rows] = outputs.pop(schema.IMAGE_EMBEDDING)
             dense = outputs
-        failures = _non_finite_rows(dense, rows, self.settings.feature_dtype)
+        # Every stored feature, the pooled embedding included (the one row a search index reads).
+        stored = {schema.IMAGE_EMBEDDING: pooled[rows], **dense} if len(rows) else {}
+        failures = _non_finite_rows(stored, rows, self.settings.feature_dtype)
         valid = ok.copy()
         valid[list(failures)] = False
         columns = {schema.IMAGE_EMBEDDING: arrow_features.vectors(pooled, valid)}
@@ -310,7 +317,8 @@ class EmbedWorker:
 
     # Text -----------------------------------------------------------------------------------------------------
 
-    def _text_columns(self, tokens: pa.ChunkedArray, ok: np.ndarray) -> dict[str, pa.Array]:
+    def _text_columns(self, tokens: pa.ChunkedArray, ok: np.ndarray) -> tuple[dict[str, pa.Array], dict[int, str]]:
+        """The text columns, and the rows whose captions embed to non-finite values (row -> reason): null."""
         n = len(ok)
         context = self.backbone.config.text.context_length
         per_row = tokens.to_pylist()
@@ -349,9 +357,15 @@ class EmbedWorker:
             per_caption[schema.LANGUAGE_MASK] = masks
         if embeds is not None:
             per_caption[schema.LANGUAGE_EMBEDS] = embeds
+        caption_rows = np.repeat(np.arange(n), counts)  # caption -> its batch row
+        checked = {name: values for name, values in per_caption.items() if name != schema.LANGUAGE_MASK}
+        failures = _non_finite_rows(checked, caption_rows, self.settings.feature_dtype)
+        if failures:
+            has_text = has_text.copy()
+            has_text[list(failures)] = False
         columns = {name: self._per_row(name, values, counts, has_text) for name, values in per_caption.items()}
         assert all(len(c) == n for c in columns.values())
-        return columns
+        return columns, failures
 
     def _per_row(self, name: str, values: np.ndarray, counts: list[int], has_text: np.ndarray) -> pa.Array:
         """Per-caption arrays to one entry per row, or a list of entries per row when rows hold several captions."""
@@ -463,13 +477,18 @@ def pixel_array(pixels: pa.ChunkedArray, rows: np.ndarray, size: int) -> np.ndar
 
 
 def _non_finite_rows(dense: dict[str, np.ndarray], rows: np.ndarray, feature_dtype: str) -> dict[int, str]:
-    """Rows whose stored maps hold inf or NaN (batch row -> reason): never written as numbers, failed instead.
+    """Rows whose stored features hold inf or NaN (batch row -> reason): never written as numbers, failed instead.
+
+    `rows[i]` is the batch row of `values[i]` (several entries map to one row when rows hold several captions).
+    A NaN comes from the model (float16 compute that overflowed, a bad checkpoint); L2 normalisation passes it on.
 
     Casting to float16 turns anything beyond +-65504 into inf. The trunk map is the residual stream of a ViT,
     the one feature where large values are plausible (see docs/feature-cache.md), so the check covers every map.
     """
     failures: dict[int, str] = {}
     for name, values in dense.items():
+        if not len(values):
+            continue
         flat = values.reshape(len(values), -1)
         for index in np.flatnonzero(~np.isfinite(flat).all(axis=1)):
             row = int(rows[index])

@@ -28,6 +28,10 @@ logger = logging.getLogger("pipeline")
 
 PREPARE_BATCH_ROWS = 32  # rows per CPU task call: enough to amortize fetch latency, small enough to stream
 DECODE_BASE_MEMORY = 512 * 1024**2  # a worker process with torch imported, Pillow, the encoded bytes of a batch
+# Decoded batches Ray Data may hold per model actor, waiting for it or being decoded: enough that the model
+# never waits for the CPUs, few enough that decoding never runs far ahead (docs/benchmarks.md, "Soak").
+IN_FLIGHT_BATCHES_PER_ACTOR = 8
+IN_FLIGHT_FLOOR = 1024**3  # room for a few blocks of every operator whatever the image size
 
 
 @dataclass
@@ -95,7 +99,7 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
         remove_markers(output, storage_options)
         total = None  # how many rows are left is only known once Ray Data has read the checkpoint
 
-    with _checkpointing(config, source, storage_options):
+    with _checkpointing(config, source, storage_options), _bounded_in_flight(config):
         memory = decode_memory(config.model.imgsz)
         dataset = read_source(source, uris, storage_options, layout)
         if selection is not None:
@@ -176,6 +180,37 @@ def _checkpointing(config: JobConfig, source: SourceSpec, storage_options: dict[
         context.checkpoint_config = previous
 
 
+def in_flight_limit(config: JobConfig) -> int:
+    """Object store bytes the run's dataset may hold: decoded batches for every model actor, and a floor.
+
+    Ray Data's own budget is half the cluster's object store whatever the model needs. Decoding a small JPEG to
+    1008 px takes milliseconds and makes 3 MB of pixels, while a model embeds a row in tens of milliseconds on a
+    GPU and in seconds on a CPU; with that budget the decoded rows piled up in front of the model by the gigabyte
+    (growing for as long as the run, then spilling to disk). The limit scales with the model actors, not with
+    the cluster's memory.
+    """
+    row_bytes = config.model.imgsz * config.model.imgsz * 3
+    rows = config.compute.num_actors * config.compute.batch_size * IN_FLIGHT_BATCHES_PER_ACTOR
+    return max(IN_FLIGHT_FLOOR, rows * row_bytes + 2 * PREPARE_BATCH_ROWS * row_bytes)
+
+
+@contextlib.contextmanager
+def _bounded_in_flight(config: JobConfig) -> Iterator[None]:
+    """Ray Data's object store limit for datasets built inside the block (`in_flight_limit`), unless the caller
+    has set one in the DataContext already."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    previous = options.resource_limits
+    limit = previous.object_store_memory
+    if limit is None or limit == float("inf"):
+        options.resource_limits = previous.copy(object_store_memory=in_flight_limit(config))
+    try:
+        yield
+    finally:
+        options.resource_limits = previous
+
+
 def decode_memory(imgsz: int) -> int:
     """Bytes a CPU task holds: a batch of decoded images, their resized copies and the Arrow output.
 
@@ -197,6 +232,11 @@ def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_option
         storage_options=storage_options,
         partition_by=tuple(config.output.partition_by),
     )
+    # A read block can hold thousands of rows (Ray reads a Parquet file of small JPEGs as one block), and one
+    # decode task per block would decode them all: no backpressure pauses a task half way, so its decoded pixels
+    # piled up in front of the model by the gigabyte. Blocks of one decode batch make each task small enough
+    # for Ray Data's backpressure to hold decoding back (docs/benchmarks.md, "Soak"). Streaming: no shuffle.
+    dataset = dataset.repartition(target_num_rows_per_block=PREPARE_BATCH_ROWS)
     return dataset.map_batches(
         prepare_batch,
         fn_kwargs={"settings": settings},

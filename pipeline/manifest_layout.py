@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.storage import Location, arrow_filesystem, list_files
+from pipeline.utf8 import binary_column_types, replace_invalid_utf8, text_schema
 
 MANIFEST_EXTENSIONS = {
     "parquet": "parquet",
@@ -93,7 +94,7 @@ def read_schema(kind: str, path: str, filesystem: Any) -> pa.Schema:
 
         parse = pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",")
         with filesystem.open_input_stream(path, compression="detect") as f:
-            return pacsv.open_csv(f, parse_options=parse).schema
+            return text_schema(pacsv.open_csv(f, parse_options=parse).schema)
     # JSON Lines: infer from the whole lines of the first block, so a null in the first row does not decide a type
     with filesystem.open_input_stream(path, compression="detect") as f:
         sample = f.read(SCHEMA_PROBE_BYTES)
@@ -109,8 +110,13 @@ def read_schema(kind: str, path: str, filesystem: Any) -> pa.Schema:
         raise ValueError(f"the first lines of {path} are not JSON objects: {exc}") from exc
 
 
-def read_columns(layout: ManifestLayout, columns: list[str], filesystem: Any) -> pa.Table:
-    """Only `columns` (those present) of every manifest file, as one table: Parquet reads just those columns."""
+def read_columns(
+    layout: ManifestLayout, columns: list[str], filesystem: Any, text_columns: Sequence[str | None] = ()
+) -> pa.Table:
+    """Only `columns` (those present) of every manifest file, as one table: Parquet reads just those columns.
+
+    `text_columns`: read from a CSV as bytes, as the run reads them (`csv_convert_options`); invalid UTF-8 in
+    string columns is replaced (`pipeline.utf8`)."""
     present = [c for c in columns if c in layout.column_names]
     tables = []
     for path in layout.files:
@@ -123,7 +129,9 @@ def read_columns(layout: ManifestLayout, columns: list[str], filesystem: Any) ->
             import pyarrow.csv as pacsv
 
             parse = pacsv.ParseOptions(delimiter="\t" if layout.kind == "tsv" else ",")
-            convert = pacsv.ConvertOptions(include_columns=present, include_missing_columns=True)
+            convert = csv_convert_options(text_columns)
+            convert.include_columns = present
+            convert.include_missing_columns = True
             with filesystem.open_input_stream(path, compression="detect") as f:
                 table = pacsv.read_csv(f, parse_options=parse, convert_options=convert)
         else:
@@ -132,8 +140,16 @@ def read_columns(layout: ManifestLayout, columns: list[str], filesystem: Any) ->
             with filesystem.open_input_stream(path, compression="detect") as f:
                 table = pajson.read_json(f)
             table = table.select([c for c in present if c in table.column_names])
-        tables.append(table)
+        tables.append(replace_invalid_utf8(table))
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def csv_convert_options(text_columns: Sequence[str | None]) -> Any:
+    """How a CSV manifest is converted: caption columns as bytes, so one cell that is not UTF-8 costs nothing but
+    replacement characters in that cell (Arrow would otherwise read the whole column as binary, or fail)."""
+    import pyarrow.csv as pacsv
+
+    return pacsv.ConvertOptions(column_types=binary_column_types(list(text_columns)))
 
 
 def holds_image_bytes(schema: pa.Schema, column: str) -> bool:

@@ -23,8 +23,9 @@ import pyarrow as pa
 from pipeline import schema
 from pipeline.config import InputConfig
 from pipeline.ids import derive_id, derive_id_from_row, id_to_string
-from pipeline.manifest_layout import ManifestLayout, holds_image_bytes, manifest_layout
+from pipeline.manifest_layout import ManifestLayout, csv_convert_options, holds_image_bytes, manifest_layout
 from pipeline.storage import Location, arrow_filesystem, parse_uri, to_uri
+from pipeline.utf8 import replace_invalid_utf8
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -157,7 +158,10 @@ def read_source(
 
             delimiter = "\t" if kind == "tsv" else ","
             return ray.data.read_csv(
-                files, filesystem=filesystem, parse_options=pacsv.ParseOptions(delimiter=delimiter)
+                files,
+                filesystem=filesystem,
+                parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                convert_options=csv_convert_options(caption_columns(spec)),
             )
         # Arrow's JSON reader reads newline-delimited objects: JSON Lines. (`lines=True` is a pandas path that
         # takes no filesystem.)
@@ -170,9 +174,17 @@ def read_source(
     return ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None, file_extensions=["tar"])
 
 
+def caption_columns(spec: SourceSpec) -> list[str | None]:
+    """The columns a CSV manifest's reader takes as bytes (`csv_convert_options`)."""
+    return [spec.caption_column, spec.captions_column]
+
+
 def block_rows(block: pa.Table | pd.DataFrame) -> tuple[list[dict[str, Any]], pa.Table | None]:
-    """Rows as dicts, plus the block itself when it is Arrow (pass-through columns keep their exact types)."""
+    """Rows as dicts, plus the block itself when it is Arrow (pass-through columns keep their exact types).
+
+    Invalid UTF-8 in a string column (JSON Lines and Parquet readers keep it unchecked) becomes U+FFFD here."""
     if isinstance(block, pa.Table):
+        block = replace_invalid_utf8(block)
         return block.to_pylist(), block
     return block.to_dict("records"), None
 
@@ -227,6 +239,9 @@ def _describe_manifest(rows: list[dict[str, Any]], table: pa.Table | None, spec:
         if isinstance(image_value, dict):  # Hugging Face `datasets.Image`: bytes, or a path when bytes are null
             name = image_value.get("path") or None
             image_value = image_value.get("bytes") if image_value.get("bytes") is not None else name
+        if isinstance(image_value, (bytes, bytearray, memoryview)) and not spec.image_bytes:
+            # a CSV's URI column that Arrow read as binary (a cell that is not UTF-8): still URIs
+            image_value = bytes(image_value).decode("utf-8", errors="replace")
         data = bytes(image_value) if isinstance(image_value, (bytes, bytearray, memoryview)) else None
         image_uri = image_value.strip() if isinstance(image_value, str) else None
         location = None

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import pytest
 import tomllib
 import yaml
+from packaging.specifiers import SpecifierSet
 
 from pipeline.backfill.partitions import parse_partition_values
 from pipeline.config import JobConfig
@@ -198,16 +199,131 @@ def test_ray_start_params_are_strings() -> None:
                 assert isinstance(value, str), (label, key, value)
 
 
-def test_gpu_workers_get_a_large_shared_memory_volume() -> None:
+RAY_OBJECT_STORE_SHARE = 0.3  # Ray's default object store: 30% of the node's memory (ray_constants)
+
+
+def quantity_bytes(text: str) -> float:
+    """A Kubernetes memory quantity (`16Gi`, `512Mi`, `4G`) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    number, unit = re.fullmatch(r"([\d.]+)([KMGT]i?)?", str(text)).groups()
+    return float(number) * (units[unit] if unit else 1)
+
+
+def test_shared_memory_holds_rays_object_store_or_is_left_to_kuberay() -> None:
+    """Ray puts its object store in /dev/shm when it is large enough, else in /tmp (slow, a warning). KubeRay
+    mounts a memory-backed /dev/shm sized to the container's memory when a group mounts none
+    (`addEmptyDir` in ray-operator/controllers/ray/common/pod.go, 1.0 through 1.7); one mounted by hand must
+    hold the default object store, 30% of the memory limit."""
     for label, spec in cluster_specs():
-        for group in spec["workerGroupSpecs"]:
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
             (container,) = containers(group["template"])
-            if "nvidia.com/gpu" not in container["resources"].get("limits", {}):
-                continue
             mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-            assert "/dev/shm" in mounts, label
+            if "/dev/shm" not in mounts:
+                continue
             volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
-            assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+            empty_dir = volumes[mounts["/dev/shm"]]["emptyDir"]
+            assert empty_dir["medium"] == "Memory", (label, group.get("groupName", "head"))
+            memory = quantity_bytes(container["resources"]["limits"]["memory"])
+            store = quantity_bytes(group["rayStartParams"].get("object-store-memory", RAY_OBJECT_STORE_SHARE * memory))
+            assert quantity_bytes(empty_dir.get("sizeLimit", container["resources"]["limits"]["memory"])) >= store, (
+                label,
+                group.get("groupName", "head"),
+                "a /dev/shm smaller than Ray's object store: drop the mount and let KubeRay size it",
+            )
+
+
+def test_a_rayjob_releases_its_gpus_soon_after_the_job() -> None:
+    """`shutdownAfterJobFinishes` deletes the cluster only after `ttlSecondsAfterFinished`; meanwhile a GPU group
+    held at `minReplicas > 0` keeps its GPUs. The job's logs stay with the submitter, which outlives the cluster."""
+    for job in objects_of_kind("RayJob"):
+        spec = job["spec"]
+        assert spec["shutdownAfterJobFinishes"] is True
+        assert spec.get("ttlSecondsAfterFinished", 0) <= 300, spec.get("ttlSecondsAfterFinished")
+        for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
+            (container,) = containers(group["template"])
+            if "nvidia.com/gpu" in container["resources"].get("limits", {}):
+                assert group["minReplicas"] == 0, group["groupName"]
+
+
+# --- schemas: KubeRay's CRDs and Kubernetes' own -----------------------------------------------------------------
+
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # oldest and newest the manifests are meant for
+KUBERAY_SCHEMAS = REPO / "tests" / "data" / "kuberay"
+
+
+def strict(schema: Any) -> Any:
+    """An openAPIV3Schema where unknown fields are errors, as `kubectl apply --validate=strict` makes them."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict(value) for key, value in schema.items()}
+    open_ended = "additionalProperties" in out or out.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in out and not open_ended:
+        out["additionalProperties"] = False
+    return out
+
+
+def kuberay_validator(kind: str) -> Any:
+    import gzip
+    import json
+
+    import jsonschema
+
+    schema = json.loads(gzip.decompress((KUBERAY_SCHEMAS / f"{kind.lower()}.v1.schema.json.gz").read_bytes()))
+    return jsonschema.Draft7Validator(strict(schema))
+
+
+def schema_errors(validator: Any, document: dict[str, Any]) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+def test_kuberay_objects_satisfy_the_kuberay_crd_schema(kind: str) -> None:
+    documents = objects_of_kind(kind)
+    assert documents
+    validator = kuberay_validator(kind)
+    for document in documents:
+        assert document["apiVersion"] == "ray.io/v1"
+        assert schema_errors(validator, document) == [], document["metadata"]["name"]
+
+
+def test_the_crd_schema_check_catches_a_misspelled_or_mistyped_field() -> None:
+    import copy
+
+    cluster = copy.deepcopy(only("RayCluster"))
+    validator = kuberay_validator("RayCluster")
+    cluster["spec"]["workerGroupSpecs"][0]["minReplica"] = 0  # the real field is minReplicas
+    cluster["spec"]["workerGroupSpecs"][1]["maxReplicas"] = "16"  # an integer field
+    errors = schema_errors(validator, cluster)
+    assert any("'minReplica' was unexpected" in e for e in errors), errors
+    assert any(e.startswith("spec.workerGroupSpecs.1.maxReplicas") for e in errors), errors
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_kubernetes_objects_satisfy_the_kubernetes_schemas(version: str) -> None:
+    """Every built-in object (and every pod template, also those inside KubeRay objects) against the Kubernetes
+    JSON schemas that the `kubernetes-validate` package bundles, strictly (unknown fields are errors)."""
+    import kubernetes_validate
+
+    checked = 0
+    for path, document in kubernetes_objects():
+        if document["apiVersion"].startswith("ray.io/"):
+            templates = [m["template"] for m in walk(document["spec"]) if isinstance(m.get("template"), dict)]
+            templates += (
+                [document["spec"]["submitterPodTemplate"]] if "submitterPodTemplate" in document["spec"] else []
+            )
+            for template in templates:
+                pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+                kubernetes_validate.validate(pod, version, strict=True)
+                checked += 1
+            continue
+        try:
+            kubernetes_validate.validate(document, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            raise AssertionError(f"{path.name}: {document['kind']} {document['metadata']['name']}: {error}") from error
+        checked += 1
+    assert checked >= 10
 
 
 # --- commands --------------------------------------------------------------------------------------------------
@@ -299,17 +415,120 @@ def test_documented_commands_are_accepted() -> None:
 # --- image -----------------------------------------------------------------------------------------------------
 
 
-def test_dockerfile_uses_a_cuda_runtime_and_installs_cuda_torch_before_the_project() -> None:
+# The CUDA major version of PyPI's Linux torch wheels, from each release's metadata (torch 2.13.0 requires
+# cuda-toolkit==13.0.3). A torch bump must look it up again: the base image's CUDA has to match.
+PYPI_TORCH_CUDA_MAJOR = {"2.13": "13"}
+UBUNTU_PYTHON = {"22.04": "3.10", "24.04": "3.12"}  # the distribution's python3, which the image's venv uses
+
+
+def torch_version_under_test() -> str:
+    """The torch CI installs (`.ci/run`), which is the version everything is tested with."""
+    return re.search(r"pip install torch==(\S+)", (REPO / ".ci" / "run").read_text()).group(1)
+
+
+def test_dockerfile_pins_the_versions_the_project_is_tested_with() -> None:
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    args = dockerfile_args()
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = {Requirement(r).name: Requirement(r) for r in pyproject["dependencies"]}
+    torch_version = args["TORCH_VERSION"]
+    assert torch_version == torch_version_under_test(), "the image must run the torch the tests run"
+    assert requirements["torch"].specifier.contains(torch_version)
+    assert f"torch=={torch_version}" in (REPO / "README.md").read_text()
+    # the image's Python (Ubuntu's python3) is one the project supports
+    ubuntu = re.search(r"ubuntu(\d+\.\d+)", args["CUDA_IMAGE"]).group(1)
+    assert Version(UBUNTU_PYTHON[ubuntu]) in SpecifierSet(pyproject["requires-python"])
+
+
+def test_dockerfile_installs_a_cuda_torch_matching_the_base_image_before_the_project() -> None:
     text = DOCKERFILE.read_text()
     args = dockerfile_args()
     base = args["CUDA_IMAGE"]
     assert base.startswith("nvidia/cuda:") and "runtime" in base
-    cuda_version = re.search(r":(\d+)\.(\d+)", base).groups()
-    assert args["TORCH_INDEX_URL"].endswith("/cu" + "".join(cuda_version)), "torch wheels must match the CUDA runtime"
+    cuda_major, cuda_minor = re.search(r":(\d+)\.(\d+)", base).groups()
+    index = args["TORCH_INDEX_URL"]
+    if index.rstrip("/") == "https://pypi.org/simple":
+        torch_minor = ".".join(args["TORCH_VERSION"].split(".")[:2])
+        assert PYPI_TORCH_CUDA_MAJOR[torch_minor] == cuda_major, "PyPI's torch wheels must match the CUDA runtime"
+    else:
+        assert index.endswith(f"/cu{cuda_major}{cuda_minor}"), "torch wheels must match the CUDA runtime"
     lines = [line.strip() for line in text.splitlines()]
     torch_install = next(i for i, line in enumerate(lines) if "pip install" in line and "TORCH_INDEX_URL" in line)
     project_install = next(i for i, line in enumerate(lines) if re.search(r"pip install \"?/app", line))
     assert torch_install < project_install
+
+
+def test_dockerfile_installs_a_compiler_and_the_headers_of_its_python_for_triton() -> None:
+    """Triton builds a C helper against Python.h when it first compiles a kernel: without gcc and the headers of
+    the image's own python3, `torch.compile` fails on the GPU workers at run time, not at build time."""
+    text = DOCKERFILE.read_text()
+    packages = set(re.findall(r"[\w.+-]+", text[text.index("apt-get install") : text.index("rm -rf /var/lib/apt")]))
+    assert {"gcc", "libc6-dev", "python3-dev", "python3"} <= packages
+    # the build itself compiles a file that includes Python.h with the interpreter's include path
+    assert "#include <Python.h>" in text and "sysconfig.get_paths()" in text
+
+
+def dockerfile_run(marker: str) -> str:
+    """The shell text of the Dockerfile's RUN instruction containing `marker` (continuations joined)."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    (command,) = [line[4:] for line in text.splitlines() if line.startswith("RUN ") and marker in line]
+    return command
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("base_has_uid_1000", [True, False], ids=["ubuntu-24.04", "no-uid-1000"])
+def test_dockerfile_user_step_works_on_a_base_that_already_has_uid_1000(
+    tmp_path: Path, base_has_uid_1000: bool
+) -> None:
+    """Runs the Dockerfile's user step for real against the accounts of an Ubuntu 24.04 base (`ubuntu`, uid 1000)
+    and of a base without uid 1000, in a private mount namespace over copies of /etc and /home (needs root)."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("usermod") is None:
+        pytest.skip("needs root, unshare and the shadow utilities (runs the step in a private mount namespace)")
+    etc, home = tmp_path / "etc", tmp_path / "home"
+    shutil.copytree("/etc", etc, symlinks=True, ignore_dangling_symlinks=True)
+    home.mkdir()
+    for name in ("passwd", "group", "shadow", "gshadow"):
+        path = etc / name
+        lines = path.read_text().splitlines() if path.exists() else []
+        ids = {"passwd": 2, "group": 2}
+        kept = [line for line in lines if not (name in ids and line.split(":")[ids[name]] == "1000")]
+        kept = [line for line in kept if line.split(":")[0] not in {"ubuntu", "ray"} and line]
+        if base_has_uid_1000:
+            kept.append(
+                {
+                    "passwd": "ubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/bash",
+                    "group": "ubuntu:x:1000:",
+                    "shadow": "ubuntu:!:19000:0:99999:7:::",
+                    "gshadow": "ubuntu:!::",
+                }[name]
+            )
+        path.write_text("\n".join(kept) + "\n")
+    if base_has_uid_1000:
+        (home / "ubuntu").mkdir()
+        (home / "ubuntu" / ".profile").write_text("# ubuntu's\n")
+    step = dockerfile_run("--uid 1000")
+    script = f"set -e; mount --bind {etc} /etc; mount --bind {home} /home; {step}"
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HF_HOME": "/home/ray/.cache/huggingface"},
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    passwd = {line.split(":")[0]: line.split(":") for line in (etc / "passwd").read_text().splitlines()}
+    group = {line.split(":")[0]: line.split(":") for line in (etc / "group").read_text().splitlines()}
+    assert passwd["ray"][2:4] == ["1000", "1000"] and passwd["ray"][5:7] == ["/home/ray", "/bin/bash"]
+    assert group["ray"][2] == "1000" and "ubuntu" not in passwd and "ubuntu" not in group
+    cache = home / "ray" / ".cache" / "huggingface"
+    assert cache.is_dir() and cache.stat().st_uid == 1000 and (home / "ray").stat().st_uid == 1000
+    assert not (home / "ubuntu").exists()
 
 
 def test_dockerfile_smoke_checks_name_real_modules_and_scripts() -> None:
