@@ -10,7 +10,7 @@ dtype `auto` picks, the attention kernel `sam3core.attention` picks) and the fas
   (16 heads of 64 channels): one window of 576 tokens (every block at 336 px), nine windows (a window block at
   1008 px) and one global map of 5184 tokens (a global block at 1008 px), in float32 and bfloat16 (ms).
 
-    flock /tmp/sam3-bench.lock python bench/cpu_isa.py
+    python bench/cpu_isa.py
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ in float16, and transformers' SAM 3 heads run from the cache against the whole m
    Both in float32 on the CPU at torch's default thread count; the largest |value| of the float32 trunk map and the
    float16 storage error come from the same run, and so does the agreement of the two paths' outputs.
 
-    flock -s /tmp/sam3-cpu.lock python bench/feature_cache.py --images 3 --prepare-only  # checkpoint, pipeline run
-    flock -x /tmp/sam3-cpu.lock python bench/feature_cache.py --images 3                 # reuses them; timed
+    python bench/feature_cache.py --images 3 --prepare-only  # checkpoint, pipeline run
+    python bench/feature_cache.py --images 3                 # reuses them; timed
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ not depend on them), `compile: auto` for the dtype (inductor with freezing for b
 dataset, an empty inductor cache and an empty shared root, and prints each actor's "model ready" line (which says
 whether it compiled and published or loaded).
 
-    flock /tmp/sam3-bench.lock python bench/startup.py --sizes 336 1008 --dtype bfloat16 --batch-size 1
-    flock /tmp/sam3-bench.lock python bench/startup.py --pipeline --sizes 336 --dtype bfloat16 --batch-size 1
+    python bench/startup.py --sizes 336 1008 --dtype bfloat16 --batch-size 1
+    python bench/startup.py --pipeline --sizes 336 --dtype bfloat16 --batch-size 1
 """
 
 from __future__ import annotations
