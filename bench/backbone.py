@@ -16,7 +16,7 @@ fastest 4096 x 4096 x 4096 matmul in the same dtype, measured before and after t
 counted by `torch.utils.flop_counter` on a meta copy of the model. The official modules come from Meta's `sam3`
 wheel in a separate environment (see `tools/official_sam3.py`):
 
-    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTHONPATH=. /work/refenv/bin/python bench/backbone.py \\
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTHONPATH=. .refenv/bin/python bench/backbone.py \\
         --sizes 336 1008 --dtypes bfloat16 --iters 2
 
 `--device cuda` runs the same comparison on a GPU. `--variants official eager` leaves out the compiled variant;

@@ -9,7 +9,7 @@ which imports only torch) runs on both dictionaries. Two steps, two environments
     python tools/check_meta_heads.py export --output /tmp/sam3-feature-cache-bench/out_1008 \
         --checkpoint /tmp/sam3-feature-cache-bench/sam3_parity.pt --ids red_circle --out /tmp/meta_heads.pt
     # 2. reference venv with Meta's wheel (tools/official_sam3.py)
-    /work/refenv/bin/python tools/check_meta_heads.py check /tmp/meta_heads.pt
+    .refenv/bin/python tools/check_meta_heads.py check /tmp/meta_heads.pt
 
 The head gets random weights (seeded) and random object queries and encoder states; both dictionaries go through
 the same head with the same inputs, so any difference comes from the dictionaries alone.

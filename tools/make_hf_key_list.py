@@ -11,9 +11,9 @@ against itself.
 
 Run with the reference environment (`tools/official_sam3.py`) plus transformers:
 
-    /work/refenv/bin/pip install --no-deps transformers
-    /work/refenv/bin/pip install "tokenizers>=0.23.1,<0.24" typer
-    /work/refenv/bin/python tools/make_hf_key_list.py
+    .refenv/bin/pip install --no-deps transformers
+    .refenv/bin/pip install "tokenizers>=0.23.1,<0.24" typer
+    .refenv/bin/python tools/make_hf_key_list.py
 """
 
 from __future__ import annotations

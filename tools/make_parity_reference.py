@@ -3,8 +3,8 @@
 Run it with the reference environment described in `tools/official_sam3.py` (Meta's `sam3` 0.1.4 wheel; CI
 never has it), from the repository root:
 
-    /work/refenv/bin/python tools/make_parity_reference.py                 # every case below
-    /work/refenv/bin/python tools/make_parity_reference.py --case tiny:168 # one case
+    .refenv/bin/python tools/make_parity_reference.py                 # every case below
+    .refenv/bin/python tools/make_parity_reference.py --case tiny:168 # one case
 
 For each case (configuration, image size) it builds the official `SAM3VLBackbone` the way
 `sam3/model_builder.py` wires the "sam3" model (ViT with tiled absolute positions, interpolated RoPE, windowed

@@ -2,7 +2,7 @@
 
 Run with the reference environment (`tools/official_sam3.py`), from the repository root:
 
-    /work/refenv/bin/python tools/make_tokenizer_corpus.py
+    .refenv/bin/python tools/make_tokenizer_corpus.py
 
 It tokenizes every caption below with Meta's `SimpleTokenizer` (sam3 0.1.4, `tokenizer_ve.py`), loaded with the
 vocabulary packaged in `sam3core/assets`, at context length 32, and writes `tests/data/tokenizer_corpus.json`

@@ -3,11 +3,11 @@
 Only for the reference tools (`make_parity_reference.py`, `make_tokenizer_corpus.py`), run with the separate
 reference environment, never by the project or its tests:
 
-    python -m venv /work/refenv
-    /work/refenv/bin/pip install torch==2.13.0            # the CPU wheel
-    /work/refenv/bin/pip install --no-deps sam3-0.1.4-py3-none-any.whl
-    /work/refenv/bin/pip install ftfy regex iopath huggingface_hub einops "numpy<2.4" safetensors pillow
-    /work/refenv/bin/pip install --no-deps timm
+    python -m venv .refenv
+    .refenv/bin/pip install torch==2.13.0            # the CPU wheel
+    .refenv/bin/pip install --no-deps sam3-0.1.4-py3-none-any.whl
+    .refenv/bin/pip install ftfy regex iopath huggingface_hub einops "numpy<2.4" safetensors pillow
+    .refenv/bin/pip install --no-deps timm
 
 Two package initialisers stand between us and the backbone modules, and both import torchvision, which has no
 CPU build for this torch:
