@@ -3,6 +3,7 @@
 Only for the reference tools (`make_parity_reference.py`, `make_tokenizer_corpus.py`), run with the separate
 reference environment, never by the project or its tests:
 
+    pip download --no-deps sam3==0.1.4              # Meta's wheel, into this folder
     python -m venv .refenv
     .refenv/bin/pip install torch==2.13.0            # the CPU wheel
     .refenv/bin/pip install --no-deps sam3-0.1.4-py3-none-any.whl
