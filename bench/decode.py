@@ -2,7 +2,7 @@
 and what draft mode does to pixels and embeddings.
 
 Writes N 3000 x 4000 JPEG files (quality 90; smooth colour fields with edges and fine noise, so that the encoded
-size, about 2-4 MB, is that of a phone photo), then times `pipeline.decode.decode_image` (decode, EXIF
+size, about 2-4 MB, is that of a phone photo), then times `pipeline.input.decode.decode_image` (decode, EXIF
 orientation, RGB, resize to imgsz) in one process with one torch thread, i.e. one core:
 
 - full decode (the default), then resize;
@@ -39,7 +39,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline.decode import decode_image  # noqa: E402
+from pipeline.input.decode import decode_image  # noqa: E402
 from sam3core import build_sam3_vl_backbone, normalize_images  # noqa: E402
 from tools.parity_weights import deterministic_tensor  # noqa: E402
 

@@ -32,11 +32,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from pipeline import JobConfig, run_job  # noqa: E402
-from pipeline.demo import write_sample_dataset  # noqa: E402
-from pipeline.feature_cache import FeatureCache  # noqa: E402
+from pipeline.cache.feature_cache import FeatureCache  # noqa: E402
+from pipeline.dataset.reader import open_embeddings  # noqa: E402
+from pipeline.dataset.sizes import feature_sizes  # noqa: E402
 from pipeline.heads import transformers_text_embeds, transformers_vision_embeds  # noqa: E402
-from pipeline.reader import open_embeddings  # noqa: E402
-from pipeline.sizes import feature_sizes  # noqa: E402
+from pipeline.run.demo import write_sample_dataset  # noqa: E402
 from sam3core import build_sam3_vl_backbone, get_config, preprocess_images  # noqa: E402
 from tests.hf_sam3_model import transformers_sam3_model  # noqa: E402
 from tools.parity_weights import deterministic_tensor  # noqa: E402

@@ -73,7 +73,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # before bench/, whose pipeline.py would shadow the package
 
 from pipeline import schema  # noqa: E402
-from pipeline.embed import EmbedSettings, EmbedWorker, pixel_array  # noqa: E402
+from pipeline.model.embed import EmbedSettings, EmbedWorker, pixel_array  # noqa: E402
 from sam3core import build_sam3_vl_backbone, get_config, normalize_images  # noqa: E402
 from sam3core.build import _assemble  # noqa: E402
 from sam3core.compile import CompilePlan, apply_compile, compile_fallback, is_compiled, remove_compile  # noqa: E402
@@ -499,12 +499,12 @@ def section_correctness(suite: Suite) -> None:
 
 def prepared_tables(suite: Suite, batch: int, count: int, captions: bool) -> list[pa.Table]:
     """`count` batches as the CPU stage hands them to the model actor: photos decoded and resized by
-    `pipeline.decode.decode_image`, captions as token ids (the parity captions)."""
+    `pipeline.input.decode.decode_image`, captions as token ids (the parity captions)."""
     import io
 
     from PIL import Image
 
-    from pipeline.decode import decode_image
+    from pipeline.input.decode import decode_image
 
     rng = np.random.default_rng(0)
     pixels = []

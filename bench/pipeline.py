@@ -14,7 +14,7 @@ in one process, with the same configuration, image size, dtype, compilation, bat
    twice: over the whole run, and steady, from the first finished batch to the last (the run's
    `steady_rows_per_s`): the rate a long run converges to, without the fixed start-up a short run cannot amortize.
 
-The thread count is the model actor's share as `run_job` decides it (`pipeline.job.actor_threads`); on a CPU-only
+The thread count is the model actor's share as `run_job` decides it (`pipeline.run.job.actor_threads`); on a CPU-only
 machine that is every core, with decoding running in the model's gaps.
 
     python bench/pipeline.py --config tiny --imgsz 224 --rows 256 --batch-size 16
@@ -44,10 +44,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from pipeline import JobConfig, run_job, schema  # noqa: E402
 from pipeline.config import FEATURES_DEFAULT  # noqa: E402
-from pipeline.embed import EmbedSettings, EmbedWorker, pixel_array  # noqa: E402
-from pipeline.job import actor_threads  # noqa: E402
-from pipeline.records import PrepareSettings, prepare_batch  # noqa: E402
-from pipeline.sources import SourceSpec  # noqa: E402
+from pipeline.input.records import PrepareSettings, prepare_batch  # noqa: E402
+from pipeline.input.sources import SourceSpec  # noqa: E402
+from pipeline.model.embed import EmbedSettings, EmbedWorker, pixel_array  # noqa: E402
+from pipeline.run.job import actor_threads  # noqa: E402
 from sam3core import normalize_images  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""How long the checks before a run take (pipeline/preflight.py), against loading what they look at.
+"""How long the checks before a run take (pipeline/run/preflight.py), against loading what they look at.
 
 Writes, under --dir: a checkpoint in the official `sam3.pt` layout of --checkpoint-gb GiB (float32 tensors under
 `detector.backbone.*` names, --tensors of them), the same tensors as safetensors, and a Parquet manifest of --rows
@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # before bench/ itself, whose pipeline.py would shadow the package
 
 from pipeline.config import JobConfig  # noqa: E402
-from pipeline.preflight import preflight  # noqa: E402
+from pipeline.run.preflight import preflight  # noqa: E402
 from sam3core.checkpoint import probe_checkpoint  # noqa: E402
 
 

@@ -154,7 +154,7 @@ def files_per_partition(output: Path) -> dict[str, int]:
 
 
 def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_after_s: float | None) -> dict[str, Any]:
-    import pipeline.progress
+    import pipeline.run.progress
 
     data = write_dataset(work / f"{name}-data", rows, args.partitions)
     output = work / f"{name}-out"
@@ -171,10 +171,10 @@ def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_aft
             "resume_path": str(work / f"{name}-ckpt"),
         }
     )
-    pipeline.progress.LOG_INTERVAL_S = args.sample_s
+    pipeline.run.progress.LOG_INTERVAL_S = args.sample_s
     progress = ProgressRows()
-    logging.getLogger("pipeline.progress").addHandler(progress)
-    logging.getLogger("pipeline.progress").setLevel(logging.INFO)
+    logging.getLogger("pipeline.run.progress").addHandler(progress)
+    logging.getLogger("pipeline.run.progress").setLevel(logging.INFO)
     if args.data_limit_mib is not None:  # an experiment: Ray Data's own object store limit for the dataset
         from ray.data import DataContext
 
@@ -196,7 +196,7 @@ def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_aft
     elapsed = time.monotonic() - started
     watch.stop.set()
     watcher.join()
-    logging.getLogger("pipeline.progress").removeHandler(progress)
+    logging.getLogger("pipeline.run.progress").removeHandler(progress)
 
     written = pq.ParquetDataset(str(output)).read(columns=["id"]) if list(output.rglob("*.parquet")) else None
     ids = written.column("id").to_pylist() if written is not None else []

@@ -1,6 +1,6 @@
 """From a fresh process to its first batch: compiling cold, with a warm local cache, and loading shared artifacts.
 
-For each image size, three fresh processes play model actors (`pipeline.compile_share.warm_up_shared`, as
+For each image size, three fresh processes play model actors (`pipeline.model.compile_share.warm_up_shared`, as
 `EmbedWorker` calls it: build the model, warm it up, then embed one real batch), each timed from before its start
 to its first batch done:
 
@@ -41,7 +41,7 @@ def actor(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO_ROOT))
     import torch
 
-    from pipeline.compile_share import warm_up_shared
+    from pipeline.model.compile_share import warm_up_shared
     from sam3core import build_sam3_vl_backbone
 
     imported = time.time()
@@ -92,7 +92,7 @@ def run_actor(imgsz: int, args: argparse.Namespace, inductor_dir: str, share: st
 def run_pipeline(imgsz: int, args: argparse.Namespace) -> None:
     """`sam3-embed run` with two model actors, fresh caches; prints the actors' model-ready lines."""
     sys.path.insert(0, str(REPO_ROOT))
-    from pipeline.demo import write_sample_dataset
+    from pipeline.run.demo import write_sample_dataset
 
     with tempfile.TemporaryDirectory(prefix="sam3-startup-pipeline-") as scratch:
         dataset = write_sample_dataset(os.path.join(scratch, "data"))

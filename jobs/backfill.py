@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         if not values:
             print(f"no {args.partition_column}=... partitions found under {config.input.uri}", file=sys.stderr)
             return exit_codes.USAGE
-        from pipeline import console, run_job
-        from pipeline.preflight import check_settings
+        from pipeline import run_job
+        from pipeline.run import console
+        from pipeline.run.preflight import check_settings
 
         console.set_verbose(args.verbose)
         backfill = Backfill(config, options, run_job)

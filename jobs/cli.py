@@ -129,7 +129,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from pipeline.demo import write_sample_dataset
+    from pipeline.run.demo import write_sample_dataset
 
     root = Path(args.output).resolve()
     dataset = write_sample_dataset(root / "data")
@@ -178,7 +178,7 @@ def inspect_output(uri: str, rows: int, storage_options: dict[str, Any] | None =
     """What an output holds, reading only the status column and the first rows, never the whole dataset."""
     import pyarrow.dataset as ds
 
-    from pipeline.reader import open_embeddings, read_run_metadata
+    from pipeline.dataset.reader import open_embeddings, read_run_metadata
 
     dataset = open_embeddings(uri, storage_options=storage_options)  # FileNotFoundError when nothing is committed
     files = dataset.files
@@ -226,7 +226,7 @@ def inspect_output(uri: str, rows: int, storage_options: dict[str, Any] | None =
 
 
 def print_feature_sizes(dataset: Any) -> None:
-    from pipeline.sizes import feature_sizes
+    from pipeline.dataset.sizes import feature_sizes
 
     sizes = feature_sizes(dataset)
     if sizes:

@@ -1,6 +1,6 @@
 """`sam3-embed compile`: compile the model ahead of a job and publish the artifact its actors will load.
 
-It builds the model exactly as the job's model actors will (`pipeline.embed.EmbedWorker`: same checkpoint, model
+It builds the model exactly as the job's model actors will (`pipeline.model.embed.EmbedWorker`: same checkpoint, model
 configuration, image size, dtype, batch size and stored features, hence the same key), warms it up here and
 publishes the compiled caches to the job's `model.compile_cache` (by default `<output>/_compile_cache`). Run it
 on a machine like the job's workers (same torch, same CPU instruction set or GPU model): on another, the key
@@ -50,7 +50,7 @@ def add_parser(commands: Any) -> None:
 
 
 def compile_command(args: argparse.Namespace) -> int:
-    from pipeline.compile_share import compile_cache_uri
+    from pipeline.model.compile_share import compile_cache_uri
 
     try:
         data = read_config_data(args.config) if args.config else {}
@@ -74,7 +74,7 @@ def compile_command(args: argparse.Namespace) -> int:
     if config.model.compile in ("off", False):  # YAML reads a bare off as False
         print("error: model.compile is off for this job: nothing to compile", file=sys.stderr)
         return exit_codes.USAGE
-    from pipeline.embed import EmbedSettings, EmbedWorker
+    from pipeline.model.embed import EmbedSettings, EmbedWorker
 
     settings = EmbedSettings(
         checkpoint=config.model.checkpoint,

@@ -21,8 +21,8 @@ from jobs.cli_common import configure_logging, write_report
 from jobs.job_config import add_config_arguments, load_job_config
 from jobs.native_stderr import NativeStderrFilter
 from pipeline.config import JobConfig
-from pipeline.outcome import error_fraction, run_outcome
-from pipeline.run_summary import summary_counts, summary_to_dict
+from pipeline.run.outcome import error_fraction, run_outcome
+from pipeline.run.run_summary import summary_counts, summary_to_dict
 
 logger = logging.getLogger("jobs.embed")
 
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 def execute(config: JobConfig, report: str | None = None, verbose: bool = False) -> int:
     """Check the job (exit 2 on a mistake, before Ray starts), run it, print its summary, optionally write it as
     JSON; the exit code says how it went."""
-    from pipeline import console
-    from pipeline.preflight import PreflightError, preflight
+    from pipeline.run import console
+    from pipeline.run.preflight import PreflightError, preflight
 
     console.set_verbose(verbose)
     interrupted = f"run {config.run_id}: interrupted"

@@ -7,7 +7,7 @@ driver's exit status when the entry point runs directly.
 
 from __future__ import annotations
 
-from pipeline.outcome import Outcome
+from pipeline.run.outcome import Outcome
 
 OK = 0  # every row embedded, or error rows within output.max_error_fraction (backfill: every partition committed)
 FAILED = 1  # the job (or at least one partition) failed; nothing partial became visible

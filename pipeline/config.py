@@ -24,7 +24,7 @@ FEATURES_OPTIONAL = (
     "language_features",
     "language_embeds",
     "sam2_backbone_fpn",
-    "interactive_backbone_fpn",  # SAM 3.1 checkpoints only (pipeline/neck_heads.py)
+    "interactive_backbone_fpn",  # SAM 3.1 checkpoints only (pipeline/model/neck_heads.py)
 )
 
 
@@ -56,7 +56,7 @@ class S3Options:
 class InputConfig:
     uri: str | list[str] = ""
     format: InputFormat = "manifest"
-    # Manifest columns; None (the default) means "recognise the common names" (pipeline/columns.py), and "" for
+    # Manifest columns; None (the default) means "recognise the common names" (pipeline/input/columns.py), and "" for
     # a caption column means "no caption". The id column is optional in the data: without one, ids derive from
     # the source. For WebDataset, caption_column / captions_column are keys of each sample's .json member.
     id_column: str | None = None
@@ -78,7 +78,7 @@ class ModelConfig:
     # auto: per device, as sam3core.compile decides (measured on CPU): inductor + freezing for bfloat16 on CPU,
     # max-autotune on CUDA, eager for float32 on CPU; falls back to eager with a warning if compiling fails
     compile: Literal["auto", "on", "off"] = "auto"
-    # Where compiled code is shared between actors and nodes (pipeline/compile_share.py): any fsspec URI; None:
+    # Where compiled code is shared between actors and nodes (pipeline/model/compile_share.py): any fsspec URI; None:
     # `<output>/_compile_cache`; "off": every actor compiles for itself. `sam3-embed compile` fills it ahead.
     compile_cache: str | None = None
     compile_wait_s: float = 1800.0  # how long an actor waits for another's compilation before compiling itself

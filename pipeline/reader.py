@@ -1,5 +1,4 @@
-"""Moved to `pipeline.dataset.reader`; this name stays importable (the very same module object, so attributes set
-on one are seen through the other)."""
+"""Moved to `pipeline.dataset.reader`; `pipeline.reader` keeps working for consumers (the very same module object)."""
 
 import sys
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import JobConfig
-from pipeline.job import IN_FLIGHT_FLOOR, PREPARE_BATCH_ROWS, _bounded_in_flight, in_flight_limit
+from pipeline.run.job import IN_FLIGHT_FLOOR, PREPARE_BATCH_ROWS, _bounded_in_flight, in_flight_limit
 
 
 def job(imgsz: int, actors: int, batch: int) -> JobConfig:
@@ -62,9 +62,9 @@ def test_a_parquet_file_read_as_one_block_is_decoded_by_many_small_tasks(ray_loc
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from pipeline.job import _prepare, decode_memory
-    from pipeline.preflight import preflight
-    from pipeline.sources import SourceSpec, input_protocol, input_uris, plan_source, read_source
+    from pipeline.input.sources import SourceSpec, input_protocol, input_uris, plan_source, read_source
+    from pipeline.run.job import _prepare, decode_memory
+    from pipeline.run.preflight import preflight
 
     rows = 4 * PREPARE_BATCH_ROWS + 5
     buffer = io.BytesIO()

@@ -15,10 +15,10 @@ import yaml
 from jobs import exit_codes
 from jobs.cli import main
 from pipeline import read_embeddings
-from pipeline.demo import write_sample_dataset
+from pipeline.run.demo import write_sample_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# What Ray printed on every run before the pipeline turned it down (see pipeline/console.py, jobs/native_stderr.py)
+# What Ray printed on every run before the pipeline turned it down (see pipeline/run/console.py, jobs/native_stderr.py)
 RAY_NOISE = (
     "Token authentication",
     "Started a local Ray instance",

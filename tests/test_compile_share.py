@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.compile_share import ArtifactRefused, Outcome, ShareSettings, obtain
+from pipeline.model.compile_share import ArtifactRefused, Outcome, ShareSettings, obtain
 from pipeline.storage import Location
 from sam3core import build_sam3_vl_backbone
 from sam3core.compile_cache import ArtifactError, CompileKey, compile_key, seal, unseal
@@ -114,7 +114,7 @@ def test_only_one_of_several_actors_compiles_the_others_wait_and_load(storage_ro
 
 PUBLISHER = """
 import sys, time
-from pipeline.compile_share import ShareSettings, obtain
+from pipeline.model.compile_share import ShareSettings, obtain
 from pipeline.storage import Location
 import json
 root = Location.parse(sys.argv[1], json.loads(sys.argv[2]) or None)
@@ -307,7 +307,7 @@ def test_kernels_are_only_ever_written_where_inductor_keeps_them(tmp_path: Path,
 
 
 def test_where_artifacts_go(tmp_path: Path) -> None:
-    from pipeline.compile_share import compile_cache_uri
+    from pipeline.model.compile_share import compile_cache_uri
 
     output = str(tmp_path / "out")
     assert compile_cache_uri(None, output) == f"{output}/_compile_cache"  # beside the output by default

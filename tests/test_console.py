@@ -1,4 +1,4 @@
-"""Quiet by default, everything with -v: the switches in pipeline/console.py and the stderr filter."""
+"""Quiet by default, everything with -v: the switches in pipeline/run/console.py and the stderr filter."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from jobs.native_stderr import NativeStderrFilter
-from pipeline import console
+from pipeline.run import console
 
 CORE_WORKER_LINE = (
     b"[2026-11-22 05:48:22,849 E 4749 4749] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches("

@@ -14,7 +14,7 @@ import torch
 
 import sam3core.cpu as cpu_module
 from pipeline.config import JobConfig
-from pipeline.preflight import emulated_dtype_warning, preflight
+from pipeline.run.preflight import emulated_dtype_warning, preflight
 from sam3core.attention import cpu_attention_kernel
 from sam3core.cpu import AUTO_DTYPE_ENV, CpuFeatures, auto_dtype
 
@@ -83,7 +83,7 @@ def _job(tmp_path: Path, dtype: str) -> JobConfig:
 
 def test_bfloat16_on_a_cpu_that_emulates_it_gets_one_warning_line(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(cpu_module, "cpu_features", lambda: AVX2)
-    with caplog.at_level(logging.WARNING, logger="pipeline.preflight"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.run.preflight"):
         plan = preflight(_job(tmp_path, "bfloat16"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and plan.warnings == warnings

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline import JobConfig, run_job
-from pipeline.feature_cache import CheckpointMismatchError, FeatureCache
+from pipeline.cache.feature_cache import CheckpointMismatchError, FeatureCache
 from pipeline.heads import (
     meta_backbone_out,
     sam3_processor_state,

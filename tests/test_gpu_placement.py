@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import schema
 from pipeline.config import JobConfig
-from pipeline.embed import EmbedWorker, actor_device
-from pipeline.job import actor_cpus, compile_fallbacks, gpus_per_actor
-from pipeline.preflight import validate
+from pipeline.dataset import schema
+from pipeline.model.embed import EmbedWorker, actor_device
+from pipeline.run.job import actor_cpus, compile_fallbacks, gpus_per_actor
+from pipeline.run.preflight import validate
 from tests.test_pipeline_units import _embed_settings, _prepared_batch
 
 
@@ -106,7 +106,7 @@ def test_an_out_of_memory_batch_is_split_and_loses_no_row(tmp_path: Path, caplog
     worker = EmbedWorker(_embed_settings("off", ("image_embedding",), batch_size=5))
     expected = worker(batch)
     calls = _fails_above(worker, 2)
-    with caplog.at_level(logging.WARNING, logger="pipeline.embed"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.embed"):
         actual = worker(batch)
     assert calls == [5, 2, 3, 1, 2]  # halves until each part fits
     assert actual.column(schema.STATUS).to_pylist() == ["ok"] * 5
@@ -190,7 +190,7 @@ def test_the_gpus_an_autoscaler_reports_it_can_add_are_read_from_the_cluster(ray
     from ray.core.generated import autoscaler_pb2
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
-    from pipeline.job import _scalable_resources
+    from pipeline.run.job import _scalable_resources
 
     namespace = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
     key = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
@@ -210,7 +210,7 @@ def test_the_gpus_an_autoscaler_reports_it_can_add_are_read_from_the_cluster(ray
 
 def test_compile_threads_follow_the_containers_cpu_limit(tmp_path: Path) -> None:
     """A pod limited to 12 CPUs on a 192-core host must not start 32 compile workers (inductor counts the host)."""
-    from pipeline.embed import cgroup_cpu_limit, usable_cpus
+    from pipeline.model.embed import cgroup_cpu_limit, usable_cpus
 
     v2 = tmp_path / "v2"
     v2.mkdir()

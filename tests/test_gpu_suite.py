@@ -53,7 +53,7 @@ def gpu_machine_env(tmp_path: Path) -> dict[str, str]:
 def test_the_model_actor_and_sam3core_import_without_ray_or_ftfy(tmp_path: Path) -> None:
     code = (
         "import sys\n"
-        "import pipeline.embed, sam3core\n"
+        "import pipeline.model.embed, sam3core\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in {'ray', 'ftfy'})\n"
         "assert not loaded, loaded\n"
         "sam3core.build_sam3_vl_backbone(config='tiny', imgsz=28)\n"

@@ -1,7 +1,7 @@
 """Runs that grow one dataset (docs/incremental.md), on a local Ray cluster with real files and moto's S3 server.
 
-After every run the dataset is read with plain globs by pyarrow, DuckDB and polars and by `pipeline.reader`: each
-id must be there exactly once. Tiny model configuration, random weights, 56 px images.
+After every run the dataset is read with plain globs by pyarrow, DuckDB and polars and by
+`pipeline.dataset.reader`: each id must be there exactly once. Tiny model configuration, random weights, 56 px images.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def ids_every_reader(root: Path) -> dict[str, list[str]]:
             row[0] for row in duckdb.sql(f"select id from read_parquet('{glob}', hive_partitioning=true)").fetchall()
         ],
         "polars": pl.scan_parquet(glob, hive_partitioning=True).select("id").collect()["id"].to_list(),
-        "pipeline.reader": read_embeddings(str(root), columns=["id"]).column("id").to_pylist(),
+        "pipeline.dataset.reader": read_embeddings(str(root), columns=["id"]).column("id").to_pylist(),
     }
 
 
@@ -316,7 +316,7 @@ def test_each_distinct_image_goes_through_the_model_once(
     assert_each_id_once(output, {f"r{i}" for i in range(12)})
     # the feature cache and `inspect` read the same files: each id once
     from jobs.cli import inspect_output
-    from pipeline.feature_cache import FeatureCache
+    from pipeline.cache.feature_cache import FeatureCache
 
     cached = FeatureCache(str(output), checkpoint=None).dataset.to_table(columns=["id"])["id"].to_pylist()
     assert sorted(cached) == sorted(f"r{i}" for i in range(12))
@@ -428,7 +428,9 @@ def test_incremental_runs_on_s3_keep_each_id_once_for_every_reader(
     seen["duckdb"] = [
         r[0] for r in connection.sql(f"select id from read_parquet('s3://{prefix}/**/*.parquet')").fetchall()
     ]
-    seen["pipeline.reader"] = read_embeddings(output, storage_options=bucket.storage_options).column("id").to_pylist()
+    seen["pipeline.dataset.reader"] = (
+        read_embeddings(output, storage_options=bucket.storage_options).column("id").to_pylist()
+    )
     for reader, ids in seen.items():
         assert len(ids) == len(set(ids)) and set(ids) == expected, reader
     assert [run["rows_added"] for run in json.loads(bucket.get("embeddings/events/_dataset.json"))["runs"]] == [5, 2]

@@ -143,7 +143,7 @@ def test_backfill_refuses_a_bad_checkpoint_before_any_partition(
 
 
 def test_exit_codes_map_every_outcome() -> None:
-    from pipeline.outcome import Outcome, run_outcome
+    from pipeline.run.outcome import Outcome, run_outcome
 
     assert {exit_codes.exit_code(outcome) for outcome in Outcome} == {0, 1, 2, 3, 4, 130}
     assert run_outcome({"rows_total": 100, "rows_error": 5}, 0.05) is Outcome.OK
@@ -154,7 +154,7 @@ def test_exit_codes_map_every_outcome() -> None:
 
 def test_backfill_applies_the_error_budget_per_partition() -> None:
     from pipeline.backfill.runner import BackfillReport, PartitionResult, render_report
-    from pipeline.outcome import Outcome
+    from pipeline.run.outcome import Outcome
 
     report = BackfillReport(run_id="r", output="s3://b/o", column="date", started_at=0.0, max_error_fraction=0.05)
     report.results = [
@@ -189,7 +189,7 @@ def test_duplicate_ids_are_refused_before_any_work(tmp_path: Path, capsys: pytes
 
 def test_repeated_images_without_ids_are_refused_and_distinct_captions_are_not(tmp_path: Path) -> None:
     from pipeline.config import JobConfig
-    from pipeline.duplicate_ids import check_unique_ids
+    from pipeline.input.duplicate_ids import check_unique_ids
 
     lines = [
         {"image": "s3://b/1.jpg", "caption": "one"},

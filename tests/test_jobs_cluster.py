@@ -394,7 +394,7 @@ def _checkpoint_committed(bucket: S3Bucket, prefix: str) -> bool:
 def test_a_killed_run_resumes_without_losing_or_duplicating_rows(
     ray_head: RayHead, bucket: S3Bucket, slow_image_server: SlowImageServer, tmp_path: Path
 ) -> None:
-    from pipeline.job import PREPARE_BATCH_ROWS
+    from pipeline.run.job import PREPARE_BATCH_ROWS
 
     # Five CSV manifests of one CPU batch each (Ray reads CSV files as separate blocks, so each batch is written
     # on its own), images from a slow source (3 s a request, 16 in flight: about 6 s a batch). The driver is

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from pipeline import JobConfig, embeddings_to_numpy, read_embeddings, read_embeddings_numpy, read_run_metadata, run_job
-from pipeline.ids import derive_id
-from pipeline.job import PREPARE_BATCH_ROWS
-from pipeline.preflight import PreflightError
+from pipeline.input.ids import derive_id
+from pipeline.run.job import PREPARE_BATCH_ROWS
+from pipeline.run.preflight import PreflightError
 from sam3core import build_sam3_vl_backbone, preprocess_images
 from tests.s3_bucket import S3Bucket
 
@@ -493,11 +493,11 @@ def test_hugging_face_image_parquet(ray_local: None, bucket: S3Bucket, reference
     warnings_seen: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings_seen.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("pipeline.duplicate_ids").addHandler(handler)
+    logging.getLogger("pipeline.input.duplicate_ids").addHandler(handler)
     try:
         summary = run_job(config)
     finally:
-        logging.getLogger("pipeline.duplicate_ids").removeHandler(handler)
+        logging.getLogger("pipeline.input.duplicate_ids").removeHandler(handler)
     assert (summary.rows_total, summary.rows_ok, summary.rows_error) == (6, 5, 1)
     out = {
         row["label"]: row
@@ -563,7 +563,7 @@ def test_img2dataset_parquet_output(
         input={"uri": bucket.uri("i2d"), "id_column": "key", "image_column": "jpg"},
         output={"uri": bucket.uri("o")},
     )
-    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.input.sources"):
         summary = run_job(config)
     assert "manifest column 'status' has the name of an output column; it is written as 'input_status'" in [
         r.getMessage() for r in caplog.records
@@ -737,12 +737,12 @@ def test_resume_after_an_interrupted_run(ray_local: None, bucket: S3Bucket, sile
 
 @pytest.mark.timeout(60)
 def test_progress_is_logged_periodically(ray_local: None, caplog: pytest.LogCaptureFixture) -> None:
-    from pipeline.progress import ProgressCounter, ProgressReporter
+    from pipeline.run.progress import ProgressCounter, ProgressReporter
 
     counter = ProgressCounter.remote()
     counter.add.remote(3, 1)
     reporter = ProgressReporter(counter, total=10, stream=io.StringIO(), interval_s=0.1)  # not a TTY: log lines
-    with caplog.at_level(logging.INFO, logger="pipeline.progress"), reporter:
+    with caplog.at_level(logging.INFO, logger="pipeline.run.progress"), reporter:
         deadline = time.monotonic() + 30
         while not any("rows 4/10 (40%): 3 ok, 1 error" in r.getMessage() for r in caplog.records):
             assert time.monotonic() < deadline, "no progress line was logged"
@@ -754,7 +754,7 @@ def test_progress_is_logged_periodically(ray_local: None, caplog: pytest.LogCapt
 def test_progress_rate_leaves_out_the_start_up_once_a_second_batch_is_done(ray_local: None) -> None:
     import ray
 
-    from pipeline.progress import ProgressCounter
+    from pipeline.run.progress import ProgressCounter
 
     counter = ProgressCounter.remote()
     assert ray.get(counter.snapshot.remote()).steady_rows_per_s is None  # the counter is up: its clock runs
@@ -779,7 +779,7 @@ def test_progress_is_rewritten_in_place_on_a_terminal(ray_local: None) -> None:
     import pty
     import select
 
-    from pipeline.progress import ProgressCounter, ProgressReporter
+    from pipeline.run.progress import ProgressCounter, ProgressReporter
 
     counter = ProgressCounter.remote()
     counter.add.remote(5, 0)

@@ -17,15 +17,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import schema
-from pipeline.arrow_features import ragged, tensors, vectors
-from pipeline.decode import decode_image, load_rgb
-from pipeline.ids import derive_id
-from pipeline.manifest_layout import manifest_kind
-from pipeline.markers import committed_files, write_markers
-from pipeline.model_cache import local_checkpoint
-from pipeline.records import PrepareSettings, prepare_batch
-from pipeline.sources import SourceSpec, clean_captions, describe_block
+from pipeline.dataset import schema
+from pipeline.dataset.markers import committed_files, write_markers
+from pipeline.input.decode import decode_image, load_rgb
+from pipeline.input.ids import derive_id
+from pipeline.input.manifest_layout import manifest_kind
+from pipeline.input.records import PrepareSettings, prepare_batch
+from pipeline.input.sources import SourceSpec, clean_captions, describe_block
+from pipeline.model.arrow_features import ragged, tensors, vectors
+from pipeline.model.model_cache import local_checkpoint
 from pipeline.storage import parse_uri
 from tests.s3_bucket import S3Bucket
 
@@ -149,7 +149,7 @@ def test_manifest_rows_get_ids_and_problems() -> None:
 
 
 def test_manifest_columns_clashing_with_outputs_are_kept_under_a_prefix(caplog: pytest.LogCaptureFixture) -> None:
-    from pipeline.sources import log_renamed_columns, output_names
+    from pipeline.input.sources import log_renamed_columns, output_names
 
     spec = SourceSpec(format="manifest", protocol="file")
     table = pa.table(
@@ -174,8 +174,8 @@ def test_manifest_columns_clashing_with_outputs_are_kept_under_a_prefix(caplog: 
         }
     ]
     assert output_names(["id", "image", "caption", "status"], spec) == [("status", "input_status")]
-    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
-        from pipeline.manifest_layout import ManifestLayout
+    with caplog.at_level(logging.WARNING, logger="pipeline.input.sources"):
+        from pipeline.input.manifest_layout import ManifestLayout
 
         log_renamed_columns(spec, ManifestLayout("parquet", ["m.parquet"], table.schema))
     messages = [r.getMessage() for r in caplog.records]
@@ -229,7 +229,7 @@ def test_manifest_rows_holding_image_bytes() -> None:
 
 
 def test_holds_image_bytes_reads_the_column_type() -> None:
-    from pipeline.manifest_layout import holds_image_bytes
+    from pipeline.input.manifest_layout import holds_image_bytes
 
     hf = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     schema = pa.schema([("a", pa.binary()), ("b", hf), ("c", pa.string()), ("d", pa.large_binary())])
@@ -378,7 +378,7 @@ def _prepared_batch(tmp_path: Path, missing_at: int | None = 1, rows: int = 3) -
 def _embed_settings(
     compile: str, features: tuple[str, ...], batch_size: int, dtype: str = "float32", feature_dtype: str = "float32"
 ):
-    from pipeline.embed import EmbedSettings
+    from pipeline.model.embed import EmbedSettings
 
     return EmbedSettings(
         checkpoint=None,
@@ -399,7 +399,7 @@ def _embed_settings(
 def test_compiled_model_stage_warms_up_once_and_never_recompiles_on_a_short_last_batch(tmp_path: Path) -> None:
     import torch
 
-    from pipeline.embed import EmbedWorker
+    from pipeline.model.embed import EmbedWorker
 
     prepared = _prepared_batch(tmp_path)  # 4 rows, 3 decodable: shorter than the batch size
     pooled_only = ("image_embedding", "text_embedding")
@@ -425,7 +425,7 @@ def test_compiled_model_stage_warms_up_once_and_never_recompiles_on_a_short_last
 
 
 def test_pixel_array_reads_the_arrow_buffer_without_per_row_bytes() -> None:
-    from pipeline.embed import pixel_array
+    from pipeline.model.embed import pixel_array
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for _ in range(4)]
@@ -441,7 +441,7 @@ def test_pixel_array_reads_the_arrow_buffer_without_per_row_bytes() -> None:
 
 
 def test_model_stage_pads_short_batches_for_a_compiled_trunk_without_changing_results(tmp_path: Path) -> None:
-    from pipeline.embed import EmbedWorker
+    from pipeline.model.embed import EmbedWorker
 
     paths = []
     for i in range(3):
@@ -487,7 +487,7 @@ def test_object_store_listings_are_never_cached(bucket: S3Bucket) -> None:
 def test_error_reasons_carry_no_object_addresses() -> None:
     from PIL import UnidentifiedImageError
 
-    from pipeline.decode import error_reason
+    from pipeline.input.decode import error_reason
 
     raw = UnidentifiedImageError("cannot identify image file <_io.BytesIO object at 0x7f3a2b1c0d90>")
     assert error_reason(raw) == "not an image format Pillow can read"
@@ -501,7 +501,7 @@ def test_trunk_maps_beyond_float16_range_fail_their_rows_instead_of_storing_inf(
 ) -> None:
     import torch
 
-    from pipeline.embed import EmbedWorker
+    from pipeline.model.embed import EmbedWorker
 
     path = tmp_path / "0.jpg"
     path.write_bytes(_jpeg(30, 20))
@@ -538,7 +538,7 @@ def test_trunk_maps_beyond_float16_range_fail_their_rows_instead_of_storing_inf(
 
 def test_model_actor_threads_take_the_node_on_cpu_only_clusters() -> None:
     from pipeline.config import JobConfig
-    from pipeline.job import actor_cpus, actor_threads
+    from pipeline.run.job import actor_cpus, actor_threads
 
     job = JobConfig.from_dict({"compute": {"num_actors": 1}})
     # a 2-core laptop: Ray reserves one CPU for the actor (the other schedules decoding), torch uses both

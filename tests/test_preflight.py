@@ -1,6 +1,6 @@
 """Mistakes refused before Ray starts: each is exit code 2 with one line naming what to change, nothing written.
 
-In-process checks call `pipeline.preflight` (no Ray involved); the command-line checks run `sam3-embed run` in a
+In-process checks call `pipeline.run.preflight` (no Ray involved); the command-line checks run `sam3-embed run` in a
 subprocess with its own RAY_TMPDIR, to show the refusal takes seconds and leaves no Ray session behind.
 """
 
@@ -23,9 +23,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from jobs import exit_codes
-from pipeline.columns import resolve_columns
 from pipeline.config import JobConfig
-from pipeline.preflight import PreflightError, preflight
+from pipeline.input.columns import resolve_columns
+from pipeline.run.preflight import PreflightError, preflight
 from sam3core import build_sam3_vl_backbone
 from sam3core.checkpoint import CheckpointError, probe_checkpoint
 

@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 from pipeline import JobConfig, run_job
-from pipeline.feature_cache import FeatureCache
+from pipeline.cache.feature_cache import FeatureCache
+from pipeline.dataset.reader import read_embeddings
 from pipeline.heads import meta_backbone_out, sam3_processor_state, transformers_vision_embeds, ultralytics_features
-from pipeline.preflight import PreflightError, preflight
-from pipeline.reader import read_embeddings
+from pipeline.run.preflight import PreflightError, preflight
 from sam3core import build_sam3_vl_backbone, get_config, preprocess_images
 from tests.sam31_checkpoint import backbone_spec, sam31_state, write_sam31
 from tools.parity_weights import deterministic_state_dict

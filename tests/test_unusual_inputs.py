@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from pipeline import JobConfig, read_embeddings, run_job
-from pipeline.ids import derive_id
-from pipeline.preflight import PreflightError, preflight
-from pipeline.utf8 import replace_invalid_utf8
+from pipeline.input.ids import derive_id
+from pipeline.input.utf8 import replace_invalid_utf8
+from pipeline.run.preflight import PreflightError, preflight
 
 BAD = b"bad \xff\xfe utf8 \xc3( bytes"
 BAD_READ = BAD.decode("utf-8", errors="replace")  # what the row's caption must become
@@ -133,7 +133,7 @@ def test_a_bad_cell_after_the_first_csv_block_reads_with_the_run_convert_options
     whole file ("CSV conversion error to string"); the run's convert options read the caption as bytes."""
     import pyarrow.csv as pacsv
 
-    from pipeline.manifest_layout import csv_convert_options
+    from pipeline.input.manifest_layout import csv_convert_options
 
     path = tmp_path / "m.csv"
     rows = b"".join(b"/x/%d.jpg,caption %d\n" % (i, i) for i in range(200))
@@ -169,9 +169,9 @@ def test_a_checkpoint_that_yields_nan_fails_the_rows_instead_of_storing_nan_as_o
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.embed import EmbedSettings, EmbedWorker
-    from pipeline.records import PrepareSettings, prepare_batch
-    from pipeline.sources import SourceSpec
+    from pipeline.input.records import PrepareSettings, prepare_batch
+    from pipeline.input.sources import SourceSpec
+    from pipeline.model.embed import EmbedSettings, EmbedWorker
 
     weights = {k: v.clone().contiguous() for k, v in tiny_state.items()}
     weights[poisoned][0] = float("nan")

@@ -34,9 +34,9 @@ def export(output: str, checkpoint: str, ids: list[str], path: str) -> None:
 
     from PIL import Image
 
-    from pipeline.feature_cache import FeatureCache
+    from pipeline.cache.feature_cache import FeatureCache
+    from pipeline.dataset.reader import read_embeddings
     from pipeline.heads import meta_backbone_out
-    from pipeline.reader import read_embeddings
     from sam3core import preprocess_images
 
     cache = FeatureCache(output, checkpoint=checkpoint)

@@ -29,8 +29,8 @@ from pipeline.backfill.lease import DEFAULT_TTL_S, PartitionLease
 from pipeline.backfill.partitions import Partition, partition_input
 from pipeline.backfill.staging import StagingArea, StagingState, config_fingerprint
 from pipeline.config import JobConfig
-from pipeline.outcome import Outcome, error_fraction, within_budget
-from pipeline.run_summary import summary_counts, summary_to_dict
+from pipeline.run.outcome import Outcome, error_fraction, within_budget
+from pipeline.run.run_summary import summary_counts, summary_to_dict
 from pipeline.storage import Location
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class BackfillOptions:
     values: list[str]
     overwrite: bool = False
     lease_ttl_s: float = DEFAULT_TTL_S
-    incremental: bool = False  # a committed partition gets its new rows (pipeline.incremental), not skipped
+    incremental: bool = False  # a committed partition gets its new rows (pipeline.run.incremental), not skipped
 
 
 class Backfill:

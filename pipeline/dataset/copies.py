@@ -1,6 +1,6 @@
 """Rows that repeat an image get its image features by copy, at the commit, without the model.
 
-A row is marked in the column `__image_copy` before the model stage (`pipeline.row_selection`): `run` when an
+A row is marked in the column `__image_copy` before the model stage (`pipeline.run.row_selection`): `run` when an
 earlier row of the same run has the same image bytes (the first row with a digest claims it), `dataset` when an
 `ok` row already in the dataset has them. The model actor leaves its image features null (it still encodes its
 caption). At the commit, `collect_sources` finds one source row per digest (a computed row in the staging area,

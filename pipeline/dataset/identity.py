@@ -83,7 +83,7 @@ def identity_of_config(config: JobConfig) -> ModelIdentity:
     checkpoint = config.model.checkpoint
     digest = None
     if checkpoint is not None and not checkpoint.startswith("hf://") and parse_uri(checkpoint).is_local:
-        from pipeline.model_cache import local_checkpoint
+        from pipeline.model.model_cache import local_checkpoint
 
         digest = local_checkpoint(checkpoint, config.storage_options()).sha256
     features = tuple(sorted(dict.fromkeys([*FEATURES_DEFAULT, *config.output.features])))

@@ -70,7 +70,7 @@ def read_embeddings(
 
 
 def list_committed_files(uri: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """URIs of the data files a reader may trust (see pipeline.markers), for DuckDB, polars or Spark to read."""
+    """URIs of the data files a reader may trust (see pipeline.dataset.markers), for DuckDB, polars or Spark to read."""
     location = parse_uri(uri)
     files, _ = committed_files(location, storage_options, raw_options=True)
     return [to_uri(location.protocol, path) for path in files]

@@ -1,6 +1,6 @@
 """The commit of an incremental run: staged rows join the dataset so that every reader sees each id exactly once.
 
-The run wrote its rows to a staging area outside the dataset (see `pipeline.incremental`). The commit turns them
+The run wrote its rows to a staging area outside the dataset (see `pipeline.run.incremental`). The commit turns them
 into file operations, each of which a plain glob reader (pyarrow, DuckDB, polars) sees happen at once:
 
 * add: the staged rows whose id is new, as new files in the same partition directories (new names, never reused);

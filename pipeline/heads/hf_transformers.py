@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline.feature_cache import CachedImages
+from pipeline.cache.feature_cache import CachedImages
 
 
 def transformers_vision_embeds(images: CachedImages) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeline.feature_cache import CachedImages
+from pipeline.cache.feature_cache import CachedImages
 
 # The heads' sub-dictionaries: SAM 3's optional SAM 2 neck; SAM 3.1's interactive and propagation heads.
 _HEAD_KEYS = ("interactive", "sam2_backbone_out")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pipeline.feature_cache import CachedImages
+from pipeline.cache.feature_cache import CachedImages
 
 
 def ultralytics_features(

@@ -17,8 +17,8 @@ from ray.data.block import Block
 from ray.data.checkpoint import CheckpointConfig
 from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
 
-from pipeline import schema
-from pipeline.sources import SourceSpec, block_ids
+from pipeline.dataset import schema
+from pipeline.input.sources import SourceSpec, block_ids
 from pipeline.storage import arrow_filesystem, parse_uri
 
 

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipeline import schema
 from pipeline.config import InputConfig
-from pipeline.ids import derive_id, derive_id_from_row, id_to_string
-from pipeline.manifest_layout import ManifestLayout, csv_convert_options, holds_image_bytes, manifest_layout
+from pipeline.dataset import schema
+from pipeline.input.ids import derive_id, derive_id_from_row, id_to_string
+from pipeline.input.manifest_layout import ManifestLayout, csv_convert_options, holds_image_bytes, manifest_layout
+from pipeline.input.utf8 import replace_invalid_utf8
 from pipeline.storage import Location, arrow_filesystem, parse_uri, to_uri
-from pipeline.utf8 import replace_invalid_utf8
 
 if TYPE_CHECKING:
     import pandas as pd

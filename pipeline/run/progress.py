@@ -18,9 +18,9 @@ from typing import TextIO
 
 import ray
 
-from pipeline import console
+from pipeline.run import console
 
-logger = logging.getLogger("pipeline.progress")
+logger = logging.getLogger("pipeline.run.progress")
 
 LOG_INTERVAL_S = 30.0
 TTY_INTERVAL_S = 1.0

@@ -6,7 +6,7 @@ The run, in order:
 1. takes the dataset's lease (`pipeline.dataset.lock`): a second writer is refused before Ray starts;
 2. finishes a commit a killed run left behind (`pipeline.dataset.replacement`: its journal);
 3. checks the model identity (`pipeline.dataset.identity`) and reads the id set (ids, status, digests only);
-4. embeds the selected rows (`pipeline.row_selection`) with the ordinary pipeline into a staging area beside the
+4. embeds the selected rows (`pipeline.run.row_selection`) with the ordinary pipeline into a staging area beside the
    dataset (`<output>.staging`, outside every glob of the dataset), resuming through Ray Data's checkpoint when an
    earlier attempt of the same run was killed there;
 5. prepares the new files and the rewritten ones in the staging area, writes the journal (the decision), applies
@@ -40,13 +40,13 @@ from pipeline.dataset.replacement import (
     write_journal,
 )
 from pipeline.dataset.runs import read_record
-from pipeline.job import RunSummary
-from pipeline.outcome import error_fraction
-from pipeline.preflight import Plan, PreflightError
+from pipeline.run.job import RunSummary
+from pipeline.run.outcome import error_fraction
+from pipeline.run.preflight import Plan, PreflightError
 from pipeline.storage import Location, arrow_filesystem
 from pipeline.version import package_version
 
-logger = logging.getLogger("pipeline.incremental")
+logger = logging.getLogger("pipeline.run.incremental")
 
 STAGING_SUFFIX = ".staging"
 
@@ -255,9 +255,9 @@ def _embed_selected(
     config: JobConfig, plan: Plan, run_pipeline: RunPipeline, area: StagingArea, id_set: Any
 ) -> dict[str, Any]:
     """Run the pipeline on the selected rows into the staging area; its summary plus the selection's counts."""
-    from pipeline import console
-    from pipeline.row_selection import selection_counts, start_selection
-    from pipeline.sources import SourceSpec, input_protocol, input_uris, plan_source
+    from pipeline.input.sources import SourceSpec, input_protocol, input_uris, plan_source
+    from pipeline.run import console
+    from pipeline.run.row_selection import selection_counts, start_selection
 
     inner = JobConfig.from_dict(config.to_dict())
     inner.output.uri = area.data.uri

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schema
-from pipeline.decode import decode_image, error_reason
-from pipeline.sources import SourceRecords, SourceSpec, clean_captions, describe_block
+from pipeline.dataset import schema
+from pipeline.input.decode import decode_image, error_reason
+from pipeline.input.sources import SourceRecords, SourceSpec, clean_captions, describe_block
 from pipeline.storage import Location, fsspec_filesystem
 
 if TYPE_CHECKING:

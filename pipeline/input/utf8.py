@@ -4,7 +4,7 @@ Where invalid bytes end up depends on the format:
 - CSV / TSV: Arrow's reader infers `binary` for a column with one cell that is not UTF-8 (and a streaming read
   fails outright when that cell comes after the first block). A CSV holds only text, so the schema probe calls
   such a column text (`text_schema`), and the caption columns are read as binary (`binary_column_types`); their
-  cells are decoded with replacement characters in `pipeline.sources.clean_captions`.
+  cells are decoded with replacement characters in `pipeline.input.sources.clean_captions`.
 - JSON Lines and Parquet: Arrow's readers keep the bytes in a `string` column without checking them; Python then
   fails on the first `to_pylist()`. `replace_invalid_utf8` repairs those columns of a block (valid columns, the
   common case, cost one validation pass).

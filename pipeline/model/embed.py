@@ -19,10 +19,17 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from pipeline import arrow_features, schema
-from pipeline.compile_share import checkpoint_identity, warm_up_shared
-from pipeline.model_cache import local_checkpoint
-from pipeline.neck_heads import DENSE_HEADS, head_columns, head_levels, image_forward_options, unsupported_features
+from pipeline.dataset import schema
+from pipeline.model import arrow_features
+from pipeline.model.compile_share import checkpoint_identity, warm_up_shared
+from pipeline.model.model_cache import local_checkpoint
+from pipeline.model.neck_heads import (
+    DENSE_HEADS,
+    head_columns,
+    head_levels,
+    image_forward_options,
+    unsupported_features,
+)
 from sam3core.compile import compile_fallback, is_compiled, is_out_of_memory, set_compile_threads
 from sam3core.cpu import auto_dtype
 
@@ -53,7 +60,7 @@ class EmbedSettings:
     run_id: str = ""
     package_version: str = ""
     extra_metadata: dict[str, Any] = field(default_factory=dict)
-    compile_cache: str | None = None  # URI of the shared compile artifacts (pipeline.compile_share); None: off
+    compile_cache: str | None = None  # URI of the shared compile artifacts (pipeline.model.compile_share); None: off
     compile_wait_s: float = 1800.0
 
 

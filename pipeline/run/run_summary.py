@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.job import RunSummary
+    from pipeline.run.job import RunSummary
 
 
 def summary_to_dict(summary: RunSummary | dict[str, Any]) -> dict[str, Any]:

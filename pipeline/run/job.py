@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline import console, schema
 from pipeline.config import FEATURES_DEFAULT, JobConfig, uses_dataset_protocol
-from pipeline.duplicate_ids import ids_derive_from_content, report_repeated_content_ids
-from pipeline.markers import data_files, remove_markers, write_markers
-from pipeline.outcome import error_fraction
-from pipeline.preflight import Plan, preflight
-from pipeline.records import PrepareSettings, prepare_batch
-from pipeline.row_selection import check_after_prepare, select_before_prepare
-from pipeline.sources import SourceSpec, input_protocol, input_uris, log_renamed_columns, plan_source, read_source
+from pipeline.dataset import schema
+from pipeline.dataset.markers import data_files, remove_markers, write_markers
+from pipeline.input.duplicate_ids import ids_derive_from_content, report_repeated_content_ids
+from pipeline.input.records import PrepareSettings, prepare_batch
+from pipeline.input.sources import SourceSpec, input_protocol, input_uris, log_renamed_columns, plan_source, read_source
+from pipeline.run import console
+from pipeline.run.outcome import error_fraction
+from pipeline.run.preflight import Plan, preflight
+from pipeline.run.row_selection import check_after_prepare, select_before_prepare
 from pipeline.storage import Location, arrow_filesystem, fsspec_filesystem, parse_uri
 from pipeline.version import package_version
 
@@ -67,10 +68,10 @@ class RunSummary:
 def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) -> RunSummary:
     """Run one embedding job to completion; starts a local Ray cluster when none is initialised.
 
-    The job is checked first (`pipeline.preflight`; pass the `Plan` of a check already made): a mistake raises
+    The job is checked first (`pipeline.run.preflight`; pass the `Plan` of a check already made): a mistake raises
     PreflightError before Ray starts and before anything is written. An incremental run (`output.mode:
-    incremental`, `output.retry_errors`, `output.refresh: changed`) goes through `pipeline.incremental`, which calls
-    back here to embed the rows it selected (`selection`, a `pipeline.row_selection.RowSelection`) into staging.
+    incremental`, `output.retry_errors`, `output.refresh: changed`) goes through `pipeline.run.incremental`, which calls
+    back here to embed the rows it selected (`selection`, a `pipeline.run.row_selection.RowSelection`) into staging.
     """
     import ray
 
@@ -79,7 +80,7 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
     plan = plan or preflight(config)
     config = plan.config  # the manifest's columns resolved
     if selection is None and uses_dataset_protocol(config):
-        from pipeline.incremental import run_incremental
+        from pipeline.run.incremental import run_incremental
 
         return run_incremental(config, plan, run_job)
     for note in plan.notes:
@@ -107,7 +108,7 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
         dataset = _prepare(dataset, config, source, storage_options, memory)
         if selection is not None:
             dataset = check_after_prepare(dataset, selection)
-        from pipeline.progress import ProgressCounter, ProgressReporter
+        from pipeline.run.progress import ProgressCounter, ProgressReporter
 
         counter = ProgressCounter.remote()
         try:
@@ -171,7 +172,7 @@ def _checkpointing(config: JobConfig, source: SourceSpec, storage_options: dict[
     context = DataContext.get_current()
     previous = context.checkpoint_config
     if config.resume_path:
-        from pipeline.resume import checkpoint_config
+        from pipeline.run.resume import checkpoint_config
 
         context.checkpoint_config = checkpoint_config(source, config.resume_path, storage_options)
     try:
@@ -255,13 +256,13 @@ def _embed(
     source: SourceSpec,
     storage_options: dict[str, Any],
     counter: Any,
-    worker: type | None = None,  # an EmbedWorker subclass (incremental runs: pipeline.copy_aware_embed)
+    worker: type | None = None,  # an EmbedWorker subclass (incremental runs: pipeline.model.copy_aware_embed)
 ) -> Any:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.compile_share import compile_cache_uri
-    from pipeline.embed import EmbedSettings, EmbedWorker
+    from pipeline.model.compile_share import compile_cache_uri
+    from pipeline.model.embed import EmbedSettings, EmbedWorker
 
     resources = ray.cluster_resources()
     gpus = gpus_per_actor(config, resources, _scalable_resources())
@@ -391,7 +392,7 @@ def _scan_output(
 ) -> tuple[dict[str, int], int, str | None, list[str]]:
     """Status counts over every data file (earlier attempts included), the file count, the checkpoint digest, and
     the distinct compile fallbacks the files' metadata record."""
-    from pipeline.reader import open_dataset, run_metadata_from_file
+    from pipeline.dataset.reader import open_dataset, run_metadata_from_file
 
     files = data_files(output, storage_options)
     if not files:

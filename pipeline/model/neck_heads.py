@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from pipeline import schema
+from pipeline.dataset import schema
 
 # feature name -> (column prefix, key of `forward_image`'s dictionary holding the head; None: the top level)
 DENSE_HEADS: dict[str, tuple[str, str | None]] = {

@@ -15,20 +15,20 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline import schema
-from pipeline.columns import ColumnError, resolve_columns
 from pipeline.config import FEATURES_DEFAULT, FEATURES_OPTIONAL, JobConfig, uses_dataset_protocol
+from pipeline.dataset import schema
 from pipeline.dataset.markers import data_files
-from pipeline.duplicate_ids import check_unique_ids
-from pipeline.manifest_layout import ManifestLayout, manifest_layout
-from pipeline.neck_heads import unsupported_features
-from pipeline.sources import IMAGE_EXTENSIONS, input_protocol, input_uris
+from pipeline.input.columns import ColumnError, resolve_columns
+from pipeline.input.duplicate_ids import check_unique_ids
+from pipeline.input.manifest_layout import ManifestLayout, manifest_layout
+from pipeline.input.sources import IMAGE_EXTENSIONS, input_protocol, input_uris
+from pipeline.model.neck_heads import unsupported_features
 from pipeline.storage import Location, fsspec_filesystem, options_for, parse_uri
 
 if TYPE_CHECKING:
     from sam3core.cpu import CpuFeatures
 
-logger = logging.getLogger("pipeline.preflight")
+logger = logging.getLogger("pipeline.run.preflight")
 
 COUNT_PARQUET_FILES_MAX = 256  # footers read to count rows for the ETA; more files: no ETA
 COUNT_TEXT_BYTES_MAX = 64 * 1024**2  # CSV / JSON Lines read whole to count rows; more: no ETA
@@ -306,9 +306,9 @@ def _check_partition_columns(config: JobConfig, manifest_columns: list[str] | No
 
 
 def _check_output(config: JobConfig, storage_options: dict[str, Any]) -> None:
-    """The output is empty, or this run resumes the run that wrote it (or joins it: `pipeline.incremental`)."""
+    """The output is empty, or this run resumes the run that wrote it (or joins it: `pipeline.run.incremental`)."""
     if uses_dataset_protocol(config):
-        from pipeline.incremental import check_dataset_output
+        from pipeline.run.incremental import check_dataset_output
 
         check_dataset_output(config, storage_options)
         return

@@ -21,7 +21,7 @@ import pyarrow as pa
 from pipeline.dataset import schema
 from pipeline.dataset.copies import COPY_COLUMN, COPY_FROM_DATASET, COPY_IN_RUN
 from pipeline.dataset.id_set import ERROR, OK, IdSet
-from pipeline.sources import SourceSpec, block_ids
+from pipeline.input.sources import SourceSpec, block_ids
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,7 +56,7 @@ class RowSelection:
     @property
     def worker(self) -> type:
         """The model actor class: it skips the image model for rows marked as copies."""
-        from pipeline.copy_aware_embed import CopyAwareEmbedWorker
+        from pipeline.model.copy_aware_embed import CopyAwareEmbedWorker
 
         return type("CopyAwareEmbedWorker", (CopyAwareEmbedWorker,), {"counter": self.counter})
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline import schema
 from pipeline.config import JobConfig
-from pipeline.ids import id_to_string
-from pipeline.manifest_layout import ManifestLayout, read_columns
-from pipeline.sources import SourceSpec, caption_columns, describe_block, input_protocol, input_uris, plan_source
+from pipeline.dataset import schema
+from pipeline.input.ids import id_to_string
+from pipeline.input.manifest_layout import ManifestLayout, read_columns
+from pipeline.input.sources import SourceSpec, caption_columns, describe_block, input_protocol, input_uris, plan_source
 from pipeline.storage import Location, arrow_filesystem
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def ids_derive_from_content(spec: SourceSpec, layout: ManifestLayout | None) -> 
 def report_repeated_content_ids(output: Location, files: list[str], filesystem: Any) -> int:
     """Count ids written more than once (identical image bytes with identical captions); log them. Returns the
     number of repeated ids."""
-    from pipeline.reader import open_dataset
+    from pipeline.dataset.reader import open_dataset
 
     if not files:
         return 0

@@ -3,7 +3,7 @@
 Ray, left alone, prints a token-authentication warning and "Started a local Ray instance" at `ray.init`, and
 Ray Data prints its execution plan, a progress block per operator (13 lines every 10 s when stderr is not a
 terminal) and per-dataset statistics. `set_verbose(False)` (the default) turns those off through their own
-switches; the pipeline's progress line (pipeline/progress.py) and summary remain. Everything Ray logs still goes
+switches; the pipeline's progress line (pipeline/run/progress.py) and summary remain. Everything Ray logs still goes
 to its session's log files (`ray-data.log` and friends under the Ray temp dir).
 """
 

@@ -1,6 +1,6 @@
 """The model actor of an incremental run: rows marked as copies skip the image model, captions are still encoded.
 
-`pipeline.row_selection.check_prepared` marks a row whose image bytes were seen before (earlier in this run, or in
+`pipeline.run.row_selection.check_prepared` marks a row whose image bytes were seen before (earlier in this run, or in
 an `ok` row of the dataset) in the column `__image_copy`. Such a row needs no image forward pass: the commit copies
 the image features of the row it repeats (`pipeline.dataset.copies`). Its caption may differ from that row's, so
 the text encoder still runs for it. The marker column passes through to the staged files and is dropped there.
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.dataset.copies import COPY_COLUMN
-from pipeline.embed import EmbedWorker
+from pipeline.model.embed import EmbedWorker
 
 
 class CopyAwareEmbedWorker(EmbedWorker):

@@ -16,8 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.input.utf8 import binary_column_types, replace_invalid_utf8, text_schema
 from pipeline.storage import Location, arrow_filesystem, list_files
-from pipeline.utf8 import binary_column_types, replace_invalid_utf8, text_schema
 
 MANIFEST_EXTENSIONS = {
     "parquet": "parquet",
@@ -116,7 +116,7 @@ def read_columns(
     """Only `columns` (those present) of every manifest file, as one table: Parquet reads just those columns.
 
     `text_columns`: read from a CSV as bytes, as the run reads them (`csv_convert_options`); invalid UTF-8 in
-    string columns is replaced (`pipeline.utf8`)."""
+    string columns is replaced (`pipeline.input.utf8`)."""
     present = [c for c in columns if c in layout.column_names]
     tables = []
     for path in layout.files:

@@ -1,8 +1,0 @@
-"""Moved to `pipeline.dataset.markers`; this name stays importable (the very same module object, so attributes set
-on one are seen through the other)."""
-
-import sys
-
-from pipeline.dataset import markers as _moved
-
-sys.modules[__name__] = _moved
