@@ -18,6 +18,17 @@ class FpnLevel(nn.Sequential):
         return x
 
 
+def pyramid_levels(x: Tensor, levels: nn.ModuleList, position_encoding: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """Each level's map [B, d_model, g * s, g * s] from the trunk's [B, dim, g, g], and its sine position encoding
+    in the map's dtype."""
+    features, positions = [], []
+    for level in levels:
+        feature = level(x)
+        features.append(feature)
+        positions.append(position_encoding(feature).to(feature.dtype))
+    return features, positions
+
+
 def fpn_level(dim: int, d_model: int, scale: float) -> FpnLevel:
     """One pyramid level from the trunk's [B, dim, g, g] map to [B, d_model, g * scale, g * scale]."""
     level = FpnLevel()
@@ -76,12 +87,7 @@ class Sam3DualViTDetNeck(nn.Module):
         return sam3_out, sam3_pos, sam2_out, sam2_pos
 
     def sam_forward_feature_levels(self, x: Tensor, convs: nn.ModuleList) -> tuple[list[Tensor], list[Tensor]]:
-        features, positions = [], []
-        for level in convs:
-            feature = level(x)
-            features.append(feature)
-            positions.append(self.position_encoding(feature).to(feature.dtype))
-        return features, positions
+        return pyramid_levels(x, convs, self.position_encoding)
 
     def set_imgsz(self, imgsz: list[int] | tuple[int, int] = (1008, 1008)) -> None:
         self.trunk.set_imgsz(imgsz)

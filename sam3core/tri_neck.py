@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .neck import fpn_level
+from .neck import fpn_level, pyramid_levels
 
 HEADS = ("convs", "interactive_convs", "propagation_convs")
 
@@ -70,12 +70,7 @@ class Sam3TriViTDetNeck(nn.Module):
 
     def head_levels(self, x: Tensor, head: str) -> tuple[list[Tensor], list[Tensor]]:
         """One head's levels [B, d_model, g * s, g * s] for each scale s, and their sine position encodings."""
-        features, positions = [], []
-        for level in getattr(self, head):
-            feature = level(x)
-            features.append(feature)
-            positions.append(self.position_encoding(feature).to(feature.dtype))
-        return features, positions
+        return pyramid_levels(x, getattr(self, head), self.position_encoding)
 
     def set_imgsz(self, imgsz: list[int] | tuple[int, int] = (1008, 1008)) -> None:
         self.trunk.set_imgsz(imgsz)
