@@ -63,10 +63,15 @@ def cpu_attention_kernel(dtype: torch.dtype, features: CpuFeatures | None = None
     return CPU_KERNELS.get((features.isa, dtype), "sdpa")
 
 
-@torch.compiler.assume_constant_result
 def _this_cpu_kernel(dtype: torch.dtype) -> CpuKernel:
-    # a constant of the compiled graph: the CPU does not change under a running process
     return cpu_attention_kernel(dtype)
+
+
+# A constant of any compiled graph (the CPU does not change under a running process). This is exactly what
+# `torch.compiler.assume_constant_result` does, written out because the decorator imports `torch._dynamo`: about
+# 2 s of CPU in every process (each Ray actor, each CLI call) that only runs eagerly. If torch renames the marker,
+# test_attention's compiled-graph test fails (Dynamo then refuses to trace the CPU probe).
+_this_cpu_kernel._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def chunk_shape(sequences: int, length: int, element_bytes: int = 2, l3_bytes: int | None = None) -> tuple[int, int]:
