@@ -128,6 +128,16 @@ def ray_local(model_cache_dir: Path) -> Iterator[None]:
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_driver_env(ray_local: None) -> dict[str, str]:
+    """Environment for a driver in a subprocess (`python -m jobs.cli run ...`) that joins the shared cluster
+    through RAY_ADDRESS instead of starting a local one: a local Ray costs a few seconds of both cores to start
+    and stop. Tests about the embedded local default (interrupts, `demo`) leave RAY_ADDRESS out instead."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
 @pytest.fixture(params=["local", "s3"])
 def storage_root(request: pytest.FixtureRequest, tmp_path: Path):
     """An empty output root for the backfill protocol: a local directory, or a prefix in a fresh moto bucket."""
