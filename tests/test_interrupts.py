@@ -26,9 +26,7 @@ from PIL import Image
 from pipeline import read_embeddings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Five batches of four at 1008 px (a few seconds each for the tiny model on a CPU): the first file is written while
-# four batches are still to go, so the signal lands mid-run; the rerun embeds only what is left.
-ROWS = 20
+ROWS = 64
 EXIT_WITHIN_S = 20.0  # the watchdog forces the exit 10 s after the signal; the rest is margin for a busy machine
 
 
