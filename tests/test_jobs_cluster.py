@@ -3,8 +3,8 @@
 This module starts its own Ray head (`ray start --head --block` in its own session and temp dir, token auth with
 a private token, stopped by process group at the end) and never calls `ray.init` in the test process, so it
 cannot collide with the in-process cluster of the `ray_local` fixture. Drivers run as subprocesses: through
-`ray job submit`, or as `python -m jobs....` with RAY_ADDRESS pointing at the head. (A driver that starts its own
-local cluster is tested in tests/test_cli.py and tests/test_interrupts.py.)
+`ray job submit`, or as `python -m jobs....` with RAY_ADDRESS pointing at the head (or at `local` for drivers
+that start their own cluster).
 """
 
 from __future__ import annotations
@@ -112,9 +112,7 @@ def ray_head(s3_server: str) -> Iterator[RayHead]:
         "--block",
         "--node-ip-address=127.0.0.1",
         f"--port={gcs_port}",
-        # Two drivers at once (the concurrent backfills) each hold a model actor's CPU and still need one to read
-        # and decode: logical CPUs, more than the two cores of the smallest CI machine.
-        "--num-cpus=4",
+        "--num-cpus=2",
         "--num-gpus=0",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
@@ -194,8 +192,8 @@ def write_job_file(directory: Path, bucket: S3Bucket, **sections: Any) -> Path:
     return path
 
 
-def driver_env(head: RayHead, address: str) -> dict[str, str]:
-    env = dict(head.env)
+def driver_env(head: RayHead | None, address: str) -> dict[str, str]:
+    env = dict(head.env) if head else {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_ADDRESS"] = address
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
@@ -463,7 +461,7 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_rows(
 
 
 @pytest.mark.timeout(300)
-def test_concurrent_backfills_write_each_partition_once(ray_head: RayHead, bucket: S3Bucket, tmp_path: Path) -> None:
+def test_concurrent_backfills_write_each_partition_once(bucket: S3Bucket, tmp_path: Path) -> None:
     days = [f"2025-02-0{d}" for d in range(1, 5)]
     ids_by_day = {day: [f"{day}-{i}" for i in range(2)] for day in days}
     for day in days:
@@ -471,10 +469,9 @@ def test_concurrent_backfills_write_each_partition_once(ray_head: RayHead, bucke
     job_file = write_job_file(
         tmp_path, bucket, input={"uri": bucket.uri("events/")}, output={"uri": bucket.uri("embeddings")}
     )
-    # Two independent backfills, as two overlapping cron runs would be: two drivers (two Ray jobs) that know nothing
-    # of each other; only the leases on the shared output keep them apart. They share this module's head: Ray does
-    # not coordinate separate jobs, and a local cluster each would cost two cluster start-ups on two cores.
-    env = driver_env(ray_head, ray_head.gcs_address)
+    # Two independent backfills, each with its own Ray cluster (RAY_ADDRESS=local), as two overlapping cron runs
+    # on different clusters would be: only the leases on the shared output keep them apart.
+    env = driver_env(None, "local")
     runs = {}
     for name in ("a", "b"):
         args = ["--config", str(job_file), "--partition-column", "date", "--run-id", name]
