@@ -1,4 +1,16 @@
-"""Shared fixtures: a real S3 endpoint (moto's server on loopback) and one local Ray session per test run."""
+"""Shared fixtures: a real S3 endpoint (moto's server on loopback) and one local Ray session per test run.
+
+The suite must stay under 12 minutes on a 2-core AVX2 CI machine; what costs there is starting Ray and new Python
+processes that import torch. A new test:
+- runs the pipeline in-process on the shared cluster (`ray_local`), never its own `ray.init`;
+- runs a driver subprocess (`python -m jobs.cli run ...`) with `env=ray_driver_env` so it joins that cluster,
+  unless the test is about the embedded local default (tests/test_cli.py's demo, tests/test_interrupts.py);
+- uses the tiny configuration, random weights or a written checkpoint, images of a few dozen pixels at `imgsz` 56,
+  a handful of rows, and shares one run between assertions through a module fixture where they read one output;
+- stays eager (conftest sets SAM3_CPU_AUTO_DTYPE=float32) unless it is about compilation;
+- waits for the state it needs (a file, a log line) by polling, never with a fixed sleep;
+- has a `pytest.mark.timeout` when it starts Ray, a subprocess or a server.
+"""
 
 from __future__ import annotations
 
@@ -126,6 +138,16 @@ def ray_local(model_cache_dir: Path) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_driver_env(ray_local: None) -> dict[str, str]:
+    """Environment for a driver in a subprocess (`python -m jobs.cli run ...`) that joins the shared cluster
+    through RAY_ADDRESS instead of starting a local one: a local Ray costs a few seconds of both cores to start
+    and stop. Tests about the embedded local default (interrupts, `demo`) leave RAY_ADDRESS out instead."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 @pytest.fixture(params=["local", "s3"])

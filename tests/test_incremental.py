@@ -231,23 +231,25 @@ def test_a_dataset_held_by_another_run_is_refused_with_its_name(ray_local: None,
     assert not list(output.rglob("*.parquet"))
 
 
-# Kill and concurrency (each driver its own process and its own local Ray) -------------------------------------------
+# Kill and concurrency (each driver its own process, joined to the shared cluster) ------------------------------------
 
 
 @pytest.mark.timeout(600)
-def test_a_driver_killed_during_the_commit_is_finished_by_the_rerun(ray_local: None, tmp_path: Path) -> None:
+def test_a_driver_killed_during_the_commit_is_finished_by_the_rerun(
+    ray_driver_env: dict[str, str], tmp_path: Path
+) -> None:
     images = write_images(tmp_path / "images", range(12))
     output = tmp_path / "dataset"
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(images, range(8)))
     run_job(job(manifest, str(output), mode="incremental"))
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(images, range(12)))
     # killed after the first of the commit's file operations: the journal names the rest
-    killed = cli(*cli_args(manifest, output), env={KILL_HOOK_ENV: "commit:1"})
+    killed = cli(*cli_args(manifest, output), env={**ray_driver_env, KILL_HOOK_ENV: "commit:1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (output / JOURNAL).exists()
     ids = read_id_set(Location.parse(str(output))).ids.tolist()
     assert len(ids) == len(set(ids))  # every id once even now, for a plain glob
-    rerun = cli(*cli_args(manifest, output))
+    rerun = cli(*cli_args(manifest, output), env=ray_driver_env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "finishing the commit of run" in rerun.stderr
     assert not (output / JOURNAL).exists()
@@ -256,11 +258,11 @@ def test_a_driver_killed_during_the_commit_is_finished_by_the_rerun(ray_local: N
 
 
 @pytest.mark.timeout(600)
-def test_two_runs_at_once_one_writes_the_other_is_refused(tmp_path: Path) -> None:
+def test_two_runs_at_once_one_writes_the_other_is_refused(ray_driver_env: dict[str, str], tmp_path: Path) -> None:
     images = write_images(tmp_path / "images", range(10))
     manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(images, range(10)))
     output = tmp_path / "dataset"
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    environment = {**ray_driver_env, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", *cli_args(manifest, output)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=REPO,
@@ -269,7 +271,7 @@ def test_two_runs_at_once_one_writes_the_other_is_refused(tmp_path: Path) -> Non
     deadline = time.monotonic() + 120
     while not (lease_dir.exists() and any(lease_dir.glob("lease-*.json"))) and time.monotonic() < deadline:
         time.sleep(0.1)
-    second = cli(*cli_args(manifest, output))
+    second = cli(*cli_args(manifest, output), env=ray_driver_env)
     _, err = first.communicate(timeout=400)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 2, second.stderr[-2000:]
