@@ -36,6 +36,7 @@ KEY = CompileKey(
     vision_features_only=True,
     sam2_neck=False,
     plan="inductor (freezing=True)",
+    artifact="aoti",
     model_config='{"d_model": 256}',
     checkpoint_sha256="ab" * 32,
     source_sha256="cd" * 32,
@@ -313,3 +314,48 @@ def test_where_artifacts_go(tmp_path: Path) -> None:
     assert compile_cache_uri(None, output) == f"{output}/_compile_cache"  # beside the output by default
     assert compile_cache_uri("s3://bucket/compiled", output) == "s3://bucket/compiled"
     assert compile_cache_uri("off", output) is None and compile_cache_uri(False, output) is None  # YAML's off
+
+
+AOTI_ACTOR = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from pipeline.model.embed import EmbedSettings, EmbedWorker
+from sam3core.compile import remove_compile
+settings = EmbedSettings(
+    checkpoint=None, model_config="tiny", imgsz=56, dtype="bfloat16", compile="on", bpe_path=None,
+    features=("image_embedding", "text_embedding"), feature_dtype="float32", multi_caption=False, batch_size=1,
+    compile_cache=sys.argv[1], compile_wait_s=300,
+)
+worker = EmbedWorker(settings)  # the pipeline's model actor: builds, warms up through the shared root
+model = worker.backbone
+images = torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+with torch.inference_mode():
+    packaged = model.forward_vision_features(images)
+    routed = type(model.vision_backbone.trunk._compiled_call_impl).__name__
+    remove_compile(model.vision_backbone)
+    eager = model.forward_vision_features(images)
+cosine = torch.nn.functional.cosine_similarity(packaged.float().flatten(), eager.float().flatten(), dim=0)
+metadata = json.loads(next(iter(worker.metadata.values())))["model"]
+print(json.dumps({"outcome": metadata["compile_outcome"], "compiled": metadata["compiled_vision"], "routed": routed,
+                  "cosine": cosine.item(), "graphs": counters["stats"]["unique_graphs"]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_second_model_actor_loads_the_first_ones_aoti_package_and_compiles_nothing(tmp_path: Path) -> None:
+    def actor(cache_dir: str) -> dict:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache_dir)}
+        env["SAM3_COMPILE_ARTIFACT"] = "aoti"
+        out = subprocess.run(
+            [sys.executable, "-c", AOTI_ACTOR, str(tmp_path / "share")], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = actor("node-a")
+    assert first["outcome"] == "compiled and published" and first["routed"] == "PackagedCall"
+    second = actor("node-b")  # another node: an empty inductor cache, the package in the shared root
+    assert second["outcome"] == "loaded" and second["compiled"] and second["routed"] == "PackagedCall"
+    assert second["graphs"] == 0  # nothing traced, so nothing compiled
+    assert first["cosine"] > 0.999 and second["cosine"] > 0.999  # the packaged modules compute the model
