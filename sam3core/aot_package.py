@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import tarfile
+import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -110,8 +111,6 @@ def install_package(vision: nn.Module, payload: bytes) -> list[str]:
 
     The payload must come from `build_package` on this model (verified by the caller's sealed key): each member
     names a compiled module of `vision`."""
-    from torch._inductor import aoti_load_package
-
     modules = dict(vision.named_modules())
     compiled = {id(m) for m in compiled_modules(vision)}
     try:
@@ -132,13 +131,27 @@ def install_package(vision: nn.Module, payload: bytes) -> list[str]:
             raise PackageError(f"compile package holds no inputs for {name!r}")
         try:
             signature = json.loads(members[name + _INPUTS])
-            calls[name] = PackagedCall(aoti_load_package(io.BytesIO(data)), modules[name], name, signature)
+            calls[name] = PackagedCall(_load(data), modules[name], name, signature)
         except Exception as error:  # a library that does not load: as unusable as a bad hash
             raise PackageError(f"compile package {member!r} does not load: {type(error).__name__}: {error}") from error
     remove_compile(vision)
     for name, call in calls.items():
         modules[name]._compiled_call_impl = call
     return sorted(calls)
+
+
+def _load(data: bytes) -> Any:
+    """One module's package as a callable. What `torch._inductor.aoti_load_package` does, less its device check:
+    that builds a test program per candidate instruction set with the C++ compiler (six builds, 5 to 40 s on a
+    fresh node with 2 cores) only to log a mismatch, which the artifact's key (`CompileKey.device`) already rules
+    out. The loader extracts the library into a directory of its own: the file can go once it is loaded."""
+    from torch.export.pt2_archive._package import AOTICompiledModel
+
+    with tempfile.NamedTemporaryFile(suffix=_SUFFIX) as file:
+        file.write(data)
+        file.flush()
+        loader = torch._C._aoti.AOTIModelPackageLoader(file.name, "model", False, 1, -1)
+    return AOTICompiledModel(loader)
 
 
 class PackagedCall:
