@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,55 @@ def test_the_second_model_actor_loads_the_first_ones_aoti_package_and_compiles_n
     assert second["outcome"] == "loaded" and second["compiled"] and second["routed"] == "PackagedCall"
     assert second["graphs"] == 0  # nothing traced, so nothing compiled
     assert first["cosine"] > 0.999 and second["cosine"] > 0.999  # the packaged modules compute the model
+
+
+def _tiny_vision() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_sam3_vl_backbone(config="tiny", imgsz=56, dtype="bfloat16", compile_visual="on").vision_backbone
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        pytest.param(None, "unreadable", id="not-a-tar"),
+        pytest.param({}, "holds no module", id="empty"),
+        pytest.param({"../trunk.pt2": b"x", "../trunk.inputs.json": b"[]"}, "not a compiled module", id="path"),
+        pytest.param({"blocks.0.pt2": b"x", "blocks.0.inputs.json": b"[]"}, "not a compiled module", id="not-compiled"),
+        pytest.param({"trunk.pt2": b"x"}, "no inputs", id="no-inputs"),
+        pytest.param({"trunk.pt2": b"not a zip", "trunk.inputs.json": b"[]"}, "does not load", id="not-a-package"),
+    ],
+)
+def test_a_package_that_cannot_be_installed_is_refused_and_leaves_the_model_as_it_was(members, message) -> None:
+    from sam3core.aot_package import PackageError, install_package
+    from sam3core.compile import compiled_modules
+
+    vision = _tiny_vision()
+    before = [m._compiled_call_impl for m in compiled_modules(vision)]
+    with pytest.raises(PackageError, match=message):
+        install_package(vision, b"not a tar" if members is None else _tar(members))
+    assert [m._compiled_call_impl for m in compiled_modules(vision)] == before
+
+
+def test_a_packaged_module_called_with_other_inputs_than_its_own_runs_eagerly_with_one_warning() -> None:
+    from sam3core.aot_package import PackagedCall, _signature
+
+    vision = _tiny_vision()
+    conv = vision.convs[-1]
+    compiled_for = torch.zeros(1, 64, 4, 4, dtype=torch.bfloat16)
+    library_calls = []
+
+    def library(x: torch.Tensor) -> torch.Tensor:  # stands for the compiled library: only its own shapes
+        assert x.shape == compiled_for.shape
+        library_calls.append(x.shape)
+        return conv._call_impl(x)
+
+    conv._compiled_call_impl = PackagedCall(library, conv, "convs.3", _signature((compiled_for,), {}))
+    with torch.inference_mode():
+        conv(compiled_for)
+        with pytest.warns(RuntimeWarning, match="runs eagerly"):
+            other = conv(torch.zeros(2, 64, 4, 4, dtype=torch.bfloat16))
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            conv(torch.zeros(2, 64, 4, 4, dtype=torch.bfloat16))
+    assert again == []  # one warning, not one per batch
+    assert library_calls == [compiled_for.shape] and other.shape[0] == 2
