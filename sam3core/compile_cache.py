@@ -1,15 +1,18 @@
 """Compiled code as one portable artifact: what keys it, how it is sealed, saved and loaded. No I/O here.
 
-An artifact is torch's portable compile caches (`torch.compiler.save_cache_artifacts`: inductor's FX graph cache,
-AOTAutograd's cache and autotuning results) for one compiled backbone, plus the C++ kernels inductor built for it
-on a CPU (the `.so` files of `TORCHINDUCTOR_CACHE_DIR`, which torch's caches do not carry: without them a fresh
-node compiles every kernel again from the cached source), behind a header that names the key it was made for and
-the SHA-256 of the payload. Loading it fills this process's local caches, so the warm-up call that follows finds
-every graph and kernel compiled: it still traces the model with dynamo and, with freezing (which AOTAutograd's
-cache refuses), runs the freezing passes and lowering again, but generates and builds no code. An artifact runs
-native code: its URI must be as trusted as the checkpoint's. An artifact made for another key, truncated or
-altered is refused (`ArtifactError`) before torch reads a byte of it; whoever holds it then compiles and writes a
-new one.
+Two kinds of payload go behind the same sealed header. The default, "aoti", is an AOTInductor package of the
+compiled modules (`sam3core.aot_package`): a fresh process loads it and runs, without tracing or compiling. The
+other, "caches", is described below; it is kept because it needs no `torch.export` of the model.
+
+A "caches" artifact is torch's portable compile caches (`torch.compiler.save_cache_artifacts`: inductor's FX graph
+cache, AOTAutograd's cache and autotuning results) for one compiled backbone, plus the C++ kernels inductor built
+for it on a CPU (the `.so` files of `TORCHINDUCTOR_CACHE_DIR`, which torch's caches do not carry: without them a
+fresh node compiles every kernel again from the cached source), behind a header that names the key it was made for
+and the SHA-256 of the payload. Loading it fills this process's local caches, so the warm-up call that follows finds
+every graph and kernel compiled: it still traces the model with dynamo and, with freezing (which AOTAutograd's cache
+refuses), runs the freezing passes and lowering again, but generates and builds no code. An artifact runs native
+code: its URI must be as trusted as the checkpoint's. An artifact made for another key, truncated or altered is
+refused (`ArtifactError`) before torch reads a byte of it; whoever holds it then compiles and writes a new one.
 
 The key is everything that changes the compiled code or whether it may run: torch and Python versions, the device
 kind and instruction set (or GPU model and compute capability), dtype, image size, batch size, which entry point is
@@ -35,6 +38,10 @@ import torch
 
 from .cpu import CpuFeatures, cpu_features
 
+# What an artifact holds (the key's `artifact`): an AOTInductor package per compiled module, which a fresh process
+# loads without tracing anything (the default: docs/benchmarks.md measures both), or torch's portable caches.
+ARTIFACT_KINDS = ("aoti", "caches")
+ARTIFACT_ENV = "SAM3_COMPILE_ARTIFACT"
 MAGIC = b"SAM3CC1\n"  # the format of the header below; a new format gets a new magic
 _SOURCE_DIR = Path(__file__).resolve().parent
 _TORCH_MEMBER = "torch-caches"
@@ -57,6 +64,7 @@ class CompileKey:
     vision_features_only: bool
     sam2_neck: bool
     plan: str  # CompilePlan.describe()
+    artifact: str  # what the payload is: "aoti" (sam3core.aot_package) or "caches" (torch's caches and kernels)
     model_config: str  # the configuration as canonical JSON
     checkpoint_sha256: str  # "random:<seed>" for random weights
     source_sha256: str  # of sam3core's Python files
@@ -87,6 +95,15 @@ def source_sha256() -> str:
     return digest.hexdigest()
 
 
+def artifact_kind(environ: Mapping[str, str] | None = None) -> str:
+    """The artifact made and looked for: "aoti" unless `SAM3_COMPILE_ARTIFACT=caches` (bench/startup.py measures
+    both)."""
+    kind = (os.environ if environ is None else environ).get(ARTIFACT_ENV) or "aoti"
+    if kind not in ARTIFACT_KINDS:
+        raise ValueError(f"{ARTIFACT_ENV} must be one of {ARTIFACT_KINDS}, not {kind!r}")
+    return kind
+
+
 def compile_key(
     model: Any,
     *,
@@ -94,6 +111,7 @@ def compile_key(
     vision_features_only: bool,
     checkpoint_sha256: str,
     features: CpuFeatures | None = None,
+    artifact: str | None = None,
 ) -> CompileKey:
     """The key of `model` (a built SAM3VLBackbone, compile plan applied) warmed up at `batch_size`."""
     weight = model.vision_backbone.trunk.patch_embed.proj.weight
@@ -107,6 +125,7 @@ def compile_key(
         vision_features_only=bool(vision_features_only),
         sam2_neck=getattr(model.vision_backbone, "sam2_convs", None) is not None,
         plan=model.compile_plan.describe(),
+        artifact=artifact or artifact_kind(),
         model_config=json.dumps(model.config.to_dict(), sort_keys=True),
         checkpoint_sha256=checkpoint_sha256,
         source_sha256=source_sha256(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -128,15 +129,21 @@ class SAM3VLBackbone(nn.Module):
         """Runs a zero batch of `batch_size` images through the vision path, under `torch.inference_mode`, so that
         compilation (if any) happens now, at the shapes real batches will have; falls back to eager with a warning
         if compiling fails. Returns the seconds it took."""
+        run = self.zero_batch_call(batch_size, vision_features_only)
+        return warm_up(run, self.vision_backbone, f"on a padded batch of {batch_size}")
+
+    def zero_batch_call(self, batch_size: int, vision_features_only: bool = False) -> Callable[[], Any]:
+        """What `warm_up` calls (under `torch.inference_mode`): a zero batch of `batch_size` images through the
+        vision path real batches take; `sam3core.aot_package` exports what it reaches."""
         weight = self.vision_backbone.trunk.patch_embed.proj.weight
         forward = self.forward_vision_features if vision_features_only else self.forward_image
 
         def run() -> None:
-            # made under inference mode (warm_up runs `run` in it), like real batches: compiled code is guarded on
-            # whether its input is an inference tensor, and a mismatch would compile again
+            # made under inference mode, like real batches: compiled code is guarded on whether its input is an
+            # inference tensor, and a mismatch would compile again
             forward(torch.zeros(batch_size, 3, self.imgsz, self.imgsz, device=weight.device, dtype=weight.dtype))
 
-        return warm_up(run, self.vision_backbone, f"on a padded batch of {batch_size}")
+        return run
 
     def forward_image_sam2(self, samples: Tensor) -> dict[str, Any]:
         """Only the SAM 2 pyramid (requires a backbone built with add_sam2_neck=True)."""

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ KEY = CompileKey(
     vision_features_only=True,
     sam2_neck=False,
     plan="inductor (freezing=True)",
+    artifact="aoti",
     model_config='{"d_model": 256}',
     checkpoint_sha256="ab" * 32,
     source_sha256="cd" * 32,
@@ -313,3 +315,100 @@ def test_where_artifacts_go(tmp_path: Path) -> None:
     assert compile_cache_uri(None, output) == f"{output}/_compile_cache"  # beside the output by default
     assert compile_cache_uri("s3://bucket/compiled", output) == "s3://bucket/compiled"
     assert compile_cache_uri("off", output) is None and compile_cache_uri(False, output) is None  # YAML's off
+
+
+AOTI_ACTOR = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from pipeline.model.embed import EmbedSettings, EmbedWorker
+from sam3core.compile import remove_compile
+settings = EmbedSettings(
+    checkpoint=None, model_config="tiny", imgsz=56, dtype="bfloat16", compile="on", bpe_path=None,
+    features=("image_embedding", "text_embedding"), feature_dtype="float32", multi_caption=False, batch_size=1,
+    compile_cache=sys.argv[1], compile_wait_s=300,
+)
+worker = EmbedWorker(settings)  # the pipeline's model actor: builds, warms up through the shared root
+model = worker.backbone
+images = torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+with torch.inference_mode():
+    packaged = model.forward_vision_features(images)
+    routed = type(model.vision_backbone.trunk._compiled_call_impl).__name__
+    remove_compile(model.vision_backbone)
+    eager = model.forward_vision_features(images)
+cosine = torch.nn.functional.cosine_similarity(packaged.float().flatten(), eager.float().flatten(), dim=0)
+metadata = json.loads(next(iter(worker.metadata.values())))["model"]
+print(json.dumps({"outcome": metadata["compile_outcome"], "compiled": metadata["compiled_vision"], "routed": routed,
+                  "cosine": cosine.item(), "graphs": counters["stats"]["unique_graphs"]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_second_model_actor_loads_the_first_ones_aoti_package_and_compiles_nothing(tmp_path: Path) -> None:
+    def actor(cache_dir: str) -> dict:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache_dir)}
+        env["SAM3_COMPILE_ARTIFACT"] = "aoti"
+        out = subprocess.run(
+            [sys.executable, "-c", AOTI_ACTOR, str(tmp_path / "share")], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = actor("node-a")
+    assert first["outcome"] == "compiled and published" and first["routed"] == "PackagedCall"
+    second = actor("node-b")  # another node: an empty inductor cache, the package in the shared root
+    assert second["outcome"] == "loaded" and second["compiled"] and second["routed"] == "PackagedCall"
+    assert second["graphs"] == 0  # nothing traced, so nothing compiled
+    assert first["cosine"] > 0.999 and second["cosine"] > 0.999  # the packaged modules compute the model
+
+
+def _tiny_vision() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_sam3_vl_backbone(config="tiny", imgsz=56, dtype="bfloat16", compile_visual="on").vision_backbone
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        pytest.param(None, "unreadable", id="not-a-tar"),
+        pytest.param({}, "holds no module", id="empty"),
+        pytest.param({"../trunk.pt2": b"x", "../trunk.inputs.json": b"[]"}, "not a compiled module", id="path"),
+        pytest.param({"blocks.0.pt2": b"x", "blocks.0.inputs.json": b"[]"}, "not a compiled module", id="not-compiled"),
+        pytest.param({"trunk.pt2": b"x"}, "no inputs", id="no-inputs"),
+        pytest.param({"trunk.pt2": b"not a zip", "trunk.inputs.json": b"[]"}, "does not load", id="not-a-package"),
+    ],
+)
+def test_a_package_that_cannot_be_installed_is_refused_and_leaves_the_model_as_it_was(members, message) -> None:
+    from sam3core.aot_package import PackageError, install_package
+    from sam3core.compile import compiled_modules
+
+    vision = _tiny_vision()
+    before = [m._compiled_call_impl for m in compiled_modules(vision)]
+    with pytest.raises(PackageError, match=message):
+        install_package(vision, b"not a tar" if members is None else _tar(members))
+    assert [m._compiled_call_impl for m in compiled_modules(vision)] == before
+
+
+def test_a_packaged_module_called_with_other_inputs_than_its_own_runs_eagerly_with_one_warning() -> None:
+    from sam3core.aot_package import PackagedCall, _signature
+
+    vision = _tiny_vision()
+    conv = vision.convs[-1]
+    compiled_for = torch.zeros(1, 64, 4, 4, dtype=torch.bfloat16)
+    library_calls = []
+
+    def library(x: torch.Tensor) -> torch.Tensor:  # stands for the compiled library: only its own shapes
+        assert x.shape == compiled_for.shape
+        library_calls.append(x.shape)
+        return conv._call_impl(x)
+
+    conv._compiled_call_impl = PackagedCall(library, conv, "convs.3", _signature((compiled_for,), {}))
+    with torch.inference_mode():
+        conv(compiled_for)
+        with pytest.warns(RuntimeWarning, match="runs eagerly"):
+            other = conv(torch.zeros(2, 64, 4, 4, dtype=torch.bfloat16))
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            conv(torch.zeros(2, 64, 4, 4, dtype=torch.bfloat16))
+    assert again == []  # one warning, not one per batch
+    assert library_calls == [compiled_for.shape] and other.shape[0] == 2

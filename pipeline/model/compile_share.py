@@ -3,9 +3,10 @@
 Every actor of a job (on every node) computes the same key (`sam3core.compile_cache.compile_key`) and looks under
 the shared root (any fsspec URI; by default `<output>/_compile_cache`) for two objects named by the key's digest:
 
-- `<digest>.artifact`: the sealed compile caches. Present: verified (key and SHA-256) and loaded, then the warm-up
-  call finds every graph compiled. A damaged or foreign artifact is never loaded: the actor that finds it
-  compiles and overwrites it.
+- `<digest>.artifact`: the sealed compiled code (an AOTInductor package of the vision modules by default, or
+  torch's caches: `sam3core.compile_cache`). Present: verified (key and SHA-256) and loaded, then the warm-up call
+  runs the loaded libraries (or finds every graph compiled). A damaged or foreign artifact is never loaded: the
+  actor that finds it compiles and overwrites it.
 - `<digest>.claim`: a publisher's claim, created exclusively (`If-None-Match: *` on object stores, a hard link on
   local disks), so exactly one actor compiles; it holds the owner and a heartbeat the owner rewrites while it
   compiles, and is removed once the artifact is written (or the compilation failed).
@@ -212,7 +213,8 @@ def warm_up_shared(
     """`backbone.warm_up` with the compiled code shared through `cache_uri`: returns the seconds from the start
     to a warmed-up model (waiting included) and how the compiled code was obtained (None: nothing compiled or
     sharing off)."""
-    from sam3core.compile import is_compiled
+    from sam3core.aot_package import PackageError, build_package, install_package
+    from sam3core.compile import apply_compile, is_compiled
     from sam3core.compile_cache import (
         ArtifactError,
         compile_key,
@@ -229,19 +231,39 @@ def warm_up_shared(
     key = compile_key(
         backbone, batch_size=batch_size, vision_features_only=vision_features_only, checkpoint_sha256=checkpoint_id
     )
+    vision = backbone.vision_backbone
+
+    def warm() -> None:
+        backbone.warm_up(batch_size, vision_features_only=vision_features_only)
 
     def load(blob: bytes) -> None:
         try:
             payload = unseal(blob, key)  # the key and the hash first: nothing unverified reaches torch
-            load_artifacts(payload)
-        except ArtifactError as error:
+            if key.artifact == "aoti":
+                install_package(vision, payload)
+            else:
+                load_artifacts(payload)
+        except (ArtifactError, PackageError) as error:
             raise ArtifactRefused(str(error)) from error
-        backbone.warm_up(batch_size, vision_features_only=vision_features_only)
+        warm()  # a package that fails here falls back to eager (sam3core.compile.warm_up)
 
     def build() -> bytes | None:
+        if key.artifact == "aoti":
+            try:
+                payload = build_package(
+                    vision, backbone.zero_batch_call(batch_size, vision_features_only), backbone.compile_plan
+                )
+                install_package(vision, payload)  # this actor runs what the others will load
+            except Exception as error:  # export or AOTInductor refused the model: compile it just in time
+                logger.warning("AOTInductor package failed, compiling in place: %s: %s", type(error).__name__, error)
+                apply_compile(vision, backbone.compile_plan)
+                warm()
+                return None
+            warm()
+            return seal(payload, key) if is_compiled(vision) else None
         start_recording()
-        backbone.warm_up(batch_size, vision_features_only=vision_features_only)
-        if not is_compiled(backbone.vision_backbone):  # compilation failed, eager now: nothing to share
+        warm()
+        if not is_compiled(vision):  # compilation failed, eager now: nothing to share
             return None
         payload = save_artifacts()
         return None if payload is None else seal(payload, key)

@@ -156,6 +156,9 @@ class EmbedWorker:
                         "compiled_vision": compiled,
                         "compile": self.backbone.compile_plan.describe() if compiled else "eager",
                         "compile_fallback": self.compile_fallback,
+                        # how this actor got its compiled code: "loaded" (another actor's artifact), "compiled and
+                        # published", ...; None when not shared (pipeline.model.compile_share)
+                        "compile_outcome": self.compile_outcome.how if self.compile_outcome else None,
                         "device": self.device.type,
                     },
                     "image_size": settings.imgsz,

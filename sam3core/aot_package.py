@@ -1,0 +1,188 @@
+"""The compiled vision modules as one AOTInductor package: built ahead of time, loaded without tracing.
+
+torch's portable caches (`sam3core.compile_cache`, the "caches" artifact) spare a fresh process the code
+generation and the C++ builds, but not the rest of a compilation: dynamo traces the model again and, with
+freezing (which AOTAutograd's cache refuses), the freezing passes and lowering run again; on 2 cores that is most
+of a warm start. An AOTInductor package holds the finished product instead: one shared library per compiled
+module, its weights (frozen, as inductor laid them out) inside. Loading it is opening a zip and `dlopen`; nothing is
+traced, nothing compiled.
+
+What is packaged is what the warm-up calls: each module of `sam3core.compile.compiled_modules` that one zero
+batch reaches (the trunk and the pyramid levels it computes), exported (`torch.export`, non-strict) at exactly the
+shapes it saw and compiled with the model's compile plan (`aoti_compile_and_package`). Installed, a packaged
+module's call goes to its library where nn.Module looks for compiled code (`_compiled_call_impl`, where
+`Module.compile` puts it), so every entry point of the backbone keeps working and `remove_compile` returns it to
+eager. Inputs of another shape or dtype than the exported ones (a library is compiled for one) run eagerly, with
+one warning.
+
+The weights are part of the package (freezing folds and repacks them; a package that reads its weights from the
+model at load time crashed with freezing on torch 2.13): the package is about the size of the trunk's weights in
+its dtype, and its key holds the checkpoint's hash.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import tempfile
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .compile import CompilePlan, compiled_modules, remove_compile
+
+logger = logging.getLogger(__name__)
+
+_SUFFIX = ".pt2"  # a module's AOTInductor package
+_INPUTS = ".inputs.json"  # the inputs it was compiled for: [[shape, dtype, device] or a type name, ...]
+
+
+class PackageError(ValueError):
+    """A package payload that cannot be installed (unreadable, or not for this model's modules)."""
+
+
+def _module_names(vision: nn.Module) -> dict[int, str]:
+    """id(module) -> its name under `vision` ("trunk", "convs.3"), for the modules compilation applies to."""
+    wanted = {id(m) for m in compiled_modules(vision)}
+    return {id(m): name for name, m in vision.named_modules() if id(m) in wanted}
+
+
+def capture_calls(vision: nn.Module, run: Callable[[], Any]) -> dict[str, tuple[tuple, dict]]:
+    """Runs `run` eagerly (compiled code removed: nothing compiles) and returns, per compiled module it reached,
+    the arguments of its first call, as plain tensors (not inference tensors, which export refuses)."""
+    names = _module_names(vision)
+    calls: dict[str, tuple[tuple, dict]] = {}
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        name = names[id(module)]
+        if name not in calls:
+            calls[name] = pytree.tree_map_only(Tensor, lambda t: t.detach().clone(), (args, kwargs))
+
+    remove_compile(vision)
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in compiled_modules(vision)]
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # outside inference mode, a clone of an inference tensor is an ordinary tensor
+    return {name: pytree.tree_map_only(Tensor, torch.clone, call) for name, call in calls.items()}
+
+
+def inductor_options(plan: CompilePlan) -> dict[str, Any]:
+    """The compile plan as AOTInductor's options: the mode's options, then the plan's own (CUDA graphs are not
+    something a package does)."""
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(plan.mode)) if plan.mode else {}
+    options.update(plan.options)
+    options.pop("triton.cudagraphs", None)
+    return options
+
+
+def build_package(vision: nn.Module, run: Callable[[], Any], plan: CompilePlan) -> bytes:
+    """Exports and compiles every compiled module `run` reaches; the packages, one tar member per module."""
+    calls = capture_calls(vision, run)
+    modules = dict(vision.named_modules())
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, (args, kwargs) in calls.items():
+            with torch.no_grad():
+                program = torch.export.export(modules[name], args, kwargs, strict=False)
+                package = io.BytesIO()
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=package, inductor_configs=inductor_options(plan)
+                )
+            _add(tar, name + _SUFFIX, package.getvalue())
+            _add(tar, name + _INPUTS, json.dumps(_signature(args, kwargs)).encode())
+            logger.info("packaged %s (%d bytes)", name, len(package.getvalue()))
+    return buffer.getvalue()
+
+
+def install_package(vision: nn.Module, payload: bytes) -> list[str]:
+    """Loads each module's library from `payload` and routes the module's calls to it; returns their names.
+
+    The payload must come from `build_package` on this model (verified by the caller's sealed key): each member
+    names a compiled module of `vision`."""
+    modules = dict(vision.named_modules())
+    compiled = {id(m) for m in compiled_modules(vision)}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(payload), mode="r") as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    except (tarfile.TarError, OSError, AttributeError) as error:
+        raise PackageError(f"compile package unreadable: {error}") from error
+    if not members:
+        raise PackageError("compile package holds no module")
+    calls = {}
+    for member, data in members.items():
+        name = member.removesuffix(_SUFFIX).removesuffix(_INPUTS)
+        if member not in (name + _SUFFIX, name + _INPUTS) or id(modules.get(name)) not in compiled:
+            raise PackageError(f"compile package holds {member!r}, not a compiled module of this model")
+        if member.endswith(_INPUTS):
+            continue
+        if name + _INPUTS not in members:
+            raise PackageError(f"compile package holds no inputs for {name!r}")
+        try:
+            signature = json.loads(members[name + _INPUTS])
+            calls[name] = PackagedCall(_load(data), modules[name], name, signature)
+        except Exception as error:  # a library that does not load: as unusable as a bad hash
+            raise PackageError(f"compile package {member!r} does not load: {type(error).__name__}: {error}") from error
+    remove_compile(vision)
+    for name, call in calls.items():
+        modules[name]._compiled_call_impl = call
+    return sorted(calls)
+
+
+def _load(data: bytes) -> Any:
+    """One module's package as a callable. What `torch._inductor.aoti_load_package` does, less its device check:
+    that builds a test program per candidate instruction set with the C++ compiler (six builds, 5 to 40 s on a
+    fresh node with 2 cores) only to log a mismatch, which the artifact's key (`CompileKey.device`) already rules
+    out. The loader extracts the library into a directory of its own: the file can go once it is loaded."""
+    from torch.export.pt2_archive._package import AOTICompiledModel
+
+    with tempfile.NamedTemporaryFile(suffix=_SUFFIX) as file:
+        file.write(data)
+        file.flush()
+        loader = torch._C._aoti.AOTIModelPackageLoader(file.name, "model", False, 1, -1)
+    return AOTICompiledModel(loader)
+
+
+class PackagedCall:
+    """A module's calls, sent to its compiled library when the inputs are those it was compiled for."""
+
+    def __init__(self, runner: Callable[..., Any], module: nn.Module, name: str, signature: list) -> None:
+        self.runner = runner
+        self.module = module
+        self.name = name
+        self.signature = signature  # the exported inputs (`_signature`)
+        self.warned = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        signature = _signature(args, kwargs)
+        if signature == self.signature:
+            return self.runner(*args, **kwargs)
+        if not self.warned:
+            self.warned = True
+            message = f"{self.name} compiled for inputs {self.signature}, called with {signature}: runs eagerly"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            logger.warning(message)
+        return self.module._call_impl(*args, **kwargs)
+
+
+def _signature(args: tuple, kwargs: dict) -> list:
+    """What a library is compiled for, JSON-ready: per input leaf [shape, dtype, device type] or its type name."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    return [[list(x.shape), str(x.dtype), x.device.type] if isinstance(x, Tensor) else type(x).__name__ for x in leaves]
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
