@@ -1,8 +1,9 @@
 """A packaged model against the same model compiled just in time, per batch, side by side in one process.
 
-The shared compile artifact is an AOTInductor package by default (`sam3core/aot_package.py`): every actor that
-loads it runs the package's libraries instead of code inductor compiled just in time. Both are inductor's code
-for the same graph with the same plan (freezing on a CPU); this checks that the packaged calls are as fast.
+With `SAM3_COMPILE_ARTIFACT=aoti` the shared compile artifact is an AOTInductor package (`sam3core/aot_package.py`):
+every actor that loads it runs the package's libraries instead of code inductor compiled just in time. Both are
+inductor's code for the same graph with the same plan (freezing on a CPU); this checks that the packaged calls are
+as fast, the measurement that would make the package the default.
 
 Two copies of the model with the same random weights: one packaged (export and AOTInductor, as the publishing
 actor does, both timed), one compiled just in time (`torch.compile` as `compile: auto` plans it, warm-up timed).

@@ -1,8 +1,9 @@
 """Compiled code as one portable artifact: what keys it, how it is sealed, saved and loaded. No I/O here.
 
-Two kinds of payload go behind the same sealed header. The default, "aoti", is an AOTInductor package of the
-compiled modules (`sam3core.aot_package`): a fresh process loads it and runs, without tracing or compiling. The
-other, "caches", is described below; it is kept because it needs no `torch.export` of the model.
+Two kinds of payload go behind the same sealed header. The default, "caches", is described below. The other,
+"aoti" (`SAM3_COMPILE_ARTIFACT=aoti`), is an AOTInductor package of the compiled modules (`sam3core.aot_package`):
+a fresh process loads it and runs, without tracing or compiling. It starts far faster (docs/benchmarks.md), but it
+is the default only once its per-batch speed on the real model is measured against just-in-time code.
 
 A "caches" artifact is torch's portable compile caches (`torch.compiler.save_cache_artifacts`: inductor's FX graph
 cache, AOTAutograd's cache and autotuning results) for one compiled backbone, plus the C++ kernels inductor built
@@ -38,9 +39,9 @@ import torch
 
 from .cpu import CpuFeatures, cpu_features
 
-# What an artifact holds (the key's `artifact`): an AOTInductor package per compiled module, which a fresh process
-# loads without tracing anything (the default: docs/benchmarks.md measures both), or torch's portable caches.
-ARTIFACT_KINDS = ("aoti", "caches")
+# What an artifact holds (the key's `artifact`): torch's portable caches (the default), or an AOTInductor package per
+# compiled module, which a fresh process loads without tracing anything (docs/benchmarks.md measures both).
+ARTIFACT_KINDS = ("caches", "aoti")
 ARTIFACT_ENV = "SAM3_COMPILE_ARTIFACT"
 MAGIC = b"SAM3CC1\n"  # the format of the header below; a new format gets a new magic
 _SOURCE_DIR = Path(__file__).resolve().parent
@@ -96,9 +97,9 @@ def source_sha256() -> str:
 
 
 def artifact_kind(environ: Mapping[str, str] | None = None) -> str:
-    """The artifact made and looked for: "aoti" unless `SAM3_COMPILE_ARTIFACT=caches` (bench/startup.py measures
+    """The artifact made and looked for: "caches" unless `SAM3_COMPILE_ARTIFACT=aoti` (bench/startup.py measures
     both)."""
-    kind = (os.environ if environ is None else environ).get(ARTIFACT_ENV) or "aoti"
+    kind = (os.environ if environ is None else environ).get(ARTIFACT_ENV) or "caches"
     if kind not in ARTIFACT_KINDS:
         raise ValueError(f"{ARTIFACT_ENV} must be one of {ARTIFACT_KINDS}, not {kind!r}")
     return kind

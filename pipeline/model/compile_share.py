@@ -3,8 +3,8 @@
 Every actor of a job (on every node) computes the same key (`sam3core.compile_cache.compile_key`) and looks under
 the shared root (any fsspec URI; by default `<output>/_compile_cache`) for two objects named by the key's digest:
 
-- `<digest>.artifact`: the sealed compiled code (an AOTInductor package of the vision modules by default, or
-  torch's caches: `sam3core.compile_cache`). Present: verified (key and SHA-256) and loaded, then the warm-up call
+- `<digest>.artifact`: the sealed compiled code (torch's caches by default, or an AOTInductor package of the
+  vision modules: `sam3core.compile_cache`). Present: verified (key and SHA-256) and loaded, then the warm-up call
   runs the loaded libraries (or finds every graph compiled). A damaged or foreign artifact is never loaded: the
   actor that finds it compiles and overwrites it.
 - `<digest>.claim`: a publisher's claim, created exclusively (`If-None-Match: *` on object stores, a hard link on
