@@ -37,7 +37,7 @@ import pyarrow as pa
 from ray.data.datasource import FilenameProvider
 
 # The first file of each partition is written once its oldest row has waited this long, even below
-# min_rows_per_file: within a minute of the first batch at any rate (docs/reliability.md, "Files per partition").
+# min_rows_per_file: within a minute of the first batch at any rate (docs/schema.md, "Files per partition").
 FIRST_FILE_AFTER_S = 30.0
 
 
