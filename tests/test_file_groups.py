@@ -173,3 +173,12 @@ def test_first_files_are_written_while_the_run_streams_and_the_count_stays_withi
     assert any(not name.startswith("tail-") for names in files.values() for name in names)
     written = pq.ParquetDataset(str(tmp_path / "out")).read(columns=["id"]).column("id").to_pylist()
     assert len(written) == ROWS == len(set(written))
+
+
+def test_a_block_handed_over_twice_by_a_retried_task_fails_instead_of_being_written_twice() -> None:
+    chunks = PartitionChunks(["shard"], 1)
+    assert len(chunks.add(block(0, 2, ["a", "b"]), call_key="task-1/0")) == 2
+    assert len(chunks.add(block(2, 1, ["a"]), call_key="task-1/1")) == 1
+    with pytest.raises(RuntimeError, match="retried"):
+        chunks.add(block(0, 2, ["a", "b"]), call_key="task-1/0")
+    assert chunks.counts() == (3, 3)

@@ -19,21 +19,21 @@ files and R rows, R >= 1 + (n - 2) * m + 1 > (n - 2) * m, so ceil(R / m) >= n - 
 
 Nothing here is checkpointed until Ray Data writes it: the buffered rows of a run that stops (Ctrl-C, a crash)
 are not in the checkpoint, so a resumed run embeds them again; the rows drained at the end are written with the
-same two-phase checkpoint as Ray Data's own write tasks. A failed grouping task is not retried (a retry would
-hand the same block to the buffer twice): the run fails and resumes instead. Memory is bounded: at most about
-partitions x m rows of embedded output wait in the buffer.
+same two-phase checkpoint as Ray Data's own write tasks. A write task that Ray retries after it handed its block
+to the buffer fails the run (see `PartitionChunks.add`), which then resumes without loss. Memory is bounded: at
+most about partitions x m rows of embedded output wait in the buffer.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 from ray.data.datasource import FilenameProvider
 
 # The first file of each partition is written once its oldest row has waited this long, even below
@@ -66,9 +66,20 @@ class PartitionChunks:
         self.buffers: dict[tuple[Any, ...], _Buffer] = {}
         self.rows_in = 0
         self.rows_out = 0
+        self.call_keys: set[str] = set()  # a few dozen bytes per embedded block
 
-    def add(self, table: pa.Table) -> list[pa.Table]:
-        """Buffer a block's rows by partition value; return the chunks now ready (one partition value each)."""
+    def add(self, table: pa.Table, call_key: str | None = None) -> list[pa.Table]:
+        """Buffer a block's rows by partition value; return the chunks now ready (one partition value each).
+
+        `call_key` names the call's place in its Ray task. A key seen before means Ray retried a task that had
+        handed its block over already: buffering it again would write its rows twice, and the chunks handed to
+        the failed attempt may not have been written. The run fails instead (and resumes without loss: no row
+        of the buffer or of those chunks is in the checkpoint unless its file was written).
+        """
+        if call_key is not None:
+            if call_key in self.call_keys:
+                raise RuntimeError(f"a write task was retried after handing over its rows ({call_key}); resume")
+            self.call_keys.add(call_key)
         now = self.clock()
         for key, part in self._split(table):
             buffer = self.buffers.setdefault(key, _Buffer())
@@ -129,21 +140,33 @@ def chunks_ready(batch: pa.Table, grouper: Any) -> Iterator[pa.Table]:
     """Ray Data step before the write: one embedded block in, the ready chunks out (often none)."""
     import ray
 
-    yield from ray.get(grouper.add.remote(batch))
+    yield from ray.get(grouper.add.remote(batch, _call_key()))
+
+
+_calls_by_task: dict[str, int] = {}
+
+
+def _call_key() -> str:
+    """This call's place in its Ray task: a retried task (same task id) makes the same keys again."""
+    import ray
+
+    task = ray.get_runtime_context().get_task_id() or ""
+    if task not in _calls_by_task and len(_calls_by_task) > 256:
+        _calls_by_task.clear()
+    index = _calls_by_task.get(task, 0)
+    _calls_by_task[task] = index + 1
+    return f"{task}/{index}"
 
 
 def group_for_files(dataset: Any, grouper: Any) -> Any:
-    with warnings.catch_warnings():
-        # Ray 2.60 names no parameter for a task's retries and warns about passing it as a Ray remote argument.
-        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
-        return dataset.map_batches(
-            chunks_ready,
-            fn_kwargs={"grouper": grouper},
-            batch_size=None,  # each embedded block as it comes: no bundling in front of the buffer
-            batch_format="pyarrow",
-            zero_copy_batch=True,
-            max_retries=0,  # see the module docstring: a retried task would buffer its block twice
-        )
+    # The same resources as Ray Data's write, so the two fuse into one task: no CPU of its own to wait for.
+    return dataset.map_batches(
+        chunks_ready,
+        fn_kwargs={"grouper": grouper},
+        batch_size=None,  # each embedded block as it comes: no bundling in front of the buffer
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+    )
 
 
 def tail_prefix() -> str:
@@ -179,7 +202,14 @@ def write_grouped(
     grouper = file_grouper(list(partition_by), min_rows_per_file, after_s)
     try:
         group_for_files(dataset, grouper).write_parquet(
-            path, filesystem=filesystem, partition_cols=partition_cols, compression=compression
+            path,
+            filesystem=filesystem,
+            partition_cols=partition_cols,
+            compression=compression,
+            # When every row waits for the last chunks, this write writes none, and Ray Data then deletes the
+            # directory it created: harmless on a local disk, an error on an object store, where the "directory"
+            # does not exist (and where nothing needs creating before a write).
+            try_create_dir=isinstance(filesystem, pafs.LocalFileSystem),
         )
         tail = ray.get(grouper.drain.remote())
         received, handed_out = ray.get(grouper.counts.remote())
