@@ -158,14 +158,22 @@ def _call_key() -> str:
     return f"{task}/{index}"
 
 
+# CPUs a grouping-and-write task reserves. A whole CPU (Ray Data's default) could not be had while reading and
+# decoding held the cluster's CPUs: on 2 cores the write never ran until the input was read to the end (measured
+# in bench/soak.py: 1,483 embedded blocks queued in front of it after 10 minutes, no file). Writing small
+# embeddings takes little CPU; the model actor's threads and the decoders take what it leaves.
+WRITE_CPUS = 0.25
+
+
 def group_for_files(dataset: Any, grouper: Any) -> Any:
-    # The same resources as Ray Data's write, so the two fuse into one task: no CPU of its own to wait for.
+    # The same resources as the write (`WRITE_CPUS`), so that Ray Data fuses the two into one task.
     return dataset.map_batches(
         chunks_ready,
         fn_kwargs={"grouper": grouper},
         batch_size=None,  # each embedded block as it comes: no bundling in front of the buffer
         batch_format="pyarrow",
         zero_copy_batch=True,
+        num_cpus=WRITE_CPUS,
     )
 
 
@@ -210,6 +218,7 @@ def write_grouped(
             # directory it created: harmless on a local disk, an error on an object store, where the "directory"
             # does not exist (and where nothing needs creating before a write).
             try_create_dir=isinstance(filesystem, pafs.LocalFileSystem),
+            ray_remote_args={"num_cpus": WRITE_CPUS},
         )
         tail = ray.get(grouper.drain.remote())
         received, handed_out = ray.get(grouper.counts.remote())
