@@ -219,10 +219,13 @@ def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_aft
     watch = Watch(output, args.sample_s, progress)
     watcher = threading.Thread(target=watch.run, daemon=True)
     watcher.start()
+    timer = None
     if stop_after_s:
         import _thread
 
-        threading.Timer(stop_after_s, _thread.interrupt_main).start()
+        timer = threading.Timer(stop_after_s, _thread.interrupt_main)
+        timer.daemon = True  # a run that finishes first must not wait for it (nor be interrupted after)
+        timer.start()
     started = time.monotonic()
     summary = None
     try:
@@ -230,6 +233,8 @@ def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_aft
     except KeyboardInterrupt:
         print(f"{name}: interrupted after {stop_after_s}s, as asked", file=sys.stderr)
     elapsed = time.monotonic() - started
+    if timer is not None:
+        timer.cancel()
     watch.stop.set()
     watcher.join()
     logging.getLogger("pipeline.run.progress").removeHandler(progress)
