@@ -82,11 +82,32 @@ def pss_bytes(pid: int) -> int:
     return int(match.group(1)) * 1024 if match else 0
 
 
+def rss_bytes(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"^VmRSS:\s+(\d+) kB", text, flags=re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def spill_bytes() -> int:
+    """Bytes in Ray's spill directory (by default `ray_spilled_objects*` under the session directory)."""
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    return sum(
+        path.stat().st_size for spill_dir in session.glob("*spill*") for path in spill_dir.rglob("*") if path.is_file()
+    )
+
+
 def object_store() -> tuple[float, float]:
     """(MiB in the object store, MiB spilled so far), from Ray's own memory summary."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    # this cluster's address: with other Ray clusters on the machine, Ray cannot tell which one is meant
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     used = re.search(r"Plasma memory usage (\d+) MiB", text)
     spilled = re.search(r"Spilled (\d+) MiB", text)
     return (float(used.group(1)) if used else 0.0, float(spilled.group(1)) if spilled else 0.0)
@@ -96,9 +117,11 @@ def object_store() -> tuple[float, float]:
 class Sample:
     t: float
     pss_mib: float
+    rss_mib: float
     processes: int
     store_mib: float
     spilled_mib: float
+    spill_dir_mib: float
     rows: int
     files: int
 
@@ -133,13 +156,19 @@ class Watch:
             except Exception:
                 store, spilled = float("nan"), float("nan")
             files = len(list(self.output.rglob("*.parquet"))) if self.output.exists() else 0
+            try:
+                spill_dir = spill_bytes() / 2**20
+            except Exception:
+                spill_dir = float("nan")
             self.samples.append(
                 Sample(
                     round(time.monotonic() - started, 1),
                     round(sum(pss_bytes(pid) for pid in pids) / 2**20, 1),
+                    round(sum(rss_bytes(pid) for pid in pids) / 2**20, 1),
                     len(pids),
                     store,
                     spilled,
+                    round(spill_dir, 1),
                     self.progress.rows,
                     files,
                 )
@@ -151,6 +180,13 @@ def files_per_partition(output: Path) -> dict[str, int]:
     for path in output.rglob("*.parquet"):
         counts[path.parent.name] = counts.get(path.parent.name, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def sampled_rate(samples: list[Sample]) -> float | None:
+    started = [s for s in samples if s.rows > 0]
+    if len(started) < 2 or started[-1].t <= started[0].t:
+        return None
+    return round((started[-1].rows - started[0].rows) / (started[-1].t - started[0].t), 2)
 
 
 def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_after_s: float | None) -> dict[str, Any]:
@@ -183,10 +219,13 @@ def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_aft
     watch = Watch(output, args.sample_s, progress)
     watcher = threading.Thread(target=watch.run, daemon=True)
     watcher.start()
+    timer = None
     if stop_after_s:
         import _thread
 
-        threading.Timer(stop_after_s, _thread.interrupt_main).start()
+        timer = threading.Timer(stop_after_s, _thread.interrupt_main)
+        timer.daemon = True  # a run that finishes first must not wait for it (nor be interrupted after)
+        timer.start()
     started = time.monotonic()
     summary = None
     try:
@@ -194,6 +233,8 @@ def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_aft
     except KeyboardInterrupt:
         print(f"{name}: interrupted after {stop_after_s}s, as asked", file=sys.stderr)
     elapsed = time.monotonic() - started
+    if timer is not None:
+        timer.cancel()
     watch.stop.set()
     watcher.join()
     logging.getLogger("pipeline.run.progress").removeHandler(progress)
@@ -215,8 +256,12 @@ def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_aft
         "distinct_ids": len(set(ids)),
         "every_row_once": summary is not None and len(ids) == rows and len(set(ids)) == rows,
         "steady_rows_per_s": summary.steady_rows_per_s if summary else None,
+        # from the samples: rows the progress counter saw, first rows to last sample (an interrupted run too)
+        "sampled_rows_per_s": sampled_rate(watch.samples),
         "first_progress_s": first_rows,
         "first_file_s": first_file,
+        # sampled every --sample-s: both times are known to that resolution
+        "first_file_after_first_rows_s": None if first_file is None or first_rows is None else first_file - first_rows,
         "files_per_partition": per_partition,
         "files_allowed_per_partition": allowed,
         "peak_pss_mib": max((s.pss_mib for s in watch.samples), default=None),
@@ -224,6 +269,10 @@ def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_aft
         "pss_second_half_max_mib": max((s.pss_mib for s in settled[half:]), default=None),
         "peak_store_mib": max((s.store_mib for s in watch.samples), default=None),
         "spilled_mib": max((s.spilled_mib for s in watch.samples), default=None),
+        "spill_dir_max_mib": max((s.spill_dir_mib for s in watch.samples), default=None),
+        "rss_first_half_max_mib": max((s.rss_mib for s in settled[:half]), default=None),
+        "rss_second_half_max_mib": max((s.rss_mib for s in settled[half:]), default=None),
+        "files_within_bound": bool(per_partition) and max(per_partition.values()) <= allowed,
         "samples": [asdict(s) for s in watch.samples],
     }
     return result
@@ -266,6 +315,9 @@ def main() -> None:
     if args.reference_rows and results[0]["steady_rows_per_s"] and results[1]["steady_rows_per_s"]:
         ratio = results[1]["steady_rows_per_s"] / results[0]["steady_rows_per_s"]
         print(f"steady rate, soak / reference: {ratio:.3f}")
+    if args.reference_rows and results[0]["sampled_rows_per_s"] and results[1]["sampled_rows_per_s"]:
+        ratio = results[1]["sampled_rows_per_s"] / results[0]["sampled_rows_per_s"]
+        print(f"sampled rate, soak / reference: {ratio:.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -378,12 +378,17 @@ def actor_cpus(config: JobConfig, cluster_cpus: float) -> float:
 
 
 def _write(dataset: Any, config: JobConfig, output: Location, storage_options: dict[str, Any]) -> None:
-    dataset.write_parquet(
+    """Partitioned Parquet, rows gathered per partition value first (`pipeline.run.file_groups`): at most
+    ceil(rows / min_rows_per_file) + 1 files per partition, the first ones within a minute."""
+    from pipeline.run.file_groups import write_grouped
+
+    write_grouped(
+        dataset,
         output.path,
-        filesystem=arrow_filesystem(output.protocol, storage_options),
-        partition_cols=list(config.output.partition_by) or None,
-        min_rows_per_file=config.output.min_rows_per_file,
-        compression=config.output.compression,
+        arrow_filesystem(output.protocol, storage_options),
+        list(config.output.partition_by),
+        config.output.min_rows_per_file,
+        config.output.compression,
     )
 
 
