@@ -58,8 +58,6 @@ class IncrementalRunSummary(RunSummary):
     mode: str = "incremental"
     commit_id: str = ""
     rows_added: int = 0  # new ids now in the dataset
-    rows_computed: int = 0  # rows whose image went through the model (counted by the model actor)
-    rows_copied: int = 0  # rows that got another row's features without the model
     rows_skipped_present: int = 0  # input rows whose id the dataset held, left as they were
     rows_retried: int = 0  # error rows embedded again
     rows_retried_ok: int = 0  # ... that are ok now

@@ -7,10 +7,14 @@ everything else is dropped before any image is fetched. After the CPU stage (`ch
 whose image digest is unchanged is dropped before the model. The rows left with status `ok` are what the model
 stage embeds; they are counted here on their way in (`sent_to_model`) and again by the model actor itself, where
 the image forward pass runs (`model_image_rows`, what summaries report as computed).
+
+A plain run (no dataset to join) uses the second stage alone (`start_copy_marking`): it marks the rows that repeat
+an image seen earlier in the run, so that every run, not only incremental ones, computes each distinct image once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,6 +56,7 @@ class RowSelection:
     retry_errors: bool = False  # re-embed ids whose row is an error
     refresh_changed: bool = False  # re-hash ok rows, re-embed those whose image changed
     claims: Any = None  # ContentClaims actor handle: rows repeating an image computed in this run are copies
+    filter_by_id: bool = True  # False for a plain run: every read row goes on, only copies are marked
 
     @property
     def worker(self) -> type:
@@ -84,6 +89,12 @@ def start_selection(
     claims = ray.remote(num_cpus=0)(ContentClaims).remote()
     slim = IdSet(id_set.ids, id_set.status, id_set.sha256, np.empty(0, np.int32), ())
     return RowSelection(source, ray.put(slim), counter, new_rows, retry_errors, refresh_changed, claims)
+
+
+def start_copy_marking(source: SourceSpec) -> RowSelection:
+    """The selection of a plain run: no row is dropped; rows repeating an image of the run are marked as copies."""
+    selection = start_selection(source, IdSet.empty(), new_rows=True, retry_errors=False, refresh_changed=False)
+    return dataclasses.replace(selection, filter_by_id=False)
 
 
 def selection_counts(selection: RowSelection) -> dict[str, int]:
