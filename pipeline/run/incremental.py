@@ -255,7 +255,7 @@ def _embed_selected(
     """Run the pipeline on the selected rows into the staging area; its summary plus the selection's counts."""
     from pipeline.input.sources import SourceSpec, input_protocol, input_uris, plan_source
     from pipeline.run import console
-    from pipeline.run.row_selection import selection_counts, start_selection
+    from pipeline.run.row_selection import selection_counts, start_selection, stop_selection
 
     inner = JobConfig.from_dict(config.to_dict())
     inner.output.uri = area.data.uri
@@ -275,8 +275,11 @@ def _embed_selected(
         retry_errors=config.output.retry_errors,
         refresh_changed=config.output.refresh == "changed",
     )
-    summary = run_pipeline(inner, inner_plan, selection=selection).to_dict()
-    summary["selection"] = selection_counts(selection)
+    try:
+        summary = run_pipeline(inner, inner_plan, selection=selection).to_dict()
+        summary["selection"] = selection_counts(selection)
+    finally:
+        stop_selection(selection)
     logger.info("selection: %s", ", ".join(f"{k} {v}" for k, v in sorted(summary["selection"].items())))
     return summary
 
@@ -290,28 +293,26 @@ def _mode(config: JobConfig) -> str:
     return "+".join(parts)
 
 
+# What `_dataset.json` records of each run's counts (and what bench/incremental.py reports of each run).
+RUN_COUNT_KEYS = (
+    "rows_total",
+    "rows_ok",
+    "rows_error",
+    "rows_added",
+    "rows_computed",
+    "rows_copied",
+    "rows_skipped_present",
+    "rows_retried",
+    "rows_retried_ok",
+    "rows_refreshed",
+    "rows_unchanged",
+    "files_added",
+    "files_rewritten",
+)
+
+
 def _run_entry(summary: IncrementalRunSummary) -> dict[str, Any]:
-    keys = (
-        "run_id",
-        "commit_id",
-        "mode",
-        "started_at",
-        "finished_at",
-        "rows_total",
-        "rows_ok",
-        "rows_error",
-        "rows_added",
-        "rows_computed",
-        "rows_copied",
-        "rows_skipped_present",
-        "rows_retried",
-        "rows_retried_ok",
-        "rows_refreshed",
-        "rows_unchanged",
-        "files_added",
-        "files_rewritten",
-        "package_version",
-    )
+    keys = ("run_id", "commit_id", "mode", "started_at", "finished_at", *RUN_COUNT_KEYS, "package_version")
     data = summary.to_dict()
     entry = {key: data[key] for key in keys}
     entry["committed_at"] = datetime.now(timezone.utc).isoformat()

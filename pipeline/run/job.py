@@ -26,6 +26,7 @@ from pipeline.run.row_selection import (
     select_before_prepare,
     selection_counts,
     start_copy_marking,
+    stop_selection,
 )
 from pipeline.storage import Location, arrow_filesystem, fsspec_filesystem, parse_uri
 from pipeline.version import package_version
@@ -130,19 +131,18 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
             with ProgressReporter(counter, total) as progress:
                 _write(dataset, config, output, storage_options)
                 done = progress.snapshot()
+            selected = selection_counts(selection)
         finally:
             ray.kill(counter)
+            if plain:
+                stop_selection(selection)  # the run's digests: not needed any more
     logger.info("written: %s", done.line())
-    selected = selection_counts(selection)
     copied = 0
-    if plain:
-        ray.kill(selection.claims)  # the run's digests: not needed any more
-        ray.kill(selection.counter)
-        if resuming or selected.get("copied"):  # an earlier attempt may have left copies too
-            from pipeline.dataset.copy_fill import fill_output_copies
+    if plain and (resuming or selected.get("copied")):  # an earlier attempt may have left copies too
+        from pipeline.dataset.copy_fill import fill_output_copies
 
-            copied = fill_output_copies(output, storage_options, compression=config.output.compression)
-            logger.info("%d rows got the image features of an earlier row with the same image", copied)
+        copied = fill_output_copies(output, storage_options, compression=config.output.compression)
+        logger.info("%d rows got the image features of an earlier row with the same image", copied)
 
     counts, files, checkpoint_sha, fallbacks = _scan_output(output, storage_options)
     for reason in fallbacks:

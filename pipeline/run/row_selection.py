@@ -97,6 +97,15 @@ def start_copy_marking(source: SourceSpec) -> RowSelection:
     return dataclasses.replace(selection, filter_by_id=False)
 
 
+def stop_selection(selection: RowSelection) -> None:
+    """End the selection's actors (the run's digests live in one of them) once its counts are read."""
+    import ray
+
+    for actor in (selection.claims, selection.counter):
+        if actor is not None:
+            ray.kill(actor)
+
+
 def selection_counts(selection: RowSelection) -> dict[str, int]:
     import ray
 
