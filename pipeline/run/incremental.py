@@ -261,6 +261,12 @@ def _embed_selected(
     inner.output.uri = area.data.uri
     inner.output.mode, inner.output.retry_errors, inner.output.refresh = "new", False, "none"
     inner.resume_path = area.checkpoint.uri
+    if inner.model.compile_cache is None:
+        # The documented default, `<output>/_compile_cache`, is the dataset's (outside every glob of its files), not
+        # the staging area's: that one is cleared after each run, and every run would compile the model again.
+        from pipeline.model.compile_share import compile_cache_uri
+
+        inner.model.compile_cache = compile_cache_uri(None, config.output.uri)
     inner_plan = dataclasses.replace(plan, config=inner, total_rows=None)
     uris = input_uris(config.input.uri)
     source, _ = plan_source(
