@@ -199,3 +199,21 @@ def test_a_plain_run_fills_its_copies_in_place_and_leaves_other_files_alone(
     assert "copy" not in table.column("status").to_pylist()
     assert untouched.fs.info(untouched.path) == before
     assert fill_output_copies(output, output.storage_options) == 0  # nothing left: a rerun changes nothing
+
+
+def test_an_incremental_run_shares_its_compiled_model_through_the_dataset_not_the_staging_area(tmp_path) -> None:
+    """The staging area is cleared after every run: a compile cache there would make every run compile again."""
+    from pipeline.backfill.staging import StagingArea
+    from pipeline.config import JobConfig
+    from pipeline.run.incremental import staging_config, staging_location
+
+    config = JobConfig.from_dict({"input": {"uri": "in.parquet"}, "output": {"uri": str(tmp_path / "data")}})
+    config.output.mode = "incremental"
+    root = staging_location(config)
+    inner = staging_config(config, StagingArea(root=root, checkpoint=root.join("checkpoint")))
+    assert inner.output.uri == root.join("data").uri and inner.output.mode == "new"
+    assert inner.model.compile_cache == Location.parse(str(tmp_path / "data")).join("_compile_cache").uri
+    config.model.compile_cache = "s3://bucket/compiled"  # one the user chose stays
+    assert staging_config(config, StagingArea(root=root, checkpoint=root.join("c"))).model.compile_cache == (
+        "s3://bucket/compiled"
+    )

@@ -249,13 +249,9 @@ def _run_leased(
     return summary
 
 
-def _embed_selected(
-    config: JobConfig, plan: Plan, run_pipeline: RunPipeline, area: StagingArea, id_set: Any
-) -> dict[str, Any]:
-    """Run the pipeline on the selected rows into the staging area; its summary plus the selection's counts."""
-    from pipeline.input.sources import SourceSpec, input_protocol, input_uris, plan_source
-    from pipeline.run import console
-    from pipeline.run.row_selection import selection_counts, start_selection, stop_selection
+def staging_config(config: JobConfig, area: StagingArea) -> JobConfig:
+    """The job the pipeline runs for an incremental run: a plain run into the staging area, resumable there."""
+    from pipeline.model.compile_share import compile_cache_uri
 
     inner = JobConfig.from_dict(config.to_dict())
     inner.output.uri = area.data.uri
@@ -264,9 +260,19 @@ def _embed_selected(
     if inner.model.compile_cache is None:
         # The documented default, `<output>/_compile_cache`, is the dataset's (outside every glob of its files), not
         # the staging area's: that one is cleared after each run, and every run would compile the model again.
-        from pipeline.model.compile_share import compile_cache_uri
-
         inner.model.compile_cache = compile_cache_uri(None, config.output.uri)
+    return inner
+
+
+def _embed_selected(
+    config: JobConfig, plan: Plan, run_pipeline: RunPipeline, area: StagingArea, id_set: Any
+) -> dict[str, Any]:
+    """Run the pipeline on the selected rows into the staging area; its summary plus the selection's counts."""
+    from pipeline.input.sources import SourceSpec, input_protocol, input_uris, plan_source
+    from pipeline.run import console
+    from pipeline.run.row_selection import selection_counts, start_selection, stop_selection
+
+    inner = staging_config(config, area)
     inner_plan = dataclasses.replace(plan, config=inner, total_rows=None)
     uris = input_uris(config.input.uri)
     source, _ = plan_source(
