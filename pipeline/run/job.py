@@ -16,13 +16,14 @@ from pipeline.config import FEATURES_DEFAULT, JobConfig, uses_dataset_protocol
 from pipeline.dataset import schema
 from pipeline.dataset.markers import data_files, remove_markers, write_markers
 from pipeline.input.duplicate_ids import ids_derive_from_content, report_repeated_content_ids
-from pipeline.input.records import PrepareSettings, prepare_batch
+from pipeline.input.records import PrepareSettings
 from pipeline.input.sources import SourceSpec, input_protocol, input_uris, log_renamed_columns, plan_source, read_source
 from pipeline.run import console
 from pipeline.run.outcome import error_fraction
 from pipeline.run.preflight import Plan, preflight
 from pipeline.run.row_selection import (
-    check_after_prepare,
+    RowSelection,
+    prepare_and_check,
     select_before_prepare,
     selection_counts,
     start_copy_marking,
@@ -121,8 +122,7 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
         dataset = read_source(source, uris, storage_options, layout)
         if selection.filter_by_id:
             dataset = select_before_prepare(dataset, selection)
-        dataset = _prepare(dataset, config, source, storage_options, memory)
-        dataset = check_after_prepare(dataset, selection)
+        dataset = _prepare(dataset, config, source, storage_options, memory, selection)
         from pipeline.run.progress import ProgressCounter, ProgressReporter
 
         counter = ProgressCounter.remote()
@@ -247,7 +247,14 @@ def decode_memory(imgsz: int) -> int:
     return DECODE_BASE_MEMORY + PREPARE_BATCH_ROWS * imgsz * imgsz * 3 * 4
 
 
-def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_options: dict[str, Any], memory: int) -> Any:
+def _prepare(
+    dataset: Any,
+    config: JobConfig,
+    source: SourceSpec,
+    storage_options: dict[str, Any],
+    memory: int,
+    selection: RowSelection,
+) -> Any:
     from sam3core import get_config
 
     settings = PrepareSettings(
@@ -265,14 +272,14 @@ def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_option
     # for Ray Data's backpressure to hold decoding back (docs/benchmarks.md, "Soak"). Streaming: no shuffle.
     dataset = dataset.repartition(target_num_rows_per_block=PREPARE_BATCH_ROWS)
     return dataset.map_batches(
-        prepare_batch,
-        fn_kwargs={"settings": settings},
+        prepare_and_check,  # prepare_batch, then the copies marked (and unchanged refreshed rows dropped)
+        fn_kwargs={"settings": settings, "selection": selection},
         batch_size=PREPARE_BATCH_ROWS,
         # WebDataset blocks are pandas frames of raw bytes; converting them to Arrow here gains nothing.
         batch_format="pandas" if source.format == "webdataset" else "pyarrow",
         concurrency=config.compute.decode_concurrency,
         memory=memory,
-        udf_modifying_row_count=False,
+        udf_modifying_row_count=selection.refresh_changed,
     )
 
 
