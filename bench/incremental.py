@@ -68,7 +68,9 @@ def write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
-def run(manifest: Path, output: Path, imgsz: int, batch_size: int, *flags: str) -> dict[str, Any]:
+def run(
+    manifest: Path, output: Path, imgsz: int, batch_size: int, *flags: str, log: Path | None = None
+) -> dict[str, Any]:
     command = [
         sys.executable, "-m", "jobs.cli", "run", "--input", str(manifest), "--output", str(output),
         "--model-config", "tiny", "--imgsz", str(imgsz), "--random-weights", "--batch-size", str(batch_size),
@@ -78,6 +80,9 @@ def run(manifest: Path, output: Path, imgsz: int, batch_size: int, *flags: str) 
     began = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO)
     wall = time.monotonic() - began
+    if log is not None:  # the run's own log lines carry timestamps: where its wall time went
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(result.stderr)
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-4000:])
         raise SystemExit(f"run failed with exit code {result.returncode}: {' '.join(command)}")
@@ -103,6 +108,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one, removed at the end)")
     parser.add_argument("--skip-retry-and-repeats", action="store_true", help="only the first and second runs")
     parser.add_argument("--repeats-only", action="store_true", help="only the two runs with repeated images")
+    parser.add_argument("--log-dir", help="keep each run's log (stderr, timestamped lines) in this folder")
     args = parser.parse_args()
     n = args.rows
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sam3-incremental-"))
@@ -113,6 +119,10 @@ def main() -> None:
         first_rows = [(f"r{i}", str(missing.get(i, images[i]))) for i in range(n)]
         second_rows = first_rows + [(f"r{i}", str(images[i])) for i in range(n, n + new_count)]
         dataset = root / "dataset"
+
+        def log(name: str) -> Path | None:
+            return Path(args.log_dir) / f"{name}.log" if args.log_dir else None
+
         results: dict[str, Any] = {}
         report: dict[str, Any] = {
             "rows": n,
@@ -122,12 +132,9 @@ def main() -> None:
             "runs": results,
         }
         if not args.repeats_only:
-            results["first"] = run(
-                write_manifest(root / "m1.parquet", first_rows), dataset, args.imgsz, args.batch_size, "--incremental"
-            )
-            results["second"] = run(
-                write_manifest(root / "m2.parquet", second_rows), dataset, args.imgsz, args.batch_size, "--incremental"
-            )
+            m1, m2 = write_manifest(root / "m1.parquet", first_rows), write_manifest(root / "m2.parquet", second_rows)
+            results["first"] = run(m1, dataset, args.imgsz, args.batch_size, "--incremental", log=log("first"))
+            results["second"] = run(m2, dataset, args.imgsz, args.batch_size, "--incremental", log=log("second"))
             first, second = results["first"], results["second"]
             report["second_over_first_model_calls"] = round(second["rows_computed"] / first["rows_computed"], 4)
             report["second_over_first_wall"] = round(second["wall_s"] / first["wall_s"], 4)
@@ -135,7 +142,9 @@ def main() -> None:
             (root / "late").mkdir()
             for i, path in missing.items():
                 shutil.copyfile(images[i], path)
-            results["retry"] = run(root / "m2.parquet", dataset, args.imgsz, args.batch_size, "--retry-errors")
+            results["retry"] = run(
+                root / "m2.parquet", dataset, args.imgsz, args.batch_size, "--retry-errors", log=log("retry")
+            )
             report["retry_model_calls"] = results["retry"]["rows_computed"]
             report["retry_expected"] = failed_count
         if not args.skip_retry_and_repeats:
@@ -143,7 +152,7 @@ def main() -> None:
             repeat_rows = [(f"d{i}", str(images[i if i < distinct else (i * 7919) % distinct])) for i in range(n)]
             manifest = write_manifest(root / "m3.parquet", repeat_rows)
             for name, output, flags in (("repeats", "repeats", ["--incremental"]), ("repeats_plain", "plain", [])):
-                results[name] = run(manifest, root / output, args.imgsz, args.batch_size, *flags)
+                results[name] = run(manifest, root / output, args.imgsz, args.batch_size, *flags, log=log(name))
                 report[f"{name}_model_calls_fraction"] = round(results[name]["rows_computed"] / n, 4)
         print(json.dumps(report, indent=1))
     finally:
