@@ -38,9 +38,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.run.incremental import RUN_COUNT_KEYS
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the package, not bench/pipeline.py beside this script
+
+from pipeline.run.incremental import RUN_COUNT_KEYS  # noqa: E402
 
 
 def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
