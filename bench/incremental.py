@@ -11,7 +11,11 @@ derived from the input sizes. The runs:
            (error rows, no model call);
 * second:  the same input plus 10% new rows, `--incremental`;
 * retry:   the missing images now exist, `--retry-errors`: the model must run on exactly those rows;
-* repeats: N rows of which 30% repeat another row's image bytes, into a fresh output: the model must run on 70%.
+* repeats: N rows of which 30% repeat another row's image bytes, into a fresh output with `--incremental`: the
+           model must run on 70%;
+* repeats_plain: the same rows as a plain run (no `--incremental`) into another fresh output: 70% as well.
+
+`--repeats-only` runs the last two alone (their figures do not depend on the others).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the package, not bench/pipeline.py beside this script
+
+from pipeline.run.incremental import RUN_COUNT_KEYS  # noqa: E402
 
 
 def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
@@ -62,7 +69,9 @@ def write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
-def run(manifest: Path, output: Path, imgsz: int, batch_size: int, *flags: str) -> dict[str, Any]:
+def run(
+    manifest: Path, output: Path, imgsz: int, batch_size: int, *flags: str, log: Path | None = None
+) -> dict[str, Any]:
     command = [
         sys.executable, "-m", "jobs.cli", "run", "--input", str(manifest), "--output", str(output),
         "--model-config", "tiny", "--imgsz", str(imgsz), "--random-weights", "--batch-size", str(batch_size),
@@ -72,24 +81,15 @@ def run(manifest: Path, output: Path, imgsz: int, batch_size: int, *flags: str) 
     began = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO)
     wall = time.monotonic() - began
+    if log is not None:  # the run's own log lines carry timestamps: where its wall time went
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(result.stderr)
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-4000:])
         raise SystemExit(f"run failed with exit code {result.returncode}: {' '.join(command)}")
     summary = json.loads((output / "_summary.json").read_text())
-    return {"wall_s": round(wall, 1), **{k: summary[k] for k in SUMMARY_KEYS}}
-
-
-SUMMARY_KEYS = (
-    "rows_total",
-    "rows_ok",
-    "rows_error",
-    "rows_added",
-    "rows_computed",
-    "rows_copied",
-    "rows_skipped_present",
-    "rows_retried",
-    "rows_retried_ok",
-)
+    # a plain run's summary holds the counts that apply to it (rows, computed, copied), not the dataset's
+    return {"wall_s": round(wall, 1), **{k: summary[k] for k in RUN_COUNT_KEYS if k in summary}}
 
 
 def cpu_flags() -> str:
@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one, removed at the end)")
     parser.add_argument("--skip-retry-and-repeats", action="store_true", help="only the first and second runs")
+    parser.add_argument("--repeats-only", action="store_true", help="only the two runs with repeated images")
+    parser.add_argument("--log-dir", help="keep each run's log (stderr, timestamped lines) in this folder")
     args = parser.parse_args()
     n = args.rows
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sam3-incremental-"))
@@ -118,41 +120,41 @@ def main() -> None:
         first_rows = [(f"r{i}", str(missing.get(i, images[i]))) for i in range(n)]
         second_rows = first_rows + [(f"r{i}", str(images[i])) for i in range(n, n + new_count)]
         dataset = root / "dataset"
+
+        def log(name: str) -> Path | None:
+            return Path(args.log_dir) / f"{name}.log" if args.log_dir else None
+
         results: dict[str, Any] = {}
-        results["first"] = run(
-            write_manifest(root / "m1.parquet", first_rows), dataset, args.imgsz, args.batch_size, "--incremental"
-        )
-        results["second"] = run(
-            write_manifest(root / "m2.parquet", second_rows), dataset, args.imgsz, args.batch_size, "--incremental"
-        )
-        if not args.skip_retry_and_repeats:
-            (root / "late").mkdir()
-            for i, path in missing.items():
-                shutil.copyfile(images[i], path)
-            results["retry"] = run(root / "m2.parquet", dataset, args.imgsz, args.batch_size, "--retry-errors")
-            distinct = n - (3 * n) // 10
-            repeat_rows = [(f"d{i}", str(images[i if i < distinct else (i * 7919) % distinct])) for i in range(n)]
-            results["repeats"] = run(
-                write_manifest(root / "m3.parquet", repeat_rows),
-                root / "repeats",
-                args.imgsz,
-                args.batch_size,
-                "--incremental",
-            )
-        first, second = results["first"], results["second"]
-        report = {
+        report: dict[str, Any] = {
             "rows": n,
             "imgsz": args.imgsz,
             "batch_size": args.batch_size,
             "cpu": {"cores": os.cpu_count(), "flags": cpu_flags()},
             "runs": results,
-            "second_over_first_model_calls": round(second["rows_computed"] / first["rows_computed"], 4),
-            "second_over_first_wall": round(second["wall_s"] / first["wall_s"], 4),
         }
-        if "retry" in results:
+        if not args.repeats_only:
+            m1, m2 = write_manifest(root / "m1.parquet", first_rows), write_manifest(root / "m2.parquet", second_rows)
+            results["first"] = run(m1, dataset, args.imgsz, args.batch_size, "--incremental", log=log("first"))
+            results["second"] = run(m2, dataset, args.imgsz, args.batch_size, "--incremental", log=log("second"))
+            first, second = results["first"], results["second"]
+            report["second_over_first_model_calls"] = round(second["rows_computed"] / first["rows_computed"], 4)
+            report["second_over_first_wall"] = round(second["wall_s"] / first["wall_s"], 4)
+        if not args.skip_retry_and_repeats and not args.repeats_only:
+            (root / "late").mkdir()
+            for i, path in missing.items():
+                shutil.copyfile(images[i], path)
+            results["retry"] = run(
+                root / "m2.parquet", dataset, args.imgsz, args.batch_size, "--retry-errors", log=log("retry")
+            )
             report["retry_model_calls"] = results["retry"]["rows_computed"]
             report["retry_expected"] = failed_count
-            report["repeats_model_calls_fraction"] = round(results["repeats"]["rows_computed"] / n, 4)
+        if not args.skip_retry_and_repeats:
+            distinct = n - (3 * n) // 10
+            repeat_rows = [(f"d{i}", str(images[i if i < distinct else (i * 7919) % distinct])) for i in range(n)]
+            manifest = write_manifest(root / "m3.parquet", repeat_rows)
+            for name, output, flags in (("repeats", "repeats", ["--incremental"]), ("repeats_plain", "plain", [])):
+                results[name] = run(manifest, root / output, args.imgsz, args.batch_size, *flags, log=log(name))
+                report[f"{name}_model_calls_fraction"] = round(results[name]["rows_computed"] / n, 4)
         print(json.dumps(report, indent=1))
     finally:
         if not args.workdir:

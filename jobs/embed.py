@@ -116,7 +116,7 @@ def render_summary(config: JobConfig, summary: dict[str, Any], code: int) -> str
     for reason in summary.get("compile_fallbacks") or []:
         lines.append(f"  compile:      FAILED, the model ran eagerly (slower): {reason}")
     this_attempt = summary.get("rows_this_run")
-    if isinstance(this_attempt, int) and rows is not None and this_attempt < rows and "rows_computed" not in summary:
+    if isinstance(this_attempt, int) and rows is not None and this_attempt < rows and "rows_added" not in summary:
         lines.append(f"  resumed:      {rows - this_attempt} rows were already written by an earlier attempt")
     if "elapsed_s" in summary:
         rate = f"{summary['elapsed_s']:.1f}s, {summary.get('rows_per_s', 0):.2f} rows/s"
@@ -125,12 +125,17 @@ def render_summary(config: JobConfig, summary: dict[str, Any], code: int) -> str
         lines.append(f"  elapsed:      {rate}")
     if "files" in summary:
         lines.append(f"  files:        {summary['files']}")
-    if "rows_computed" in summary:
+    if "rows_added" in summary:  # a run that joined a dataset (docs/incremental.md)
         lines.append(
             f"  this run:     {summary['rows_added']} rows added, {summary['rows_retried']} retried "
             f"({summary['rows_retried_ok']} now ok), {summary['rows_refreshed']} refreshed; {summary['rows_computed']} "
             f"computed by the model, {summary['rows_copied']} copied, {summary['rows_skipped_present']} skipped as "
             f"present, {summary['rows_unchanged']} unchanged"
+        )
+    elif "rows_computed" in summary:
+        lines.append(
+            f"  this run:     {summary['rows_computed']} computed by the model, {summary['rows_copied']} copied "
+            "(same image bytes as a computed row)"
         )
     lines.append(f"exit code {code} ({exit_codes.describe(code)})")
     return "\n".join(lines)

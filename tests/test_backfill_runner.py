@@ -119,3 +119,17 @@ def test_a_holder_whose_lease_was_taken_over_does_not_commit(
     taker.release()
     report = backfill(config, must_not_run, "after").run()
     assert [r.status for r in report.results] == ["committed"]
+
+
+def test_every_partition_shares_the_compiled_model_at_the_backfill_root(dataset: tuple[JobConfig, list[str]]) -> None:
+    """Not in the partition's staging area, which is cleared after it: the next partition would compile again."""
+    config, _ = dataset
+    seen: list[JobConfig] = []
+
+    def record(partition_config: JobConfig) -> None:
+        seen.append(partition_config)
+        raise RuntimeError("stop here")
+
+    report = backfill(config, record, "compile-cache").run()
+    assert [result.status for result in report.results] == ["failed"]
+    assert seen[0].model.compile_cache == Location.parse(config.output.uri).join("_compile_cache").uri

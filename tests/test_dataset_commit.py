@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.dataset.copies import COPY_COLUMN, COPY_FROM_DATASET, COPY_IN_RUN
+from pipeline.dataset.copy_fill import fill_output_copies
 from pipeline.dataset.id_set import read_id_set
 from pipeline.dataset.identity import ModelIdentity
 from pipeline.dataset.replacement import (
@@ -29,8 +29,8 @@ from pipeline.storage import Location, arrow_filesystem
 DIM = 4
 
 
-def rows(entries: list[tuple[str, str, str | None, str | None, float | None]], copies: list | None = None) -> pa.Table:
-    """(id, status, error, image digest, embedding fill value or None)."""
+def rows(entries: list[tuple[str, str, str | None, str | None, float | None]]) -> pa.Table:
+    """(id, status, error, image digest, embedding fill value or None); status `copy`: a copy the model left null."""
     embedding_type = pa.list_(pa.float16(), DIM)
     columns = {
         "id": pa.array([e[0] for e in entries], pa.string()),
@@ -41,8 +41,6 @@ def rows(entries: list[tuple[str, str, str | None, str | None, float | None]], c
             [None if e[4] is None else np.full(DIM, e[4], np.float16) for e in entries], embedding_type
         ),
     }
-    if copies is not None:
-        columns[COPY_COLUMN] = pa.array(copies, pa.string())
     return pa.table(columns)
 
 
@@ -65,14 +63,11 @@ def test_a_commit_adds_rewrites_and_copies_and_each_id_stays_once(storage_root: 
     staged = staging.join("data")
     put(
         staged.join("split=x/s1.parquet"),
-        rows(
-            [("b", "ok", None, "sb", 2.0), ("e", "ok", None, "se", 5.0), ("g", "error", "HTTP 503", None, None)],
-            copies=[None, None, None],
-        ),
+        rows([("b", "ok", None, "sb", 2.0), ("e", "ok", None, "se", 5.0), ("g", "error", "HTTP 503", None, None)]),
     )
     put(
         staged.join("split=y/s2.parquet"),
-        rows([("h", "ok", None, "sc", None), ("k", "ok", None, "se", None)], copies=[COPY_FROM_DATASET, COPY_IN_RUN]),
+        rows([("h", "copy", None, "sc", None), ("k", "copy", None, "se", None)]),  # of the dataset's c, of the run's e
     )
 
     id_set = read_id_set(output, output.storage_options)
@@ -117,7 +112,7 @@ def test_a_commit_adds_rewrites_and_copies_and_each_id_stays_once(storage_root: 
     assert by_id["a"]["image_embedding"] == [1.0] * DIM
     assert by_id["h"]["image_embedding"] == [3.0] * DIM  # copied from c, already in the dataset
     assert by_id["k"]["image_embedding"] == [5.0] * DIM  # copied from e, computed in this run
-    assert COPY_COLUMN not in table.column_names
+    assert "copy" not in table.column("status").to_pylist()
     record = read_record(output)
     assert [run["commit_id"] for run in record.runs] == [commit_id]
     apply_journal(output, journal, output.storage_options)  # once more: still one run recorded, same ids
@@ -133,7 +128,7 @@ def test_a_retry_that_fails_again_counts_its_attempts(storage_root: Location) ->
         output.join("f1.parquet"),
         rows([("a", "error", "attempt 2: HTTP 503", "sa", None), ("b", "ok", None, "sb", 1.0)]),
     )
-    put(staging.join("data/s1.parquet"), rows([("a", "error", "read timed out", "sa", None)], copies=[None]))
+    put(staging.join("data/s1.parquet"), rows([("a", "error", "read timed out", "sa", None)]))
     id_set = read_id_set(output, output.storage_options)
     prepared = prepare_commit(output, staging.join("data"), staging.join("commit"), id_set, "c1")
     assert [op.kind for op in prepared.ops] == ["replace"]
@@ -169,3 +164,56 @@ def test_identity_differences_name_both_values(theirs: dict, expected: str) -> N
     assert mismatch_message("x", digest, moved) is None  # the same file under another name
     changed = ModelIdentity(**{**digest.__dict__, "checkpoint_sha256": "1" * 64})
     assert "checkpoint sha256" in mismatch_message("x", digest, changed)
+
+
+@pytest.mark.parametrize("memory_budget", [1 << 30, 1], ids=["one-slice", "a-digest-a-slice"])
+def test_a_plain_run_fills_its_copies_in_place_and_leaves_other_files_alone(
+    storage_root: Location, memory_budget: int
+) -> None:
+    """Copies in any partition get their source's image features (from a file of another partition too), a copy of
+    a failed row fails with its reason, one without a source fails, and a file without copies is not rewritten."""
+    output = storage_root.join("run")
+    put(output.join("split=x/a.parquet"), rows([("a", "ok", None, "sa", 1.0), ("b", "copy", None, "sc", None)]))
+    put(
+        output.join("split=y/b.parquet"),
+        rows([("c", "ok", None, "sc", 3.0), ("d", "copy", None, "sa", None), ("e", "error", "NaN", "se", None)]),
+    )
+    put(output.join("split=y/c.parquet"), rows([("f", "copy", None, "se", None), ("g", "copy", None, "sz", None)]))
+    put(output.join("split=z/d.parquet"), rows([("h", "ok", None, "sh", 8.0)]))
+    untouched = output.join("split=z/d.parquet")
+    before = untouched.fs.info(untouched.path)
+
+    assert fill_output_copies(output, output.storage_options, memory_budget=memory_budget) == 2
+    filesystem = arrow_filesystem(output.protocol, output.storage_options)
+    table = pa.concat_tables(
+        pq.read_table(path, filesystem=filesystem).select(["id", "status", "error", "image_embedding"])
+        for path in sorted(output.fs.find(output.path))
+        if path.endswith(".parquet")
+    )
+    by_id = {row["id"]: row for row in table.to_pylist()}
+    assert sorted(by_id) == list("abcdefgh")
+    assert by_id["b"]["status"] == "ok" and by_id["b"]["image_embedding"] == [3.0] * DIM
+    assert by_id["d"]["status"] == "ok" and by_id["d"]["image_embedding"] == [1.0] * DIM
+    assert (by_id["f"]["status"], by_id["f"]["error"]) == ("error", "same image as a row that failed: NaN")
+    assert by_id["g"]["status"] == "error" and by_id["g"]["image_embedding"] is None
+    assert "copy" not in table.column("status").to_pylist()
+    assert untouched.fs.info(untouched.path) == before
+    assert fill_output_copies(output, output.storage_options) == 0  # nothing left: a rerun changes nothing
+
+
+def test_an_incremental_run_shares_its_compiled_model_through_the_dataset_not_the_staging_area(tmp_path) -> None:
+    """The staging area is cleared after every run: a compile cache there would make every run compile again."""
+    from pipeline.backfill.staging import StagingArea
+    from pipeline.config import JobConfig
+    from pipeline.run.incremental import staging_config, staging_location
+
+    config = JobConfig.from_dict({"input": {"uri": "in.parquet"}, "output": {"uri": str(tmp_path / "data")}})
+    config.output.mode = "incremental"
+    root = staging_location(config)
+    inner = staging_config(config, StagingArea(root=root, checkpoint=root.join("checkpoint")))
+    assert inner.output.uri == root.join("data").uri and inner.output.mode == "new"
+    assert inner.model.compile_cache == Location.parse(str(tmp_path / "data")).join("_compile_cache").uri
+    config.model.compile_cache = "s3://bucket/compiled"  # one the user chose stays
+    assert staging_config(config, StagingArea(root=root, checkpoint=root.join("c"))).model.compile_cache == (
+        "s3://bucket/compiled"
+    )

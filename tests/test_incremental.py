@@ -326,6 +326,38 @@ def test_each_distinct_image_goes_through_the_model_once(
     assert "rows:       12 (12 ok, 0 error)" in capsys.readouterr().out
 
 
+@pytest.mark.timeout(300)
+def test_a_plain_run_computes_each_distinct_image_once(ray_local: None, tmp_path: Path) -> None:
+    """Not only runs that join a dataset: a plain run (Ray Data's partitioned writer into its own output) too."""
+    from jobs.embed import render_summary
+
+    images = write_images(tmp_path / "images", range(4))
+    # r4..r6 name other files holding the bytes of r1, r0 and r1 again, in the other partition (split by parity)
+    repeats = {4: 1, 5: 0, 6: 1}
+    for copy, source in repeats.items():
+        images[copy] = tmp_path / "images" / f"copy{copy}.jpg"
+        images[copy].write_bytes(images[source].read_bytes())
+    output = tmp_path / "run"
+    config = job(
+        write_manifest(tmp_path / "m.parquet", manifest_rows(images, range(7))), str(output), features=["trunk"]
+    )
+    summary = run_job(config)
+    assert (summary.rows_total, summary.rows_ok, summary.rows_computed, summary.rows_copied) == (7, 7, 4, 3)
+    written = json.loads((output / "_summary.json").read_text())
+    assert (written["rows_computed"], written["rows_copied"]) == (4, 3)
+    assert "4 computed by the model, 3 copied" in render_summary(config, written, 0)
+    rows = rows_by_id(output)
+    for copy, source in repeats.items():
+        mine, theirs = rows[f"r{copy}"], rows[f"r{source}"]
+        assert mine["status"] == "ok" and mine["image_embedding"] is not None
+        assert mine["image_embedding"] == theirs["image_embedding"]
+        assert mine["trunk"] == theirs["trunk"] is not None  # the dense maps too
+        assert mine["text_embedding"] != theirs["text_embedding"]  # its own caption, encoded
+        assert (mine["split"], mine["source_uri"]) != (theirs["split"], theirs["source_uri"])
+        assert mine["source_uri"].endswith(f"copy{copy}.jpg")
+    assert_each_id_once(output, {f"r{i}" for i in range(7)})
+
+
 @pytest.mark.timeout(400)
 def test_refresh_changed_re_embeds_only_images_whose_bytes_changed(ray_local: None, tmp_path: Path) -> None:
     images = write_images(tmp_path / "images", range(6))

@@ -270,8 +270,14 @@ class Backfill:
         )
 
     def _partition_config(self, partition: Partition) -> JobConfig:
+        from pipeline.model.compile_share import compile_cache_uri
+
         config = JobConfig.from_dict(self.config.to_dict())
         config.input.uri = partition_input(self.config.input.uri, partition)
+        if config.model.compile_cache is None:
+            # One cache for the backfill, at its root: the default under each partition run's own output would be
+            # in a staging area cleared after the partition (or inside a committed partition's directory).
+            config.model.compile_cache = compile_cache_uri(None, self.config.output.uri)
         return config
 
     def _lease_dir(self, partition: Partition) -> Location:

@@ -1,16 +1,20 @@
-"""Rows that repeat an image get its image features by copy, at the commit, without the model.
+"""Rows that repeat an image get its image features by copy, after the model, without running it on them.
 
 A row is marked in the column `__image_copy` before the model stage (`pipeline.run.row_selection`): `run` when an
 earlier row of the same run has the same image bytes (the first row with a digest claims it), `dataset` when an
-`ok` row already in the dataset has them. The model actor leaves its image features null (it still encodes its
-caption). At the commit, `collect_sources` finds one source row per digest (a computed row in the staging area,
-else an `ok` row of the dataset, read from its file: only the digest, status and image feature columns) and
-`fill_copies` puts the source's image features into each copy. A copy whose source failed in the model becomes an
-error row with the source's reason.
+`ok` row already in the dataset has them. The model actor leaves its image features null, still encodes its
+caption, drops the marker column and writes the row with status `copy` (`pipeline.model.copy_aware_embed`), a
+status no committed file holds. Before the run commits, `collect_sources` finds one source row per digest (a
+computed row of the run, else an `ok` row of the dataset, read from its file: only the digest, status and image
+feature columns) and `fill_copies` puts the source's image features into each copy and sets its status `ok`. A copy
+whose source failed in the model becomes an error row with the source's reason. An incremental run fills its copies
+while preparing its commit (`pipeline.dataset.replacement`); a plain run fills them in its own output
+(`pipeline.dataset.copy_fill`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +27,18 @@ from pipeline.dataset import schema
 from pipeline.dataset.id_set import OK, IdSet
 from pipeline.storage import Location
 
-COPY_COLUMN = "__image_copy"
+COPY_COLUMN = "__image_copy"  # between the selection stage and the model actor only; never written
 COPY_IN_RUN = "run"
 COPY_FROM_DATASET = "dataset"
+NOT_FOUND = "the row this image repeats was not found at the commit"
+
+
+def copy_rows(table: pa.Table) -> np.ndarray:
+    """Which rows of `table` wait for another row's image features (status `copy`)."""
+    return np.asarray(
+        pc.fill_null(pc.equal(table.column(schema.STATUS), schema.STATUS_COPY), False).to_numpy(zero_copy_only=False),
+        dtype=bool,
+    )
 
 
 def image_feature_columns(names: list[str]) -> list[str]:
@@ -65,21 +78,15 @@ def collect_sources(
 ) -> CopySources:
     needed: set[str] = set()
     for path in staged_files:
-        table = _read(staged_fs, path, [schema.IMAGE_SHA256, COPY_COLUMN])
-        if COPY_COLUMN in table.column_names:
-            marked = table.filter(pc.is_valid(table.column(COPY_COLUMN)))
-            needed.update(d for d in marked.column(schema.IMAGE_SHA256).to_pylist() if d)
+        table = _read(staged_fs, path, [schema.IMAGE_SHA256, schema.STATUS])
+        marked = table.filter(pa.array(copy_rows(table)))
+        needed.update(d for d in marked.column(schema.IMAGE_SHA256).to_pylist() if d)
     if not needed:
         return CopySources()
     parts: list[pa.Table] = []
     found: set[str] = set()
     for path in staged_files:  # rows computed in this run
-        features = image_feature_columns(_names(staged_fs, path))
-        columns = [schema.IMAGE_SHA256, schema.STATUS, schema.ERROR, COPY_COLUMN, *features]
-        table = _read(staged_fs, path, columns)
-        computed = pc.is_null(table.column(COPY_COLUMN)) if COPY_COLUMN in table.column_names else None
-        table = table.filter(computed) if computed is not None else table
-        found = _take_new(table, needed - found, parts, found)
+        found = take_new_sources(computed_rows(staged_fs, path), needed - found, parts, found)
     missing = needed - found
     if missing:  # ok rows of the dataset
         present = (id_set.status == OK) & np.isin(id_set.sha256, list(missing))
@@ -90,7 +97,12 @@ def collect_sources(
                 output_fs, path, [schema.IMAGE_SHA256, schema.STATUS, schema.ERROR, *image_feature_columns(names)]
             )
             table = table.filter(pc.equal(table.column(schema.STATUS), schema.STATUS_OK))
-            found = _take_new(table, needed - found, parts, found)
+            found = take_new_sources(table, needed - found, parts, found)
+    return merge_sources(parts)
+
+
+def merge_sources(parts: list[pa.Table]) -> CopySources:
+    """One table of source rows (one per digest) from the parts `take_new_sources` collected."""
     if not parts:
         return CopySources()
     columns = parts[0].schema.names
@@ -99,7 +111,15 @@ def collect_sources(
     return CopySources(merged, {digest: i for i, digest in enumerate(digests)})
 
 
-def _take_new(table: pa.Table, wanted: set[str], parts: list[pa.Table], found: set[str]) -> set[str]:
+def computed_rows(filesystem: Any, path: str) -> pa.Table:
+    """The digest, status, error and image feature columns of the rows of one file that are not copies."""
+    features = image_feature_columns(_names(filesystem, path))
+    table = _read(filesystem, path, [schema.IMAGE_SHA256, schema.STATUS, schema.ERROR, *features])
+    copies = copy_rows(table)
+    return table.filter(pa.array(~copies)) if copies.any() else table
+
+
+def take_new_sources(table: pa.Table, wanted: set[str], parts: list[pa.Table], found: set[str]) -> set[str]:
     """Append to `parts` the first row of `table` for each wanted digest; the digests found so far."""
     if not wanted or table.num_rows == 0:
         return found
@@ -109,17 +129,19 @@ def _take_new(table: pa.Table, wanted: set[str], parts: list[pa.Table], found: s
             rows.append(i)
             seen.add(digest)
     if rows:
-        taken = table.take(pa.array(rows))
-        parts.append(taken.drop_columns([c for c in (COPY_COLUMN,) if c in taken.column_names]))
+        parts.append(table.take(pa.array(rows)))
     return found | seen
 
 
-def fill_copies(table: pa.Table, sources: CopySources) -> tuple[pa.Table, int]:
-    """`table` with each marked row's image features taken from its source, the marker column dropped."""
-    if COPY_COLUMN not in table.column_names:
-        return table, 0
-    marked = np.asarray(pc.is_valid(table.column(COPY_COLUMN)).to_numpy(zero_copy_only=False), dtype=bool)
-    table = table.drop_columns([COPY_COLUMN])
+def fill_copies(
+    table: pa.Table, sources: CopySources, pending: Callable[[str], bool] | None = None
+) -> tuple[pa.Table, int]:
+    """`table` with each copy's image features taken from its source and its status set; the rows now `ok`.
+
+    A copy whose digest has no source in `sources` becomes an error row, unless `pending(digest)` says a later
+    call (with another slice of the sources) fills it: then it stays a copy.
+    """
+    marked = copy_rows(table)
     if not marked.any():
         return table, 0
     digests = table.column(schema.IMAGE_SHA256).to_pylist()
@@ -127,12 +149,17 @@ def fill_copies(table: pa.Table, sources: CopySources) -> tuple[pa.Table, int]:
     status = table.column(schema.STATUS).to_pylist()
     error = table.column(schema.ERROR).to_pylist()
     filled = marked & (source_of >= 0)
+    copied = 0
     for i in np.flatnonzero(marked):
         if source_of[i] < 0:
-            status[i], error[i] = schema.STATUS_ERROR, "the row this image repeats was not found at the commit"
+            if pending is None or not pending(digests[i]):
+                status[i], error[i] = schema.STATUS_ERROR, NOT_FOUND
             continue
         source_status = sources.table.column(schema.STATUS)[int(source_of[i])].as_py()
-        if source_status != schema.STATUS_OK:
+        if source_status == schema.STATUS_OK:
+            status[i] = schema.STATUS_OK
+            copied += 1
+        else:
             source_error = sources.table.column(schema.ERROR)[int(source_of[i])].as_py()
             status[i], error[i] = schema.STATUS_ERROR, f"same image as a row that failed: {source_error}"
     n = table.num_rows
@@ -147,4 +174,4 @@ def fill_copies(table: pa.Table, sources: CopySources) -> tuple[pa.Table, int]:
         table = table.set_column(table.schema.get_field_index(name), name, combined.take(pa.array(indices)))
     table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
     table = table.set_column(table.schema.get_field_index(schema.ERROR), schema.ERROR, pa.array(error, pa.string()))
-    return table, int(filled.sum())
+    return table, copied

@@ -23,6 +23,9 @@ FPN_LEVELS = 3  # backbone_fpn_0 (4x the ViT grid), _1 (2x), _2 (the grid itself
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# A row whose image repeats another row's, waiting for that row's image features: written by the model actor,
+# turned into `ok` (or `error`) before the run commits, so no committed file holds it (pipeline.dataset.copies).
+STATUS_COPY = "copy"
 
 # Columns the pipeline writes itself; a manifest column with one of these names would be ambiguous.
 RESERVED_COLUMNS = frozenset(

@@ -58,8 +58,6 @@ class IncrementalRunSummary(RunSummary):
     mode: str = "incremental"
     commit_id: str = ""
     rows_added: int = 0  # new ids now in the dataset
-    rows_computed: int = 0  # rows whose image went through the model (counted by the model actor)
-    rows_copied: int = 0  # rows that got another row's features without the model
     rows_skipped_present: int = 0  # input rows whose id the dataset held, left as they were
     rows_retried: int = 0  # error rows embedded again
     rows_retried_ok: int = 0  # ... that are ok now
@@ -251,18 +249,30 @@ def _run_leased(
     return summary
 
 
+def staging_config(config: JobConfig, area: StagingArea) -> JobConfig:
+    """The job the pipeline runs for an incremental run: a plain run into the staging area, resumable there."""
+    from pipeline.model.compile_share import compile_cache_uri
+
+    inner = JobConfig.from_dict(config.to_dict())
+    inner.output.uri = area.data.uri
+    inner.output.mode, inner.output.retry_errors, inner.output.refresh = "new", False, "none"
+    inner.resume_path = area.checkpoint.uri
+    if inner.model.compile_cache is None:
+        # The documented default, `<output>/_compile_cache`, is the dataset's (outside every glob of its files), not
+        # the staging area's: that one is cleared after each run, and every run would compile the model again.
+        inner.model.compile_cache = compile_cache_uri(None, config.output.uri)
+    return inner
+
+
 def _embed_selected(
     config: JobConfig, plan: Plan, run_pipeline: RunPipeline, area: StagingArea, id_set: Any
 ) -> dict[str, Any]:
     """Run the pipeline on the selected rows into the staging area; its summary plus the selection's counts."""
     from pipeline.input.sources import SourceSpec, input_protocol, input_uris, plan_source
     from pipeline.run import console
-    from pipeline.run.row_selection import selection_counts, start_selection
+    from pipeline.run.row_selection import selection_counts, start_selection, stop_selection
 
-    inner = JobConfig.from_dict(config.to_dict())
-    inner.output.uri = area.data.uri
-    inner.output.mode, inner.output.retry_errors, inner.output.refresh = "new", False, "none"
-    inner.resume_path = area.checkpoint.uri
+    inner = staging_config(config, area)
     inner_plan = dataclasses.replace(plan, config=inner, total_rows=None)
     uris = input_uris(config.input.uri)
     source, _ = plan_source(
@@ -277,8 +287,11 @@ def _embed_selected(
         retry_errors=config.output.retry_errors,
         refresh_changed=config.output.refresh == "changed",
     )
-    summary = run_pipeline(inner, inner_plan, selection=selection).to_dict()
-    summary["selection"] = selection_counts(selection)
+    try:
+        summary = run_pipeline(inner, inner_plan, selection=selection).to_dict()
+        summary["selection"] = selection_counts(selection)
+    finally:
+        stop_selection(selection)
     logger.info("selection: %s", ", ".join(f"{k} {v}" for k, v in sorted(summary["selection"].items())))
     return summary
 
@@ -292,28 +305,26 @@ def _mode(config: JobConfig) -> str:
     return "+".join(parts)
 
 
+# What `_dataset.json` records of each run's counts (and what bench/incremental.py reports of each run).
+RUN_COUNT_KEYS = (
+    "rows_total",
+    "rows_ok",
+    "rows_error",
+    "rows_added",
+    "rows_computed",
+    "rows_copied",
+    "rows_skipped_present",
+    "rows_retried",
+    "rows_retried_ok",
+    "rows_refreshed",
+    "rows_unchanged",
+    "files_added",
+    "files_rewritten",
+)
+
+
 def _run_entry(summary: IncrementalRunSummary) -> dict[str, Any]:
-    keys = (
-        "run_id",
-        "commit_id",
-        "mode",
-        "started_at",
-        "finished_at",
-        "rows_total",
-        "rows_ok",
-        "rows_error",
-        "rows_added",
-        "rows_computed",
-        "rows_copied",
-        "rows_skipped_present",
-        "rows_retried",
-        "rows_retried_ok",
-        "rows_refreshed",
-        "rows_unchanged",
-        "files_added",
-        "files_rewritten",
-        "package_version",
-    )
+    keys = ("run_id", "commit_id", "mode", "started_at", "finished_at", *RUN_COUNT_KEYS, "package_version")
     data = summary.to_dict()
     entry = {key: data[key] for key in keys}
     entry["committed_at"] = datetime.now(timezone.utc).isoformat()

@@ -16,12 +16,19 @@ from pipeline.config import FEATURES_DEFAULT, JobConfig, uses_dataset_protocol
 from pipeline.dataset import schema
 from pipeline.dataset.markers import data_files, remove_markers, write_markers
 from pipeline.input.duplicate_ids import ids_derive_from_content, report_repeated_content_ids
-from pipeline.input.records import PrepareSettings, prepare_batch
+from pipeline.input.records import PrepareSettings
 from pipeline.input.sources import SourceSpec, input_protocol, input_uris, log_renamed_columns, plan_source, read_source
 from pipeline.run import console
 from pipeline.run.outcome import error_fraction
 from pipeline.run.preflight import Plan, preflight
-from pipeline.run.row_selection import check_after_prepare, select_before_prepare
+from pipeline.run.row_selection import (
+    RowSelection,
+    prepare_and_check,
+    select_before_prepare,
+    selection_counts,
+    start_copy_marking,
+    stop_selection,
+)
 from pipeline.storage import Location, arrow_filesystem, fsspec_filesystem, parse_uri
 from pipeline.version import package_version
 
@@ -60,6 +67,10 @@ class RunSummary:
     # Why the model ran eagerly although compilation was asked for (from the files' metadata; distinct reasons,
     # empty when every actor compiled or compilation was off): on a GPU that costs a large share of the speed.
     compile_fallbacks: list[str] = dataclasses.field(default_factory=list)
+    # Each distinct image goes through the model once per run: rows whose image the model ran on in this invocation
+    # (counted by the model actors), and rows that got the image features of an earlier row with the same bytes.
+    rows_computed: int = 0
+    rows_copied: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,6 +83,8 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
     PreflightError before Ray starts and before anything is written. An incremental run (`output.mode:
     incremental`, `output.retry_errors`, `output.refresh: changed`) goes through `pipeline.run.incremental`, which calls
     back here to embed the rows it selected (`selection`, a `pipeline.run.row_selection.RowSelection`) into staging.
+    A plain run marks the rows that repeat an image of the run (`start_copy_marking`) and fills them in its output
+    before it commits (`pipeline.dataset.copy_fill`).
     """
     import ray
 
@@ -93,9 +106,13 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
     )
     log_renamed_columns(source, layout)
     console.start_ray()
+    plain = selection is None
+    if selection is None:
+        selection = start_copy_marking(source)
     output = parse_uri(config.output.uri)
     total = plan.total_rows
-    if data_files(output, storage_options):
+    resuming = bool(data_files(output, storage_options))
+    if resuming:
         # Resuming (preflight allowed it): the earlier files are not complete until this run commits again.
         remove_markers(output, storage_options)
         total = None  # how many rows are left is only known once Ray Data has read the checkpoint
@@ -103,22 +120,29 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
     with _checkpointing(config, source, storage_options), _bounded_in_flight(config):
         memory = decode_memory(config.model.imgsz)
         dataset = read_source(source, uris, storage_options, layout)
-        if selection is not None:
+        if selection.filter_by_id:
             dataset = select_before_prepare(dataset, selection)
-        dataset = _prepare(dataset, config, source, storage_options, memory)
-        if selection is not None:
-            dataset = check_after_prepare(dataset, selection)
+        dataset = _prepare(dataset, config, source, storage_options, memory, selection)
         from pipeline.run.progress import ProgressCounter, ProgressReporter
 
         counter = ProgressCounter.remote()
         try:
-            dataset = _embed(dataset, config, source, storage_options, counter, getattr(selection, "worker", None))
+            dataset = _embed(dataset, config, source, storage_options, counter, selection.worker)
             with ProgressReporter(counter, total) as progress:
                 _write(dataset, config, output, storage_options)
                 done = progress.snapshot()
+            selected = selection_counts(selection)
         finally:
             ray.kill(counter)
+            if plain:
+                stop_selection(selection)  # the run's digests: not needed any more
     logger.info("written: %s", done.line())
+    copied = 0
+    if plain and (resuming or selected.get("copied")):  # an earlier attempt may have left copies too
+        from pipeline.dataset.copy_fill import fill_output_copies
+
+        copied = fill_output_copies(output, storage_options, compression=config.output.compression)
+        logger.info("%d rows got the image features of an earlier row with the same image", copied)
 
     counts, files, checkpoint_sha, fallbacks = _scan_output(output, storage_options)
     for reason in fallbacks:
@@ -149,6 +173,8 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
         max_error_fraction=config.output.max_error_fraction,
         steady_rows_per_s=None if done.steady_rows_per_s is None else round(done.steady_rows_per_s, 3),
         compile_fallbacks=fallbacks,
+        rows_computed=int(selected.get("model_image_rows", 0)),
+        rows_copied=copied,
     )
     _commit(output, summary, storage_options)
     logger.info(
@@ -221,7 +247,14 @@ def decode_memory(imgsz: int) -> int:
     return DECODE_BASE_MEMORY + PREPARE_BATCH_ROWS * imgsz * imgsz * 3 * 4
 
 
-def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_options: dict[str, Any], memory: int) -> Any:
+def _prepare(
+    dataset: Any,
+    config: JobConfig,
+    source: SourceSpec,
+    storage_options: dict[str, Any],
+    memory: int,
+    selection: RowSelection,
+) -> Any:
     from sam3core import get_config
 
     settings = PrepareSettings(
@@ -239,14 +272,14 @@ def _prepare(dataset: Any, config: JobConfig, source: SourceSpec, storage_option
     # for Ray Data's backpressure to hold decoding back (docs/benchmarks.md, "Soak"). Streaming: no shuffle.
     dataset = dataset.repartition(target_num_rows_per_block=PREPARE_BATCH_ROWS)
     return dataset.map_batches(
-        prepare_batch,
-        fn_kwargs={"settings": settings},
+        prepare_and_check,  # prepare_batch, then the copies marked (and unchanged refreshed rows dropped)
+        fn_kwargs={"settings": settings, "selection": selection},
         batch_size=PREPARE_BATCH_ROWS,
         # WebDataset blocks are pandas frames of raw bytes; converting them to Arrow here gains nothing.
         batch_format="pandas" if source.format == "webdataset" else "pyarrow",
         concurrency=config.compute.decode_concurrency,
         memory=memory,
-        udf_modifying_row_count=False,
+        udf_modifying_row_count=selection.refresh_changed,
     )
 
 
@@ -256,7 +289,7 @@ def _embed(
     source: SourceSpec,
     storage_options: dict[str, Any],
     counter: Any,
-    worker: type | None = None,  # an EmbedWorker subclass (incremental runs: pipeline.model.copy_aware_embed)
+    worker: type | None = None,  # an EmbedWorker subclass (pipeline.model.copy_aware_embed)
 ) -> Any:
     import ray
     from ray.data import ActorPoolStrategy

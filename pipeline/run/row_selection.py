@@ -1,16 +1,20 @@
-"""Which input rows an incremental run sends on: two Ray Data stages around the CPU stage, and their counts.
+"""Which input rows a run sends on: a Ray Data stage before the CPU stage, a step at the end of its task, and counts.
 
 Before the CPU stage (`select_rows`), each read row's id is computed exactly as the pipeline computes it and
 looked up in the dataset's id set (shipped once through the object store, sorted, searched in NumPy): a new id is
 kept when the run adds new rows, an `error` id when it retries errors, an `ok` id when it refreshes changed images;
-everything else is dropped before any image is fetched. After the CPU stage (`check_prepared`), a refreshed row
-whose image digest is unchanged is dropped before the model. The rows left with status `ok` are what the model
-stage embeds; they are counted here on their way in (`sent_to_model`) and again by the model actor itself, where
-the image forward pass runs (`model_image_rows`, what summaries report as computed).
+everything else is dropped before any image is fetched. At the end of the CPU stage's task (`check_prepared`), a
+refreshed row whose image digest is unchanged is dropped before the model. The rows left with status `ok` are what
+the model stage embeds; they are counted here on their way in (`sent_to_model`) and again by the model actor
+itself, where the image forward pass runs (`model_image_rows`, what summaries report as computed).
+
+A plain run (no dataset to join) uses the second step alone (`start_copy_marking`): it marks the rows that repeat
+an image seen earlier in the run, so that every run, not only incremental ones, computes each distinct image once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,6 +56,7 @@ class RowSelection:
     retry_errors: bool = False  # re-embed ids whose row is an error
     refresh_changed: bool = False  # re-hash ok rows, re-embed those whose image changed
     claims: Any = None  # ContentClaims actor handle: rows repeating an image computed in this run are copies
+    filter_by_id: bool = True  # False for a plain run: every read row goes on, only copies are marked
 
     @property
     def worker(self) -> type:
@@ -84,6 +89,21 @@ def start_selection(
     claims = ray.remote(num_cpus=0)(ContentClaims).remote()
     slim = IdSet(id_set.ids, id_set.status, id_set.sha256, np.empty(0, np.int32), ())
     return RowSelection(source, ray.put(slim), counter, new_rows, retry_errors, refresh_changed, claims)
+
+
+def start_copy_marking(source: SourceSpec) -> RowSelection:
+    """The selection of a plain run: no row is dropped; rows repeating an image of the run are marked as copies."""
+    selection = start_selection(source, IdSet.empty(), new_rows=True, retry_errors=False, refresh_changed=False)
+    return dataclasses.replace(selection, filter_by_id=False)
+
+
+def stop_selection(selection: RowSelection) -> None:
+    """End the selection's actors (the run's digests live in one of them) once its counts are read."""
+    import ray
+
+    for actor in (selection.claims, selection.counter):
+        if actor is not None:
+            ray.kill(actor)
 
 
 def selection_counts(selection: RowSelection) -> dict[str, int]:
@@ -204,12 +224,12 @@ def select_before_prepare(dataset: Any, selection: RowSelection) -> Any:
     )
 
 
-def check_after_prepare(dataset: Any, selection: RowSelection) -> Any:
-    """`dataset` (prepared) without the refreshed rows whose image did not change; counts what the model gets."""
-    return dataset.map_batches(
-        check_prepared,
-        fn_kwargs={"selection": selection},
-        batch_size=None,
-        batch_format="pyarrow",
-        udf_modifying_row_count=True,
-    )
+def prepare_and_check(block: pa.Table | pd.DataFrame, settings: Any, selection: RowSelection) -> pa.Table:
+    """The CPU stage's task with `check_prepared` in it: fetched, decoded and marked in one task.
+
+    A stage of its own would be one more kind of CPU task per block: on a small cluster, where the model actor and
+    a hung fetch each hold a CPU, the rows finished meanwhile waited for a free CPU to pass that stage.
+    """
+    from pipeline.input.records import prepare_batch
+
+    return check_prepared(prepare_batch(block, settings), selection)
