@@ -72,7 +72,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # before bench/, whose pipeline.py would shadow the package
 
-from pipeline import schema  # noqa: E402
+from pipeline.dataset import schema  # noqa: E402
 from pipeline.model.embed import EmbedSettings, EmbedWorker, pixel_array  # noqa: E402
 from sam3core import build_sam3_vl_backbone, get_config, normalize_images  # noqa: E402
 from sam3core.build import _assemble  # noqa: E402

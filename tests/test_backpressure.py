@@ -65,6 +65,7 @@ def test_a_parquet_file_read_as_one_block_is_decoded_by_many_small_tasks(ray_loc
     from pipeline.input.sources import SourceSpec, input_protocol, input_uris, plan_source, read_source
     from pipeline.run.job import _prepare, decode_memory
     from pipeline.run.preflight import preflight
+    from pipeline.run.row_selection import start_copy_marking, stop_selection
 
     rows = 4 * PREPARE_BATCH_ROWS + 5
     buffer = io.BytesIO()
@@ -89,7 +90,11 @@ def test_a_parquet_file_read_as_one_block_is_decoded_by_many_small_tasks(ray_loc
     )
     read = read_source(source, uris, None, layout)
     assert read.materialize().num_blocks() == 1  # the premise: one block for the whole file
-    prepared = _prepare(read, plan.config, source, {}, decode_memory(56)).materialize()
+    selection = start_copy_marking(source)  # what a plain run passes
+    try:
+        prepared = _prepare(read, plan.config, source, {}, decode_memory(56), selection).materialize()
+    finally:
+        stop_selection(selection)
     assert prepared.count() == rows
     sizes = [meta.num_rows for bundle in prepared.iter_internal_ref_bundles() for meta in bundle.metadata]
     assert max(sizes) <= PREPARE_BATCH_ROWS and len(sizes) >= rows // PREPARE_BATCH_ROWS, sizes

@@ -36,8 +36,13 @@ def test_verbose_turns_ray_datas_progress_and_console_logs_back_on(ray_local: No
     from ray.data import DataContext
 
     def console_levels() -> set[int]:
+        # file handlers (Ray's session log, and any rotating file handler a Ray session adds) never reach the console
         handlers = logging.getLogger("ray.data").handlers
-        return {h.level for h in handlers if type(h).__name__ not in ("SessionFileHandler", "FileHandler")}
+        return {
+            h.level
+            for h in handlers
+            if not isinstance(h, logging.FileHandler) and type(h).__name__ != "SessionFileHandler"
+        }
 
     try:
         console.set_verbose(True)
