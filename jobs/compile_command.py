@@ -16,7 +16,7 @@ from typing import Any
 
 from jobs import exit_codes
 from jobs.job_config import apply_overrides, read_config_data
-from pipeline.config import FEATURES_DEFAULT, JobConfig
+from pipeline.config import JobConfig
 
 COMPILE_FLAGS: dict[str, tuple[str, Any]] = {
     "output": ("output.uri", str),
@@ -50,7 +50,6 @@ def add_parser(commands: Any) -> None:
 
 
 def compile_command(args: argparse.Namespace) -> int:
-    from pipeline.model.compile_share import compile_cache_uri
 
     try:
         data = read_config_data(args.config) if args.config else {}
@@ -76,21 +75,11 @@ def compile_command(args: argparse.Namespace) -> int:
         return exit_codes.USAGE
     from pipeline.model.embed import EmbedSettings, EmbedWorker
 
-    settings = EmbedSettings(
-        checkpoint=config.model.checkpoint,
-        model_config=config.model.config,
-        imgsz=config.model.imgsz,
-        dtype=config.model.dtype,
-        compile=config.model.compile,
-        bpe_path=config.model.bpe_path,
-        features=tuple(dict.fromkeys([*FEATURES_DEFAULT, *config.output.features])),
-        feature_dtype=config.output.feature_dtype,
+    settings = EmbedSettings.from_job(
+        config,
         multi_caption=False,
-        batch_size=config.compute.batch_size,
         threads=config.compute.threads_per_actor,
         storage_options=config.storage_options(),
-        compile_cache=compile_cache_uri(config.model.compile_cache, config.output.uri),
-        compile_wait_s=config.model.compile_wait_s,
     )
     worker = EmbedWorker(settings)
     outcome = worker.compile_outcome

@@ -19,9 +19,10 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import FEATURES_DEFAULT, JobConfig
 from pipeline.dataset import schema
 from pipeline.model import arrow_features
-from pipeline.model.compile_share import checkpoint_identity, warm_up_shared
+from pipeline.model.compile_share import checkpoint_identity, compile_cache_uri, warm_up_shared
 from pipeline.model.model_cache import local_checkpoint
 from pipeline.model.neck_heads import (
     DENSE_HEADS,
@@ -62,6 +63,26 @@ class EmbedSettings:
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     compile_cache: str | None = None  # URI of the shared compile artifacts (pipeline.model.compile_share); None: off
     compile_wait_s: float = 1800.0
+
+    @classmethod
+    def from_job(cls, config: JobConfig, *, multi_caption: bool, **per_actor: Any) -> EmbedSettings:
+        """The model half of a job's configuration, as every actor of the job (and `sam3-embed compile`, which must
+        compute the same compile key) sees it; `per_actor` adds what the caller decides (threads, GPUs, ...)."""
+        return cls(
+            checkpoint=config.model.checkpoint,
+            model_config=config.model.config,
+            imgsz=config.model.imgsz,
+            dtype=config.model.dtype,
+            compile=config.model.compile,
+            bpe_path=config.model.bpe_path,
+            features=tuple(dict.fromkeys([*FEATURES_DEFAULT, *config.output.features])),
+            feature_dtype=config.output.feature_dtype,
+            multi_caption=multi_caption,
+            batch_size=config.compute.batch_size,
+            compile_cache=compile_cache_uri(config.model.compile_cache, config.output.uri),
+            compile_wait_s=config.model.compile_wait_s,
+            **per_actor,
+        )
 
 
 def compute_dtype(requested: str, device: torch.device) -> torch.dtype:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.config import FEATURES_DEFAULT, JobConfig, uses_dataset_protocol
+from pipeline.config import JobConfig, uses_dataset_protocol
 from pipeline.dataset import schema
 from pipeline.dataset.markers import data_files, remove_markers, write_markers
 from pipeline.input.duplicate_ids import ids_derive_from_content, report_repeated_content_ids
@@ -294,7 +294,6 @@ def _embed(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.model.compile_share import compile_cache_uri
     from pipeline.model.embed import EmbedSettings, EmbedWorker
 
     resources = ray.cluster_resources()
@@ -302,25 +301,15 @@ def _embed(
     cpus = actor_cpus(config, resources.get("CPU", 0.0))
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     threads = actor_threads(config, resources.get("CPU", 0.0), max(1, nodes), gpus)
-    settings = EmbedSettings(
-        checkpoint=config.model.checkpoint,
-        model_config=config.model.config,
-        imgsz=config.model.imgsz,
-        dtype=config.model.dtype,
-        compile=config.model.compile,
-        bpe_path=config.model.bpe_path,
-        features=tuple(dict.fromkeys([*FEATURES_DEFAULT, *config.output.features])),
-        feature_dtype=config.output.feature_dtype,
+    settings = EmbedSettings.from_job(
+        config,
         multi_caption=source.multi_caption,
-        batch_size=config.compute.batch_size,
         threads=threads,
         num_gpus=gpus,
         storage_options=storage_options,
         run_id=config.run_id,
         package_version=package_version(),
         extra_metadata={"input": {"format": source.format, "uri": config.input.uri}},
-        compile_cache=compile_cache_uri(config.model.compile_cache, config.output.uri),
-        compile_wait_s=config.model.compile_wait_s,
     )
     return dataset.map_batches(
         worker or EmbedWorker,
