@@ -11,25 +11,61 @@ for consumers `read_embeddings`, `read_embeddings_numpy`, `embeddings_to_numpy`,
 torch and is imported on its own.
 """
 
-from pipeline.config import (
-    ComputeConfig,
-    InputConfig,
-    JobConfig,
-    ModelConfig,
-    OutputConfig,
-    S3Options,
-)
-from pipeline.dataset.reader import (
-    embeddings_to_numpy,
-    list_committed_files,
-    open_embeddings,
-    read_embeddings,
-    read_embeddings_numpy,
-    read_run_metadata,
-)
-from pipeline.run.job import RunSummary, run_job
-from pipeline.run.outcome import Outcome
-from pipeline.run.preflight import Plan, PreflightError, preflight
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Every Ray worker that runs a step of the pipeline imports this package first: the public names are imported on
+# first use, so such a worker does not pay for the job, the reader and pandas (about 0.6 s of CPU each).
+_PUBLIC = {
+    "ComputeConfig": "pipeline.config",
+    "InputConfig": "pipeline.config",
+    "JobConfig": "pipeline.config",
+    "ModelConfig": "pipeline.config",
+    "OutputConfig": "pipeline.config",
+    "S3Options": "pipeline.config",
+    "embeddings_to_numpy": "pipeline.dataset.reader",
+    "list_committed_files": "pipeline.dataset.reader",
+    "open_embeddings": "pipeline.dataset.reader",
+    "read_embeddings": "pipeline.dataset.reader",
+    "read_embeddings_numpy": "pipeline.dataset.reader",
+    "read_run_metadata": "pipeline.dataset.reader",
+    "RunSummary": "pipeline.run.job",
+    "run_job": "pipeline.run.job",
+    "Outcome": "pipeline.run.outcome",
+    "Plan": "pipeline.run.preflight",
+    "PreflightError": "pipeline.run.preflight",
+    "preflight": "pipeline.run.preflight",
+}
+
+if TYPE_CHECKING:
+    from pipeline.config import ComputeConfig, InputConfig, JobConfig, ModelConfig, OutputConfig, S3Options
+    from pipeline.dataset.reader import (
+        embeddings_to_numpy,
+        list_committed_files,
+        open_embeddings,
+        read_embeddings,
+        read_embeddings_numpy,
+        read_run_metadata,
+    )
+    from pipeline.run.job import RunSummary, run_job
+    from pipeline.run.outcome import Outcome
+    from pipeline.run.preflight import Plan, PreflightError, preflight
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
 
 __all__ = [
     "ComputeConfig",

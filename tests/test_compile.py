@@ -150,3 +150,21 @@ def test_compile_threads_follow_the_process_not_the_host(monkeypatch: pytest.Mon
         monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "5")  # an explicit setting wins
         set_compile_threads(2)
         assert inductor_config.compile_threads == 3
+
+
+@pytest.mark.timeout(60)
+def test_an_eager_process_sets_compile_threads_without_importing_inductor() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, os\n"
+        "os.environ.pop('TORCHINDUCTOR_COMPILE_THREADS', None)\n"
+        "from sam3core.compile import set_compile_threads\n"
+        "set_compile_threads(3)\n"
+        "assert 'torch._inductor.config' not in sys.modules, 'imported inductor'\n"
+        "import torch._inductor.config as c\n"
+        "assert c.compile_threads == 3, c.compile_threads\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr[-2000:]

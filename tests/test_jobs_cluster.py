@@ -461,7 +461,7 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_rows(
 
 
 @pytest.mark.timeout(300)
-def test_concurrent_backfills_write_each_partition_once(bucket: S3Bucket, tmp_path: Path) -> None:
+def test_concurrent_backfills_write_each_partition_once(ray_head: RayHead, bucket: S3Bucket, tmp_path: Path) -> None:
     days = [f"2025-02-0{d}" for d in range(1, 5)]
     ids_by_day = {day: [f"{day}-{i}" for i in range(2)] for day in days}
     for day in days:
@@ -469,9 +469,10 @@ def test_concurrent_backfills_write_each_partition_once(bucket: S3Bucket, tmp_pa
     job_file = write_job_file(
         tmp_path, bucket, input={"uri": bucket.uri("events/")}, output={"uri": bucket.uri("embeddings")}
     )
-    # Two independent backfills, each with its own Ray cluster (RAY_ADDRESS=local), as two overlapping cron runs
-    # on different clusters would be: only the leases on the shared output keep them apart.
-    env = driver_env(None, "local")
+    # Two independent backfills, as two overlapping cron runs would be: separate drivers (separate Ray jobs) that
+    # share nothing but the output, where only the leases keep them apart. They join the module's cluster: two
+    # clusters of their own would cost both cores for their start-up alone, and the leases are the same.
+    env = driver_env(ray_head, ray_head.gcs_address)
     runs = {}
     for name in ("a", "b"):
         args = ["--config", str(job_file), "--partition-column", "date", "--run-id", name]

@@ -737,9 +737,10 @@ def test_resume_after_an_interrupted_run(ray_local: None, bucket: S3Bucket, sile
 
 @pytest.mark.timeout(60)
 def test_progress_is_logged_periodically(ray_local: None, caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.run.hosted import hosted
     from pipeline.run.progress import ProgressCounter, ProgressReporter
 
-    counter = ProgressCounter.remote()
+    counter = hosted(ProgressCounter)
     counter.add.remote(3, 1)
     reporter = ProgressReporter(counter, total=10, stream=io.StringIO(), interval_s=0.1)  # not a TTY: log lines
     with caplog.at_level(logging.INFO, logger="pipeline.run.progress"), reporter:
@@ -754,9 +755,10 @@ def test_progress_is_logged_periodically(ray_local: None, caplog: pytest.LogCapt
 def test_progress_rate_leaves_out_the_start_up_once_a_second_batch_is_done(ray_local: None) -> None:
     import ray
 
+    from pipeline.run.hosted import hosted
     from pipeline.run.progress import ProgressCounter
 
-    counter = ProgressCounter.remote()
+    counter = hosted(ProgressCounter)
     assert ray.get(counter.snapshot.remote()).steady_rows_per_s is None  # the counter is up: its clock runs
     time.sleep(1.0)  # start-up: the model is being built
     ray.get(counter.add.remote(4, 0))
@@ -779,13 +781,14 @@ def test_progress_is_rewritten_in_place_on_a_terminal(ray_local: None) -> None:
     import pty
     import select
 
+    from pipeline.run.hosted import hosted
     from pipeline.run.progress import ProgressCounter, ProgressReporter
 
-    counter = ProgressCounter.remote()
+    counter = hosted(ProgressCounter)
     counter.add.remote(5, 0)
     import ray
 
-    ray.get(counter.snapshot.remote())  # the actor is up: updates come every interval from now on
+    ray.get(counter.snapshot.remote())  # the counter is up: updates come every interval from now on
     leader, follower = pty.openpty()
     with open(follower, "w", closefd=True) as terminal:
         reporter = ProgressReporter(counter, total=20, stream=terminal, interval_s=0.1)

@@ -129,11 +129,10 @@ class PartitionChunks:
 
 
 def file_grouper(partition_by: list[str], min_rows: int, first_file_after_s: float) -> Any:
-    """The run's buffer, as a Ray actor owned by the driver (no CPU reserved: it only slices tables)."""
-    import ray
+    """The run's buffer, hosted in the driver's small-objects actor (`pipeline.run.hosted`: no CPU reserved)."""
+    from pipeline.run.hosted import hosted
 
-    actor = ray.remote(num_cpus=0, max_restarts=0)(PartitionChunks)
-    return actor.remote(partition_by, min_rows, first_file_after_s)
+    return hosted(PartitionChunks, partition_by, min_rows, first_file_after_s)
 
 
 def chunks_ready(batch: pa.Table, grouper: Any) -> Iterator[pa.Table]:
@@ -205,6 +204,8 @@ def write_grouped(
     """Write `dataset` as partitioned Parquet under `path`, files cut by `PartitionChunks` (see module)."""
     import ray
 
+    from pipeline.run.hosted import release
+
     partition_cols = list(partition_by) or None
     after_s = FIRST_FILE_AFTER_S if first_file_after_s is None else first_file_after_s
     grouper = file_grouper(list(partition_by), min_rows_per_file, after_s)
@@ -223,7 +224,7 @@ def write_grouped(
         tail = ray.get(grouper.drain.remote())
         received, handed_out = ray.get(grouper.counts.remote())
     finally:
-        ray.kill(grouper)
+        release(grouper)
     if received != handed_out:  # cannot happen unless a chunk went missing: never report such a run as done
         raise RuntimeError(f"file grouping lost rows: {received} buffered, {handed_out} handed to the writer")
     if tail:

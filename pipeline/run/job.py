@@ -123,9 +123,10 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
         if selection.filter_by_id:
             dataset = select_before_prepare(dataset, selection)
         dataset = _prepare(dataset, config, source, storage_options, memory, selection)
+        from pipeline.run.hosted import hosted, release
         from pipeline.run.progress import ProgressCounter, ProgressReporter
 
-        counter = ProgressCounter.remote()
+        counter = hosted(ProgressCounter)
         try:
             dataset = _embed(dataset, config, source, storage_options, counter, selection.worker)
             with ProgressReporter(counter, total) as progress:
@@ -133,7 +134,7 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
                 done = progress.snapshot()
             selected = selection_counts(selection)
         finally:
-            ray.kill(counter)
+            release(counter)
             if plain:
                 stop_selection(selection)  # the run's digests: not needed any more
     logger.info("written: %s", done.line())

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 import ray
 
@@ -85,8 +85,9 @@ def format_duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
-@ray.remote(num_cpus=0)
 class ProgressCounter:
+    """Rows the model actors have finished, ok and error (hosted: `pipeline.run.hosted`)."""
+
     def __init__(self) -> None:
         self.ok = 0
         self.error = 0
@@ -116,7 +117,7 @@ class ProgressReporter:
 
     def __init__(
         self,
-        counter: ray.actor.ActorHandle,
+        counter: Any,
         total: int | None = None,
         *,
         stream: TextIO | None = None,

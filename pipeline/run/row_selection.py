@@ -35,7 +35,7 @@ _OK_DIGESTS_CACHE: dict[str, np.ndarray] = {}  # ... and the sorted digests of i
 
 
 class SelectionCounter:
-    """A small actor the selection stages report to (each report awaited, so the driver's final read is whole)."""
+    """What the selection stages report to (each report awaited, so the driver's final read is whole)."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
@@ -51,11 +51,11 @@ class SelectionCounter:
 class RowSelection:
     source: SourceSpec
     known: Any  # ObjectRef of the dataset's IdSet (ids, status, digests)
-    counter: Any  # SelectionCounter actor handle
+    counter: Any  # the hosted SelectionCounter (`pipeline.run.hosted`)
     new_rows: bool = True  # add ids the dataset does not hold
     retry_errors: bool = False  # re-embed ids whose row is an error
     refresh_changed: bool = False  # re-hash ok rows, re-embed those whose image changed
-    claims: Any = None  # ContentClaims actor handle: rows repeating an image computed in this run are copies
+    claims: Any = None  # the hosted ContentClaims: rows repeating an image computed in this run are copies
     filter_by_id: bool = True  # False for a plain run: every read row goes on, only copies are marked
 
     @property
@@ -85,8 +85,10 @@ def start_selection(
 ) -> RowSelection:
     import ray
 
-    counter = ray.remote(num_cpus=0)(SelectionCounter).remote()
-    claims = ray.remote(num_cpus=0)(ContentClaims).remote()
+    from pipeline.run.hosted import hosted
+
+    counter = hosted(SelectionCounter)
+    claims = hosted(ContentClaims)
     slim = IdSet(id_set.ids, id_set.status, id_set.sha256, np.empty(0, np.int32), ())
     return RowSelection(source, ray.put(slim), counter, new_rows, retry_errors, refresh_changed, claims)
 
@@ -98,12 +100,11 @@ def start_copy_marking(source: SourceSpec) -> RowSelection:
 
 
 def stop_selection(selection: RowSelection) -> None:
-    """End the selection's actors (the run's digests live in one of them) once its counts are read."""
-    import ray
+    """Release the selection's hosted objects (the run's digests live in one of them) once its counts are read."""
+    from pipeline.run.hosted import release
 
-    for actor in (selection.claims, selection.counter):
-        if actor is not None:
-            ray.kill(actor)
+    release(selection.claims)
+    release(selection.counter)
 
 
 def selection_counts(selection: RowSelection) -> dict[str, int]:
