@@ -11,6 +11,7 @@ objects expected of an actor of its own.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -84,10 +85,8 @@ def release(handle: Hosted | None) -> None:
         return
     import ray
 
-    try:
+    with contextlib.suppress(Exception):  # the host is gone (the driver's Ray is shutting down): so is the object
         ray.get(handle.host.release.remote(handle.name), timeout=30)
-    except Exception:  # the host is gone (the driver's Ray is shutting down): so is the object
-        pass
 
 
 def _host(fresh: bool = False) -> Any:
