@@ -139,10 +139,11 @@ def interrupt(tmp_path: Path, ray_tmp: Path, marker: str, delay_s: float, signum
     return printed
 
 
-def finish_and_check(tmp_path: Path, ray_tmp: Path) -> None:
-    """The same command again: exit 0, every input row exactly once."""
+def finish_and_check(tmp_path: Path, ray_tmp: Path, driver_env: dict[str, str]) -> None:
+    """The same command again: exit 0, every input row exactly once. It joins the session's cluster: what is
+    tested is the resume, and a second local cluster would cost both cores for its start-up."""
     result = subprocess.run(
-        command(tmp_path, tmp_path / "m.jsonl"), capture_output=True, text=True, env=environment(ray_tmp), timeout=300
+        command(tmp_path, tmp_path / "m.jsonl"), capture_output=True, text=True, env=driver_env, timeout=300
     )
     assert result.returncode == 0, result.stderr
     ids = read_embeddings(str(tmp_path / "out")).column("id").to_pylist()
@@ -153,12 +154,12 @@ def finish_and_check(tmp_path: Path, ray_tmp: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_ctrl_c_mid_run_exits_130_in_seconds_leaves_no_ray_process_and_the_rerun_finishes(
-    tmp_path: Path, ray_tmp: Path
+    tmp_path: Path, ray_tmp: Path, ray_driver_env: dict[str, str]
 ) -> None:
     # mid-run: files of the first batches written, more rows decoded and in the model
     printed = interrupt(tmp_path, ray_tmp, "FILE", delay_s=0, signum=signal.SIGINT, group=True)
     assert f"--resume-path {tmp_path / 'ckpt'}" in printed  # says how to continue
-    finish_and_check(tmp_path, ray_tmp)
+    finish_and_check(tmp_path, ray_tmp, ray_driver_env)
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def official_checkpoint(reference: dict[str, Any]) -> dict[str, torch.Tensor]:
     drifted = []
     for key, tensor in state.items():
         recorded = reference["checkpoint_spec"][key]["sum"]
-        regenerated = tensor.to(torch.complex128 if tensor.is_complex() else torch.float64).sum().real.item()
+        regenerated = tensor.sum(dtype=torch.complex128 if tensor.is_complex() else torch.float64).real.item()
         if not math.isclose(regenerated, recorded, rel_tol=1e-9, abs_tol=1e-9 * tensor.numel()):
             drifted.append(f"{key}: {regenerated} != {recorded}")
     assert not drifted, "test weights no longer match the recorded ones (generator drift): " + "; ".join(drifted)
