@@ -359,6 +359,35 @@ def test_a_plain_run_computes_each_distinct_image_once(ray_local: None, tmp_path
 
 
 @pytest.mark.timeout(400)
+def test_a_plain_run_killed_while_filling_its_copies_is_finished_by_the_rerun(
+    ray_driver_env: dict[str, str], tmp_path: Path
+) -> None:
+    images = write_images(tmp_path / "images", range(4))
+    repeats = {4: 1, 5: 0, 6: 1}  # copies in both partitions: two files to fill
+    for copy, source in repeats.items():
+        images[copy] = tmp_path / "images" / f"copy{copy}.jpg"
+        images[copy].write_bytes(images[source].read_bytes())
+    output = tmp_path / "run"
+    manifest = write_manifest(tmp_path / "m.parquet", manifest_rows(images, range(7)))
+    args = [arg for arg in cli_args(manifest, output) if arg != "--incremental"]
+    args += ["--resume-path", str(tmp_path / "ckpt")]
+    # killed once the first file holding copies is rewritten, the second not yet
+    killed = cli(*args, env={**ray_driver_env, KILL_HOOK_ENV: "copy_fill:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (output / "_SUCCESS").exists()  # not committed: no reader trusts it yet
+    statuses = [row["status"] for row in pq.ParquetDataset(str(output)).read(columns=["status"]).to_pylist()]
+    assert "copy" in statuses and len(statuses) == 7
+
+    rerun = cli(*args, env=ray_driver_env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rows = rows_by_id(output)
+    assert all(row["status"] == "ok" for row in rows.values())
+    for copy, source in repeats.items():
+        assert rows[f"r{copy}"]["image_embedding"] == rows[f"r{source}"]["image_embedding"] is not None
+    assert_each_id_once(output, {f"r{i}" for i in range(7)})
+
+
+@pytest.mark.timeout(400)
 def test_refresh_changed_re_embeds_only_images_whose_bytes_changed(ray_local: None, tmp_path: Path) -> None:
     images = write_images(tmp_path / "images", range(6))
     output = tmp_path / "dataset"

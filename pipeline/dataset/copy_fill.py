@@ -37,6 +37,7 @@ from pipeline.dataset.copies import (
     take_new_sources,
 )
 from pipeline.dataset.markers import data_files
+from pipeline.dataset.replacement import kill_hook
 from pipeline.storage import Location, arrow_filesystem
 
 MEMORY_BUDGET = 512 * 1024**2  # bytes of source image features held at once
@@ -68,7 +69,7 @@ def fill_output_copies(
     per_slice = 1
     if len(have):
         per_slice = max(1, memory_budget // _source_row_bytes(filesystem, files[int(have_files[0])]))
-    filled = 0
+    filled = rewritten = 0
     for start in range(0, max(len(have), 1), per_slice):
         stop = start + per_slice
         digests, owners = have[start:stop], have_files[start:stop]
@@ -91,6 +92,8 @@ def fill_output_copies(
             table, count = fill_copies(table, sources, pending)
             _rewrite(output, files[index], table, storage_options, compression)
             filled += count
+            rewritten += 1
+            kill_hook("copy_fill", rewritten)
     return filled
 
 

@@ -236,7 +236,7 @@ def apply_journal(output: Location, journal: CommitJournal, storage_options: dic
     staging = Location.parse(journal.staging, storage_options)
     for done, op in enumerate(journal.ops):
         _place(Location(staging.protocol, op.source, staging.storage_options), output.join(op.target))
-        _maybe_kill_for_test("commit", done + 1)
+        kill_hook("commit", done + 1)
     _mark_new_directories(output, storage_options)
     record = read_record(output) or DatasetRecord(identity=ModelIdentity.from_dict(journal.identity))
     write_record(output, record.with_run(journal.run_entry))
@@ -272,7 +272,9 @@ def _mark_new_directories(output: Location, storage_options: dict[str, Any] | No
             fs.pipe_file(marker, b"")
 
 
-def _maybe_kill_for_test(step: str, count: int) -> None:
+def kill_hook(step: str, count: int) -> None:
+    """SIGKILL this process at the `count`-th operation of `step` when KILL_HOOK_ENV says `step:count` (tests
+    of what a crash at that moment leaves: the commit here, the copy fill in `copy_fill`)."""
     if os.environ.get(KILL_HOOK_ENV) == f"{step}:{count}":
         logger.warning("test hook %s=%s: killing the driver", KILL_HOOK_ENV, os.environ[KILL_HOOK_ENV])
         os.kill(os.getpid(), signal.SIGKILL)
