@@ -42,8 +42,9 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline import JobConfig, run_job, schema  # noqa: E402
+from pipeline import JobConfig, run_job  # noqa: E402
 from pipeline.config import FEATURES_DEFAULT  # noqa: E402
+from pipeline.dataset import schema  # noqa: E402
 from pipeline.input.records import PrepareSettings, prepare_batch  # noqa: E402
 from pipeline.input.sources import SourceSpec  # noqa: E402
 from pipeline.model.embed import EmbedSettings, EmbedWorker, pixel_array  # noqa: E402

@@ -1,0 +1,88 @@
+"""What a run's small shared objects cost to start: one Ray actor each (as before) against one host actor.
+
+Every run reports to a progress counter, the selection's counts, the image digests claimed and the file buffers.
+As four actors they were four worker processes per run; `pipeline.run.hosted` serves them from one actor per
+driver. This starts both forms on a fresh local cluster, side by side, a few rounds each, and prints the wall time
+until every object answers (the machine's CPU flags first: the figures depend on it).
+
+    python bench/actor_start.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, not bench/pipeline.py
+
+
+def cpu_flags() -> str:
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    return " ".join(flag for flag in wanted if flag in flags) or "none of " + ", ".join(wanted)
+
+
+def four_actors() -> float:
+    import ray
+
+    from pipeline.run.file_groups import PartitionChunks
+    from pipeline.run.progress import ProgressCounter
+    from pipeline.run.row_selection import ContentClaims, SelectionCounter
+
+    started = time.perf_counter()
+    objects = ((ProgressCounter, ()), (SelectionCounter, ()), (ContentClaims, ()), (PartitionChunks, ([], 4)))
+    actors = [ray.remote(num_cpus=0)(cls).remote(*args) for cls, args in objects]
+    ray.get([actors[0].snapshot.remote(), actors[1].snapshot.remote(), actors[2].claim.remote([])])
+    ray.get(actors[3].counts.remote())
+    took = time.perf_counter() - started
+    for actor in actors:
+        ray.kill(actor)
+    return took
+
+
+def one_host() -> float:
+    import ray
+
+    from pipeline.run import hosted as hosting
+    from pipeline.run.file_groups import PartitionChunks
+    from pipeline.run.progress import ProgressCounter
+    from pipeline.run.row_selection import ContentClaims, SelectionCounter
+
+    hosting._HOSTS.clear()  # a driver's first run: the host itself starts too
+    started = time.perf_counter()
+    handles = [
+        hosting.hosted(ProgressCounter),
+        hosting.hosted(SelectionCounter),
+        hosting.hosted(ContentClaims),
+        hosting.hosted(PartitionChunks, [], 4),
+    ]
+    ray.get([handles[0].snapshot.remote(), handles[1].snapshot.remote(), handles[2].claim.remote([])])
+    ray.get(handles[3].counts.remote())
+    took = time.perf_counter() - started
+    host = handles[0].host
+    for handle in handles:
+        hosting.release(handle)
+    ray.kill(host)
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    print(f"CPU flags: {cpu_flags()}")
+    for round_index in range(args.rounds):
+        four, one = four_actors(), one_host()
+        time.sleep(1.0)  # the killed actors' processes exit
+        print(f"round {round_index + 1}: four actors {four:.2f} s, one host actor {one:.2f} s")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
