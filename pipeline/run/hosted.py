@@ -2,11 +2,11 @@
 
 While a run streams, its tasks and model actors report to a few small objects: the progress counter, the row
 selection's counts, the image digests claimed so far, the per-partition file buffers. Each used to be an actor of
-its own, and each actor is a worker process: starting four took 4.5 s on an idle 2-core machine against 2 s for
-one, paid again by every run (every partition of a backfill, every test). Here one actor (`ObjectHost`), started by
-a driver's first run and kept for its Ray job, holds each run's objects under names of their own, and the run
-releases them when it ends. Calls reach an object one at a time and, from one caller, in order: what each of these
-objects expected of an actor of its own.
+its own, and each actor is a worker process that imports Ray and pyarrow before it answers: four per run, paid again
+by every run (every partition of a backfill, every test; `bench/actor_start.py` times both forms). Here one actor
+(`ObjectHost`), started by a driver's first run and kept for its Ray job, holds each run's objects under names of
+their own, and the run releases them when it ends. Calls reach an object one at a time and, from one caller, in
+order: what each of these objects expected of an actor of its own.
 """
 
 from __future__ import annotations
