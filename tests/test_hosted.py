@@ -28,10 +28,11 @@ def test_objects_of_one_driver_share_one_actor_and_are_released(ray_local: None)
         ray.get(second.claim.remote(None))  # the object's own error reaches the caller
 
     release(first)
-    assert ray.get(first.host.names.remote()) == [second.name]
+    held = ray.get(first.host.names.remote())  # the session's earlier runs share the host: theirs are released
+    assert second.name in held and first.name not in held
     release(second)
     release(second)  # twice, or once the host is gone: nothing to do
-    assert ray.get(first.host.names.remote()) == []
+    assert second.name not in ray.get(first.host.names.remote())
     with pytest.raises(AttributeError):
         first._private  # noqa: B018 (pickling probes private names: they are not remote methods)
 
@@ -55,3 +56,38 @@ def test_a_dead_host_is_replaced_on_the_next_run(ray_local: None) -> None:
     ray.get(replacement.add.remote({"rows": 1}))
     assert ray.get(replacement.snapshot.remote()) == {"rows": 1}
     release(replacement)
+
+
+@pytest.mark.timeout(120)
+def test_a_run_that_fails_after_ray_started_leaves_nothing_in_the_host(
+    ray_local: None, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import numpy as np
+    import ray
+    from PIL import Image
+
+    import pipeline.run.job
+    from pipeline import JobConfig, run_job
+    from pipeline.run.hosted import _host
+
+    image = tmp_path / "a.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": str(image)}) + "\n")
+    config = JobConfig.from_dict(
+        {
+            "input": {"uri": str(tmp_path / "m.jsonl")},
+            "output": {"uri": str(tmp_path / "out")},
+            "model": {"config": "tiny", "imgsz": 56, "random_weights": True},
+        }
+    )
+
+    def unreadable(*args, **kwargs):
+        raise OSError("the input went away")
+
+    before = set(ray.get(_host().names.remote()))
+    monkeypatch.setattr(pipeline.run.job, "read_source", unreadable)  # fails once the run's objects exist
+    with pytest.raises(OSError, match="went away"):
+        run_job(config)
+    assert set(ray.get(_host().names.remote())) <= before

@@ -105,9 +105,6 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
     )
     log_renamed_columns(source, layout)
     console.start_ray()
-    plain = selection is None
-    if selection is None:
-        selection = start_copy_marking(source)
     output = parse_uri(config.output.uri)
     total = plan.total_rows
     resuming = bool(data_files(output, storage_options))
@@ -116,26 +113,30 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
         remove_markers(output, storage_options)
         total = None  # how many rows are left is only known once Ray Data has read the checkpoint
 
-    with _checkpointing(config, source, storage_options), _bounded_in_flight(config):
-        memory = decode_memory(config.model.imgsz)
-        dataset = read_source(source, uris, storage_options, layout)
-        if selection.filter_by_id:
-            dataset = select_before_prepare(dataset, selection)
-        dataset = _prepare(dataset, config, source, storage_options, memory, selection)
-        from pipeline.run.hosted import hosted, release
-        from pipeline.run.progress import ProgressCounter, ProgressReporter
+    from pipeline.run.hosted import hosted, release
+    from pipeline.run.progress import ProgressCounter, ProgressReporter
 
+    plain = selection is None
+    counter = None
+    try:
+        if selection is None:
+            selection = start_copy_marking(source)
         counter = hosted(ProgressCounter)
-        try:
+        with _checkpointing(config, source, storage_options), _bounded_in_flight(config):
+            memory = decode_memory(config.model.imgsz)
+            dataset = read_source(source, uris, storage_options, layout)
+            if selection.filter_by_id:
+                dataset = select_before_prepare(dataset, selection)
+            dataset = _prepare(dataset, config, source, storage_options, memory, selection)
             dataset = _embed(dataset, config, source, storage_options, counter, selection.worker)
             with ProgressReporter(counter, total) as progress:
                 _write(dataset, config, output, storage_options)
                 done = progress.snapshot()
-            selected = selection_counts(selection)
-        finally:
-            release(counter)
-            if plain:
-                stop_selection(selection)  # the run's digests: not needed any more
+        selected = selection_counts(selection)
+    finally:  # the run's hosted objects (its digests among them) go, whatever ended it
+        release(counter)
+        if plain and selection is not None:
+            stop_selection(selection)
     logger.info("written: %s", done.line())
     copied = 0
     if plain and (resuming or selected.get("copied")):  # an earlier attempt may have left copies too
