@@ -158,15 +158,20 @@ def _call_key() -> str:
     return f"{task}/{index}"
 
 
-# CPUs a grouping-and-write task reserves. A whole CPU (Ray Data's default) could not be had while reading and
-# decoding held the cluster's CPUs: on 2 cores the write never ran until the input was read to the end (measured
-# in bench/soak.py: 1,483 embedded blocks queued in front of it after 10 minutes, no file). Writing small
-# embeddings takes little CPU; the model actor's threads and the decoders take what it leaves.
-WRITE_CPUS = 0.25
+# CPUs a grouping-and-write task reserves: none. Any CPU reservation made the write wait for reading and decoding:
+# Ray Data's budget gives the stages in front of it the cluster's CPUs first (a whole CPU, Ray Data's default,
+# was never granted while the input lasted: no file after 10 minutes), and a fraction of one still waited for a
+# running repartition or decode task to hand its CPU back (Ray core cannot place it while those hold every CPU):
+# the first files came minutes after the first embedded rows (docs/benchmarks.md, "Soak"). Writing small
+# embeddings takes little CPU; without a reservation the write runs as soon as a block is embedded, and
+# `WRITE_CONCURRENCY` bounds how many such tasks (and worker processes) run at once.
+WRITE_CPUS = 0.0
+# Grouping-and-write tasks at once. Ray Data sizes a task pool by its CPUs; a task that reserves none needs a cap.
+WRITE_CONCURRENCY = 2
 
 
 def group_for_files(dataset: Any, grouper: Any) -> Any:
-    # The same resources as the write (`WRITE_CPUS`), so that Ray Data fuses the two into one task.
+    # The same resources and concurrency as the write (`WRITE_CPUS`), so that Ray Data fuses the two into one task.
     return dataset.map_batches(
         chunks_ready,
         fn_kwargs={"grouper": grouper},
@@ -174,6 +179,7 @@ def group_for_files(dataset: Any, grouper: Any) -> Any:
         batch_format="pyarrow",
         zero_copy_batch=True,
         num_cpus=WRITE_CPUS,
+        concurrency=WRITE_CONCURRENCY,
     )
 
 
@@ -219,6 +225,7 @@ def write_grouped(
             # does not exist (and where nothing needs creating before a write).
             try_create_dir=isinstance(filesystem, pafs.LocalFileSystem),
             ray_remote_args={"num_cpus": WRITE_CPUS},
+            concurrency=WRITE_CONCURRENCY,
         )
         tail = ray.get(grouper.drain.remote())
         received, handed_out = ray.get(grouper.counts.remote())
