@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline import JobConfig, run_job
+from pipeline.dataset import schema
 from pipeline.run.file_groups import PartitionChunks
 
 
@@ -146,6 +147,8 @@ def test_a_partitioned_run_writes_one_file_per_partition_and_checkpoints_the_las
 
     written = pq.ParquetDataset(str(tmp_path / "out")).read(columns=["id"]).column("id").to_pylist()
     assert len(written) == ROWS == len(set(written))
+    for path in (tmp_path / "out").rglob("*.parquet"):  # the model's block timestamps are never written
+        assert set(pq.read_schema(path).metadata) == {schema.METADATA_KEY}, path
     checkpoints = list((tmp_path / "ckpt").glob("*.parquet"))
     assert not [path for path in checkpoints if ".pending" in path.name]
     checkpointed = pa.concat_tables([pq.read_table(path) for path in checkpoints]).column("id").to_pylist()
@@ -234,3 +237,18 @@ def test_files_are_written_while_other_stages_hold_every_cpu_of_the_cluster(ray_
     assert len(files) == 4 and sum(name.startswith("tail-") for name in files) == 2, files  # first + last, a and b
     written = pq.ParquetDataset(str(output)).read(columns=["id"]).column("id").to_pylist()
     assert sorted(written) == sorted(f"r{i}" for i in range(40))
+
+
+def test_the_first_file_clock_starts_when_the_rows_left_the_model_and_the_timestamp_is_never_written() -> None:
+    """A grouping step that gets its first block late (a write scheduled late) must not add that delay to the
+    first file: a block that left the model 31 s ago makes its partition's first file due at once."""
+    clock = Clock()
+    clock.now = 1000.0
+    chunks = PartitionChunks(["shard"], 1000, first_file_after_s=30.0, clock=clock)
+    run_metadata = {schema.METADATA_KEY: b"{}"}
+    late = block(0, 2, ["a", "a"]).replace_schema_metadata({**run_metadata, schema.EMBEDDED_AT_KEY: b"969.0"})
+    fresh = block(2, 1, ["b"]).replace_schema_metadata({**run_metadata, schema.EMBEDDED_AT_KEY: b"999.0"})
+    ready = chunks.add(late) + chunks.add(fresh)
+    assert [(c.column("shard")[0].as_py(), c.num_rows) for c in ready] == [("a", 2)]  # b waited 1 s only
+    assert ready[0].schema.metadata == run_metadata  # the run's metadata kept, the timestamp gone
+    assert all(schema.EMBEDDED_AT_KEY not in (c.schema.metadata or {}) for c in chunks.drain())
