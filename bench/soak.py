@@ -51,7 +51,7 @@ ROWS_PER_FILE = 10_000  # manifest files
 ROW_GROUP = 1_000  # Hugging Face writes image Parquet with row groups of this order
 
 
-def write_dataset(root: Path, rows: int, partitions: int) -> Path:
+def write_dataset(root: Path, rows: int, partitions: int, rows_per_file: int = ROWS_PER_FILE) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     pool = []  # a few hundred distinct small JPEGs, reused: the ids derive from content and caption
@@ -59,8 +59,8 @@ def write_dataset(root: Path, rows: int, partitions: int) -> Path:
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=85)
         pool.append(buffer.getvalue())
-    for start in range(0, rows, ROWS_PER_FILE):
-        stop = min(rows, start + ROWS_PER_FILE)
+    for start in range(0, rows, rows_per_file):
+        stop = min(rows, start + rows_per_file)
         images = [{"bytes": pool[i % len(pool)], "path": f"img_{i:07d}.jpg"} for i in range(start, stop)]
         table = pa.table(
             {
@@ -69,7 +69,7 @@ def write_dataset(root: Path, rows: int, partitions: int) -> Path:
                 "shard": [f"s{i % partitions}" for i in range(start, stop)],
             }
         )
-        pq.write_table(table, root / f"train-{start // ROWS_PER_FILE:05d}.parquet", row_group_size=ROW_GROUP)
+        pq.write_table(table, root / f"train-{start // rows_per_file:05d}.parquet", row_group_size=ROW_GROUP)
     return root
 
 
@@ -192,7 +192,7 @@ def sampled_rate(samples: list[Sample]) -> float | None:
 def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_after_s: float | None) -> dict[str, Any]:
     import pipeline.run.progress
 
-    data = write_dataset(work / f"{name}-data", rows, args.partitions)
+    data = write_dataset(work / f"{name}-data", rows, args.partitions, args.rows_per_file)
     output = work / f"{name}-out"
     config = JobConfig.from_dict(
         {
@@ -287,6 +287,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--min-rows-per-file", type=int, default=1024)
     parser.add_argument("--reference-rows", type=int, default=0)
+    parser.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=ROWS_PER_FILE,
+        help="rows per input Parquet file: more files keep reading and decoding busy for longer",
+    )
     parser.add_argument("--stop-after-s", type=float, default=None)
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--settle-s", type=float, default=120.0, help="memory compared after this many seconds")

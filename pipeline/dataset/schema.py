@@ -57,6 +57,9 @@ PIXELS = "__pixels"
 TOKENS = "__tokens"
 
 METADATA_KEY = b"sam3_embed"  # JSON: model, checkpoint, image size, dtypes, pooling, version, run id
+# Wall-clock seconds at which a block left the model (schema metadata of the model stage's blocks): the writer's
+# first-file clock starts there (pipeline.run.file_groups) and removes it; never written.
+EMBEDDED_AT_KEY = b"sam3_embed.embedded_at"
 SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"
 

@@ -227,7 +227,8 @@ class EmbedWorker:
             out = out.append_column(name, features[name])
         if self.progress is not None:
             self.progress.add.remote(int(ok.sum()), int((~ok).sum()))
-        return out.replace_schema_metadata({**(out.schema.metadata or {}), **self.metadata})
+        embedded_at = {schema.EMBEDDED_AT_KEY: repr(time.time()).encode()}  # for the writer's first-file clock
+        return out.replace_schema_metadata({**(out.schema.metadata or {}), **self.metadata, **embedded_at})
 
     # Images ---------------------------------------------------------------------------------------------------
 

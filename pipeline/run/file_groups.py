@@ -2,7 +2,7 @@
 
 Ray Data's writer bundles `min_rows_per_file` rows per write task across ALL partitions, then splits the bundle
 by partition value (Ray #59485): with 8 balanced partitions every file holds an eighth of the minimum, and the
-first file waits for `min_rows_per_file` rows (minutes at CPU rates). Here one small actor (`FileGrouper`) keeps
+first file waits for `min_rows_per_file` rows (minutes at CPU rates). Here one small actor (`PartitionChunks`) keeps
 a buffer per partition value; a stateless step in front of the write hands it each embedded block and gets back
 the chunks that are ready, each of ONE partition value, so each write task writes one file per chunk.
 
@@ -10,7 +10,8 @@ The rule, per partition value (m = `output.min_rows_per_file`):
 
 - a chunk is ready when its buffer holds at least m rows;
 - the partition's FIRST chunk is also ready once its oldest buffered row has waited `first_file_after_s`
-  (checked whenever any block arrives), so a slow run shows files early;
+  since it left the model (the block's `schema.EMBEDDED_AT_KEY`; checked whenever any block arrives), so a slow
+  run shows files early;
 - what is left when the input ends is written as the last chunk (`drain`, after the streaming write).
 
 So a partition's files are: a first one (>= 1 row), middle ones (>= m rows each), a last one (>= 1 row). With n
@@ -36,6 +37,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from ray.data.datasource import FilenameProvider
 
+from pipeline.dataset import schema
+
 # The first file of each partition is written once its oldest row has waited this long, even below
 # min_rows_per_file: within a minute of the first batch at any rate (docs/schema.md, "Files per partition").
 FIRST_FILE_AFTER_S = 30.0
@@ -45,7 +48,7 @@ FIRST_FILE_AFTER_S = 30.0
 class _Buffer:
     tables: list[pa.Table] = field(default_factory=list)
     rows: int = 0
-    oldest: float = 0.0  # clock reading when the first buffered row arrived
+    oldest: float = 0.0  # when the first buffered row left the model (wall clock, seconds)
     files: int = 0  # chunks handed out so far
 
 
@@ -57,7 +60,7 @@ class PartitionChunks:
         partition_by: list[str],
         min_rows: int,
         first_file_after_s: float = FIRST_FILE_AFTER_S,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,  # wall clock: compared with the model actors' block times
     ) -> None:
         self.partition_by = list(partition_by)
         self.min_rows = max(1, min_rows)
@@ -81,10 +84,14 @@ class PartitionChunks:
                 raise RuntimeError(f"a write task was retried after handing over its rows ({call_key}); resume")
             self.call_keys.add(call_key)
         now = self.clock()
+        table, embedded_at = _embedded_at(table)
+        # The clock of a partition's first file starts when its rows left the model, not when this step got
+        # them: a write scheduled late must not add its delay to the first file's (at most now: clocks differ).
+        since = now if embedded_at is None else min(now, embedded_at)
         for key, part in self._split(table):
             buffer = self.buffers.setdefault(key, _Buffer())
             if buffer.rows == 0:
-                buffer.oldest = now
+                buffer.oldest = since
             buffer.tables.append(part)
             buffer.rows += part.num_rows
             self.rows_in += part.num_rows
@@ -128,6 +135,19 @@ class PartitionChunks:
             yield key, table.take(pa.array(indices, pa.int64()))
 
 
+def _embedded_at(table: pa.Table) -> tuple[pa.Table, float | None]:
+    """The block without the model's timestamp (never written), and the timestamp (None: not from the model)."""
+    metadata = table.schema.metadata or {}
+    raw = metadata.get(schema.EMBEDDED_AT_KEY)
+    if raw is None:
+        return table, None
+    table = table.replace_schema_metadata({k: v for k, v in metadata.items() if k != schema.EMBEDDED_AT_KEY} or None)
+    try:
+        return table, float(raw)
+    except ValueError:
+        return table, None
+
+
 def file_grouper(partition_by: list[str], min_rows: int, first_file_after_s: float) -> Any:
     """The run's buffer, hosted in the driver's small-objects actor (`pipeline.run.hosted`: no CPU reserved)."""
     from pipeline.run.hosted import hosted
@@ -157,15 +177,20 @@ def _call_key() -> str:
     return f"{task}/{index}"
 
 
-# CPUs a grouping-and-write task reserves. A whole CPU (Ray Data's default) could not be had while reading and
-# decoding held the cluster's CPUs: on 2 cores the write never ran until the input was read to the end (measured
-# in bench/soak.py: 1,483 embedded blocks queued in front of it after 10 minutes, no file). Writing small
-# embeddings takes little CPU; the model actor's threads and the decoders take what it leaves.
-WRITE_CPUS = 0.25
+# CPUs a grouping-and-write task reserves: none. Any CPU reservation made the write wait for reading and decoding:
+# Ray Data's budget gives the stages in front of it the cluster's CPUs first (a whole CPU, Ray Data's default,
+# was never granted while the input lasted: no file after 10 minutes), and a fraction of one still waited for a
+# running repartition or decode task to hand its CPU back (Ray core cannot place it while those hold every CPU):
+# the first files came minutes after the first embedded rows (docs/benchmarks.md, "Soak"). Writing small
+# embeddings takes little CPU; without a reservation the write runs as soon as a block is embedded, and
+# `WRITE_CONCURRENCY` bounds how many such tasks (and worker processes) run at once.
+WRITE_CPUS = 0.0
+# Grouping-and-write tasks at once. Ray Data sizes a task pool by its CPUs; a task that reserves none needs a cap.
+WRITE_CONCURRENCY = 2
 
 
 def group_for_files(dataset: Any, grouper: Any) -> Any:
-    # The same resources as the write (`WRITE_CPUS`), so that Ray Data fuses the two into one task.
+    # The same resources and concurrency as the write (`WRITE_CPUS`), so that Ray Data fuses the two into one task.
     return dataset.map_batches(
         chunks_ready,
         fn_kwargs={"grouper": grouper},
@@ -173,6 +198,7 @@ def group_for_files(dataset: Any, grouper: Any) -> Any:
         batch_format="pyarrow",
         zero_copy_batch=True,
         num_cpus=WRITE_CPUS,
+        concurrency=WRITE_CONCURRENCY,
     )
 
 
@@ -220,6 +246,7 @@ def write_grouped(
             # does not exist (and where nothing needs creating before a write).
             try_create_dir=isinstance(filesystem, pafs.LocalFileSystem),
             ray_remote_args={"num_cpus": WRITE_CPUS},
+            concurrency=WRITE_CONCURRENCY,
         )
         tail = ray.get(grouper.drain.remote())
         received, handed_out = ray.get(grouper.counts.remote())
