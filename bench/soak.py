@@ -300,7 +300,15 @@ def main() -> None:
     parser.add_argument(
         "--data-limit-mib", type=int, help="experiment: set Ray Data's object store limit (resource_limits) first"
     )
+    parser.add_argument("--write-cpus", type=float, help="experiment: CPUs a grouping-and-write task reserves")
+    parser.add_argument("--write-concurrency", type=int, help="experiment: grouping-and-write tasks at once")
     args = parser.parse_args()
+    import pipeline.run.file_groups as file_groups
+
+    if args.write_cpus is not None:
+        file_groups.WRITE_CPUS = args.write_cpus
+    if args.write_concurrency is not None:
+        file_groups.WRITE_CONCURRENCY = args.write_concurrency
 
     import ray
 

@@ -187,58 +187,6 @@ def test_a_block_handed_over_twice_by_a_retried_task_fails_instead_of_being_writ
     assert chunks.counts() == (3, 3)
 
 
-@pytest.mark.timeout(120)
-def test_files_are_written_while_other_stages_hold_every_cpu_of_the_cluster(ray_local: None, tmp_path: Path) -> None:
-    """A grouping-and-write task that reserved even a quarter CPU waited until reading and decoding handed a CPU
-    back (the 100,000-row soak: first files 154 s after the first rows). Here the embedded blocks come from the
-    object store and an actor holds all the CPUs: the first files must still be written, while it holds them."""
-    import threading
-    import time
-
-    import pyarrow.fs as pafs
-    import ray
-    import ray.data
-
-    from pipeline.run.file_groups import write_grouped
-
-    class CpuHolder:  # defined here: Ray's workers cannot import the test module
-        """Holds CPUs of the cluster as running read, repartition and decode tasks do during a run."""
-
-        def ready(self) -> bool:
-            return True
-
-    blocks = [block(start, 4, ["a", "b", "a", "b"]) for start in range(0, 40, 4)]
-    dataset = ray.data.from_arrow(blocks)  # before the CPUs are taken: it reads the blocks' metadata in tasks
-    output = tmp_path / "out"
-    cpus = int(ray.cluster_resources()["CPU"])
-    holder = ray.remote(num_cpus=cpus)(CpuHolder).remote()
-    ray.get(holder.ready.remote(), timeout=60)
-    failures: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            write_grouped(dataset, str(output), pafs.LocalFileSystem(), ["shard"], 1000, "zstd", 0)
-        except BaseException as error:  # reported by the test thread
-            failures.append(error)
-
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
-    try:
-        deadline = time.monotonic() + 60  # seconds on a quiet machine: starting the writer's worker processes
-        while not list(output.rglob("*.parquet")) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        written_while_held = sorted(path.parent.name for path in output.rglob("*.parquet"))
-    finally:
-        ray.kill(holder)
-    writer.join(timeout=60)
-    assert not writer.is_alive() and not failures, failures
-    assert written_while_held, "no file while other stages held every CPU"
-    files = sorted(path.name for path in output.rglob("*.parquet"))
-    assert len(files) == 4 and sum(name.startswith("tail-") for name in files) == 2, files  # first + last, a and b
-    written = pq.ParquetDataset(str(output)).read(columns=["id"]).column("id").to_pylist()
-    assert sorted(written) == sorted(f"r{i}" for i in range(40))
-
-
 def test_the_first_file_clock_starts_when_the_rows_left_the_model_and_the_timestamp_is_never_written() -> None:
     """A grouping step that gets its first block late (a write scheduled late) must not add that delay to the
     first file: a block that left the model 31 s ago makes its partition's first file due at once."""

@@ -177,16 +177,15 @@ def _call_key() -> str:
     return f"{task}/{index}"
 
 
-# CPUs a grouping-and-write task reserves: none. Any CPU reservation made the write wait for reading and decoding:
-# Ray Data's budget gives the stages in front of it the cluster's CPUs first (a whole CPU, Ray Data's default,
-# was never granted while the input lasted: no file after 10 minutes), and a fraction of one still waited for a
-# running repartition or decode task to hand its CPU back (Ray core cannot place it while those hold every CPU):
-# the first files came minutes after the first embedded rows (docs/benchmarks.md, "Soak"). Writing small
-# embeddings takes little CPU; without a reservation the write runs as soon as a block is embedded, and
-# `WRITE_CONCURRENCY` bounds how many such tasks (and worker processes) run at once.
-WRITE_CPUS = 0.0
-# Grouping-and-write tasks at once. Ray Data sizes a task pool by its CPUs; a task that reserves none needs a cap.
-WRITE_CONCURRENCY = 2
+# CPUs a grouping-and-write task reserves. A whole CPU (Ray Data's default) was never granted while reading and
+# decoding held the cluster's CPUs (no file after 10 minutes on 2 cores). None at all, with at most two tasks at
+# once, wrote the first files early but halved the run's rate: 127 rows/s against 284 with a quarter CPU, side by
+# side on a quiet 2-core machine (docs/benchmarks.md, "Soak: the write's CPU reservation"). A quarter it stays;
+# the first-file clock starts when rows leave the model (`_embedded_at`), not when this step gets them.
+WRITE_CPUS = 0.25
+# Grouping-and-write tasks at once: None lets Ray Data size the pool by the CPUs (bench/soak.py --write-cpus
+# and --write-concurrency try other values).
+WRITE_CONCURRENCY: int | None = None
 
 
 def group_for_files(dataset: Any, grouper: Any) -> Any:
