@@ -26,18 +26,29 @@ def cpu_flags() -> str:
     return " ".join(flag for flag in wanted if flag in flags) or "none of " + ", ".join(wanted)
 
 
-def four_actors() -> float:
-    import ray
-
+def run_objects() -> list[tuple[type, tuple]]:
+    """The small objects of one run, as (class, constructor arguments)."""
     from pipeline.run.file_groups import PartitionChunks
     from pipeline.run.progress import ProgressCounter
     from pipeline.run.row_selection import ContentClaims, SelectionCounter
 
+    return [(ProgressCounter, ()), (SelectionCounter, ()), (ContentClaims, ()), (PartitionChunks, ([], 4))]
+
+
+def answered(handles: list) -> None:
+    """Wait until each of the four objects answers a call (actor handles and hosted handles alike)."""
+    import ray
+
+    progress, selection, claims, chunks = handles
+    ray.get([progress.snapshot.remote(), selection.snapshot.remote(), claims.claim.remote([]), chunks.counts.remote()])
+
+
+def four_actors() -> float:
+    import ray
+
     started = time.perf_counter()
-    objects = ((ProgressCounter, ()), (SelectionCounter, ()), (ContentClaims, ()), (PartitionChunks, ([], 4)))
-    actors = [ray.remote(num_cpus=0)(cls).remote(*args) for cls, args in objects]
-    ray.get([actors[0].snapshot.remote(), actors[1].snapshot.remote(), actors[2].claim.remote([])])
-    ray.get(actors[3].counts.remote())
+    actors = [ray.remote(num_cpus=0)(cls).remote(*args) for cls, args in run_objects()]
+    answered(actors)
     took = time.perf_counter() - started
     for actor in actors:
         ray.kill(actor)
@@ -49,23 +60,14 @@ def one_host(first_run: bool) -> float:
     import ray
 
     from pipeline.run import hosted as hosting
-    from pipeline.run.file_groups import PartitionChunks
-    from pipeline.run.progress import ProgressCounter
-    from pipeline.run.row_selection import ContentClaims, SelectionCounter
 
     if first_run:
         for host in hosting._HOSTS.values():
             ray.kill(host)
         hosting._HOSTS.clear()
     started = time.perf_counter()
-    handles = [
-        hosting.hosted(ProgressCounter),
-        hosting.hosted(SelectionCounter),
-        hosting.hosted(ContentClaims),
-        hosting.hosted(PartitionChunks, [], 4),
-    ]
-    ray.get([handles[0].snapshot.remote(), handles[1].snapshot.remote(), handles[2].claim.remote([])])
-    ray.get(handles[3].counts.remote())
+    handles = [hosting.hosted(cls, *args) for cls, args in run_objects()]
+    answered(handles)
     took = time.perf_counter() - started
     for handle in handles:
         hosting.release(handle)

@@ -50,7 +50,6 @@ def add_parser(commands: Any) -> None:
 
 
 def compile_command(args: argparse.Namespace) -> int:
-
     try:
         data = read_config_data(args.config) if args.config else {}
         overrides = [

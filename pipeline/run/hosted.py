@@ -67,16 +67,14 @@ def hosted(cls: type, *args: Any, **kwargs: Any) -> Hosted:
     import ray
 
     name = f"{cls.__name__}-{uuid.uuid4().hex[:12]}"
-    for attempt in range(2):
-        host = _host(fresh=attempt > 0)
-        try:
-            # Awaited: other processes may call the object as soon as this returns.
-            ray.get(host.create.remote(name, cls, args, kwargs))
-            return Hosted(host, name)
-        except ray.exceptions.RayActorError:
-            if attempt:  # a new host died too: nothing more to try
-                raise
-    raise AssertionError("unreachable")
+    host = _host()
+    # Awaited: other processes may call the object as soon as this returns.
+    try:
+        ray.get(host.create.remote(name, cls, args, kwargs))
+    except ray.exceptions.RayActorError:  # this driver's host died (its node went away): start another
+        host = _host(fresh=True)
+        ray.get(host.create.remote(name, cls, args, kwargs))
+    return Hosted(host, name)
 
 
 def release(handle: Hosted | None) -> None:

@@ -86,7 +86,6 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
     A plain run marks the rows that repeat an image of the run (`start_copy_marking`) and fills them in its output
     before it commits (`pipeline.dataset.copy_fill`).
     """
-
     started_wall = datetime.now(timezone.utc)
     started = time.monotonic()
     plan = plan or preflight(config)
