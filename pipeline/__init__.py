@@ -17,7 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 # Every Ray worker that runs a step of the pipeline imports this package first: the public names are imported on
-# first use, so such a worker does not pay for the job, the reader and pandas (about 0.6 s of CPU each).
+# first use, so such a worker does not pay for the job, the reader and pandas (about 0.4 s of CPU).
 _PUBLIC = {
     "ComputeConfig": "pipeline.config",
     "InputConfig": "pipeline.config",

@@ -117,7 +117,7 @@ def set_compile_threads(threads: int) -> None:
     threads = max(1, int(threads))
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
     # Inductor reads the variable when its config is first imported; importing it here would cost an eager
-    # process (every model actor that does not compile) 1.7 s of CPU for nothing.
+    # process (every model actor that does not compile) over a second of CPU for nothing (docs/benchmarks.md).
     inductor_config = sys.modules.get("torch._inductor.config")
     if inductor_config is not None:
         inductor_config.compile_threads = threads
