@@ -76,7 +76,8 @@ class ModelConfig:
     # auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AVX-512 BF16, AMX), float32 on other CPUs
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # auto: per device, as sam3core.compile decides (measured on CPU): inductor + freezing for bfloat16 on CPU,
-    # max-autotune on CUDA, eager for float32 on CPU; falls back to eager with a warning if compiling fails
+    # max-autotune on CUDA, eager for float32 on CPU, and eager on a CPU when the input is too small for compiling
+    # to pay (under 20 TFLOP of trunk work per actor); falls back to eager with a warning if compiling fails
     compile: Literal["auto", "on", "off"] = "auto"
     # Where compiled code is shared between actors and nodes (pipeline/model/compile_share.py): any fsspec URI; None:
     # `<output>/_compile_cache`; "off": every actor compiles for itself. `sam3-embed compile` fills it ahead.

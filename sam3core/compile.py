@@ -9,6 +9,9 @@ What `compile="auto"` picks (measured with `bench/backbone.py`, figures in docs/
   (`sam3core.attention`), eager or compiled. Against eager in the same run on a shared 2-core CPU, compiling
   measured 1.14x at 336 px and 1.15x at 1008 px (docs/benchmarks.md); `cpp_wrapper` and `max_autotune` added
   nothing measurable. `compile: off` skips the 20 to 60 s of compilation per actor.
+- CPU, a small run: eager whatever the dtype when the caller says how many images the model will see and their
+  trunk work (`trunk_flops`) stays under `CPU_COMPILE_MIN_TFLOP`: compiling costs more than it saves there
+  (`compile_pays_off`).
 - CPU, float32: eager (not measured: compiling costs about a minute per actor on a small CPU, and the float32
   matmuls dominate even more than in bfloat16).
 - CUDA: inductor `max-autotune-no-cudagraphs` (Triton matmul templates tuned once per shape; CUDA graphs are left
@@ -36,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .config import Sam3Config
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +80,44 @@ def compile_plan(requested: str | bool, device: torch.device | str, dtype: torch
     if requested == "auto" and dtype == torch.float32:
         return CompilePlan(enabled=False)
     return CompilePlan(enabled=True, options={"freezing": True})
+
+
+# On a CPU, compiling (7 s for `tiny`, 20 to 45 s for `sam3` per actor) saves 13 to 15% of the model's time, so
+# it pays only past some amount of work. Break-even on the 2-core CPU of docs/benchmarks.md ("Compiling only what
+# pays"): about 21,000 to 35,000 rows of `tiny` at 224 px (3 to 5 TFLOP), about 16 images of `sam3` at 1008 px with a warm
+# cache (88 TFLOP). The tiny model is bound by per-op overhead rather than FLOPs, hence the spread; the threshold
+# sits between the two.
+CPU_COMPILE_MIN_TFLOP = 20.0
+
+
+def trunk_flops(config: Sam3Config, imgsz: int) -> float:
+    """FLOPs of the ViT trunk for one image (multiply-adds counted as two), from the configuration alone.
+
+    Per block: the four attention projections and the MLP (2 x tokens x width^2 x (4 + 2 x mlp_ratio)), then the
+    attention scores and their weighted sum over the block's window, or over every token in a global block. The
+    neck and the text tower are left out (a few percent for `sam3`). For `sam3` at 1008 px this gives 5.4 TFLOP.
+    """
+    vision = config.vision
+    side = imgsz // vision.patch_size
+    tokens = side * side
+    window_tokens = min(vision.window_size, side) ** 2
+    projections = 2 * tokens * vision.width**2 * (4 + 2 * vision.mlp_ratio)
+    total = 0.0
+    for block in range(vision.depth):
+        attended = tokens if block in vision.global_blocks else window_tokens
+        total += projections + 4 * tokens * attended * vision.width
+    return total
+
+
+def compile_pays_off(device: torch.device | str, rows: int | None, flops_per_image: float) -> bool:
+    """Whether `compile="auto"` should compile for an actor that embeds at most `rows` images.
+
+    Always on CUDA (compiled kernels are where a GPU's speed comes from) and when the rows are not known; on a CPU
+    only when the work reaches `CPU_COMPILE_MIN_TFLOP`.
+    """
+    if torch.device(device).type != "cpu" or rows is None:
+        return True
+    return rows * flops_per_image >= CPU_COMPILE_MIN_TFLOP * 1e12
 
 
 def compiled_modules(vision: nn.Module) -> list[nn.Module]:

@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from sam3core import build_sam3_vl_backbone
-from sam3core.compile import CompilePlan, apply_compile, compile_plan, is_compiled
+from sam3core.compile import (
+    CPU_COMPILE_MIN_TFLOP,
+    CompilePlan,
+    apply_compile,
+    compile_pays_off,
+    compile_plan,
+    is_compiled,
+    trunk_flops,
+)
+from sam3core.config import get_config
 
 IMGSZ = 56
 
@@ -23,6 +32,27 @@ def test_plan_per_device_and_dtype():
     assert not compile_plan("off", "cuda", torch.bfloat16).enabled
     with pytest.raises(ValueError, match="compile must be one of"):
         compile_plan("fast", "cpu", torch.float32)
+
+
+@pytest.mark.parametrize(("config", "imgsz", "tolerance"), [("tiny", 224, 0.15), ("sam3", 336, 0.02)])
+def test_trunk_flops_agree_with_torchs_flop_counter(config: str, imgsz: int, tolerance: float) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trunk = build_sam3_vl_backbone(config=config, imgsz=imgsz, device="meta").vision_backbone.trunk
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        trunk(torch.zeros(1, 3, imgsz, imgsz, device="meta"))
+    estimate = trunk_flops(get_config(config), imgsz)
+    assert estimate == pytest.approx(counter.get_total_flops(), rel=tolerance)
+
+
+def test_compiling_pays_on_a_cpu_only_for_enough_work() -> None:
+    sam3_1008 = trunk_flops(get_config("sam3"), 1008)  # 5.4 TFLOP an image
+    tiny_224 = trunk_flops(get_config("tiny"), 224)
+    assert not compile_pays_off("cpu", 3, sam3_1008) and compile_pays_off("cpu", 4, sam3_1008)
+    assert not compile_pays_off("cpu", 22_000, tiny_224)  # the size of a nightly increment in bench/incremental
+    assert compile_pays_off("cpu", int(CPU_COMPILE_MIN_TFLOP * 1e12 / tiny_224) + 1, tiny_224)
+    assert compile_pays_off("cpu", None, tiny_224)  # rows unknown: as before, compile
+    assert compile_pays_off("cuda", 1, tiny_224)  # a GPU always compiles
 
 
 def _min_cosine(a: dict, b: dict) -> float:

@@ -376,7 +376,12 @@ def _prepared_batch(tmp_path: Path, missing_at: int | None = 1, rows: int = 3) -
 
 
 def _embed_settings(
-    compile: str, features: tuple[str, ...], batch_size: int, dtype: str = "float32", feature_dtype: str = "float32"
+    compile: str,
+    features: tuple[str, ...],
+    batch_size: int,
+    dtype: str = "float32",
+    feature_dtype: str = "float32",
+    expected_rows: int | None = None,
 ):
     from pipeline.model.embed import EmbedSettings
 
@@ -391,7 +396,25 @@ def _embed_settings(
         feature_dtype=feature_dtype,
         multi_caption=False,
         batch_size=batch_size,
+        expected_rows=expected_rows,
     )
+
+
+def test_a_cpu_actor_with_too_few_rows_to_pay_for_compiling_runs_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    from pipeline.model.embed import EmbedWorker, compile_choice
+
+    pooled_only = ("image_embedding", "text_embedding")
+    # bfloat16 with compile auto is what a CPU with native bfloat16 compiles; 8 rows of tiny are far too few
+    with caplog.at_level(logging.INFO, logger="pipeline.model.embed"):
+        worker = EmbedWorker(_embed_settings("auto", pooled_only, batch_size=4, dtype="bfloat16", expected_rows=8))
+    assert not worker.compiled and worker.compile_outcome is None
+    assert json.loads(worker.metadata[schema.METADATA_KEY])["model"]["compile"] == "eager"
+    assert "eager: 8 rows at most" in caplog.text and "compiling pays from 20" in caplog.text
+    # an explicit choice is kept whatever the rows; unknown rows compile as auto always did
+    assert compile_choice(_embed_settings("on", pooled_only, 4, expected_rows=8), torch.device("cpu")) == ("on", None)
+    assert compile_choice(_embed_settings("auto", pooled_only, 4), torch.device("cpu")) == ("auto", None)
 
 
 @pytest.mark.slow

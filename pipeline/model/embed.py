@@ -31,7 +31,16 @@ from pipeline.model.neck_heads import (
     image_forward_options,
     unsupported_features,
 )
-from sam3core.compile import compile_fallback, is_compiled, is_out_of_memory, set_compile_threads
+from sam3core.compile import (
+    CPU_COMPILE_MIN_TFLOP,
+    compile_fallback,
+    compile_pays_off,
+    is_compiled,
+    is_out_of_memory,
+    set_compile_threads,
+    trunk_flops,
+)
+from sam3core.config import get_config
 from sam3core.cpu import auto_dtype
 
 logger = logging.getLogger(__name__)
@@ -63,6 +72,9 @@ class EmbedSettings:
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     compile_cache: str | None = None  # URI of the shared compile artifacts (pipeline.model.compile_share); None: off
     compile_wait_s: float = 1800.0
+    # The most rows this actor can embed (the input's rows over the actors), when the driver knows them: with
+    # `compile: auto` on a CPU, a run too small to pay for compiling runs eagerly (`sam3core.compile_pays_off`).
+    expected_rows: int | None = None
 
     @classmethod
     def from_job(cls, config: JobConfig, *, multi_caption: bool, **per_actor: Any) -> EmbedSettings:
@@ -83,6 +95,20 @@ class EmbedSettings:
             compile_wait_s=config.model.compile_wait_s,
             **per_actor,
         )
+
+
+def compile_choice(settings: EmbedSettings, device: torch.device) -> tuple[str, str | None]:
+    """`settings.compile`, or "off" with the reason when `auto` meets a CPU run too small to pay for compiling."""
+    if settings.compile != "auto":
+        return settings.compile, None
+    # "auto" is resolved from the checkpoint later; both generations share the trunk
+    config = get_config(settings.model_config.replace("auto", "sam3"))
+    flops = trunk_flops(config, settings.imgsz)
+    if compile_pays_off(device, settings.expected_rows, flops):
+        return settings.compile, None
+    work = (settings.expected_rows or 0) * flops / 1e12
+    threshold = CPU_COMPILE_MIN_TFLOP
+    return "off", f"{settings.expected_rows} rows at most, {work:.2g} TFLOP; compiling pays from {threshold:g}"
 
 
 def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -112,13 +138,14 @@ class EmbedWorker:
         resolved = local_checkpoint(settings.checkpoint, settings.storage_options)
         if resolved.path is None:
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        compile_visual, self.compile_skipped = compile_choice(settings, self.device)
         self.backbone = build_sam3_vl_backbone(
             resolved.path,
             config=settings.model_config,
             imgsz=settings.imgsz,
             device=self.device,
             dtype=self.dtype,
-            compile_visual=settings.compile,
+            compile_visual=compile_visual,
             add_sam2_neck="sam2_backbone_fpn" in settings.features,
             bpe_path=settings.bpe_path,
             storage_options=None,  # the checkpoint is a local file by now (or a hub spec sam3core resolves)
@@ -196,7 +223,9 @@ class EmbedWorker:
             self.device,
             torch.get_num_threads(),
             self.dtype,
-            self.backbone.compile_plan.describe() if compiled else "eager",
+            self.backbone.compile_plan.describe()
+            if compiled
+            else ("eager: " + self.compile_skipped if self.compile_skipped else "eager"),
             built,
             f" and compilation ({self.compile_outcome.how if self.compile_outcome else 'not shared'})"
             if compiled

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
             if selection.filter_by_id:
                 dataset = select_before_prepare(dataset, selection)
             dataset = _prepare(dataset, config, source, storage_options, memory, selection)
-            dataset = _embed(dataset, config, source, storage_options, counter, selection.worker)
+            dataset = _embed(dataset, config, source, storage_options, counter, selection.worker, plan.input_rows)
             with ProgressReporter(counter, total) as progress:
                 _write(dataset, config, output, storage_options)
                 done = progress.snapshot()
@@ -290,6 +291,7 @@ def _embed(
     storage_options: dict[str, Any],
     counter: Any,
     worker: type | None = None,  # an EmbedWorker subclass (pipeline.model.copy_aware_embed)
+    input_rows: int | None = None,
 ) -> Any:
     import ray
     from ray.data import ActorPoolStrategy
@@ -310,6 +312,7 @@ def _embed(
         run_id=config.run_id,
         package_version=package_version(),
         extra_metadata={"input": {"format": source.format, "uri": config.input.uri}},
+        expected_rows=None if input_rows is None else math.ceil(input_rows / config.compute.num_actors),
     )
     return dataset.map_batches(
         worker or EmbedWorker,
