@@ -84,9 +84,9 @@ def compile_plan(requested: str | bool, device: torch.device | str, dtype: torch
 
 # On a CPU, compiling (7 s for `tiny`, 20 to 45 s for `sam3` per actor) saves 13 to 15% of the model's time, so
 # it pays only past some amount of work. Break-even on the 2-core CPU of docs/benchmarks.md ("Compiling only what
-# pays"): about 21,000 to 35,000 rows of `tiny` at 224 px (3 to 5 TFLOP), about 16 images of `sam3` at 1008 px with a warm
-# cache (88 TFLOP). The tiny model is bound by per-op overhead rather than FLOPs, hence the spread; the threshold
-# sits between the two.
+# pays"): about 21,000 to 35,000 rows of `tiny` at 224 px (3 to 5 TFLOP), about 16 images of `sam3` at 1008 px
+# with a warm cache (88 TFLOP). The tiny model is bound by per-op overhead rather than FLOPs, hence the spread; the
+# threshold sits between the two.
 CPU_COMPILE_MIN_TFLOP = 20.0
 
 
