@@ -53,15 +53,18 @@ ROW_GROUP = 1_000  # Hugging Face writes image Parquet with row groups of this o
 
 def write_dataset(root: Path, rows: int, partitions: int, rows_per_file: int = ROWS_PER_FILE) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    pool = []  # a few hundred distinct small JPEGs, reused: the ids derive from content and caption
-    for _ in range(256):
+
+    # Every row a picture of its own (random pixels seeded by the row's number): a run embeds each distinct image
+    # once and copies the rest, so repeated pictures would keep most rows away from the model.
+    def jpeg(index: int) -> bytes:
+        pixels = np.random.default_rng(index).integers(0, 255, (48, 64, 3), dtype=np.uint8)
         buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=85)
-        pool.append(buffer.getvalue())
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
+        return buffer.getvalue()
+
     for start in range(0, rows, rows_per_file):
         stop = min(rows, start + rows_per_file)
-        images = [{"bytes": pool[i % len(pool)], "path": f"img_{i:07d}.jpg"} for i in range(start, stop)]
+        images = [{"bytes": jpeg(i), "path": f"img_{i:07d}.jpg"} for i in range(start, stop)]
         table = pa.table(
             {
                 "image": pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
@@ -255,6 +258,9 @@ def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_aft
         "rows_written": len(ids),
         "distinct_ids": len(set(ids)),
         "every_row_once": summary is not None and len(ids) == rows and len(set(ids)) == rows,
+        # rows whose image went through the model (counted by the model actors) and rows that got a copy
+        "rows_computed": summary.rows_computed if summary else None,
+        "rows_copied": summary.rows_copied if summary else None,
         "steady_rows_per_s": summary.steady_rows_per_s if summary else None,
         # from the samples: rows the progress counter saw, first rows to last sample (an interrupted run too)
         "sampled_rows_per_s": sampled_rate(watch.samples),
