@@ -179,9 +179,10 @@ def _call_key() -> str:
 
 # CPUs a grouping-and-write task reserves. A whole CPU (Ray Data's default) was never granted while reading and
 # decoding held the cluster's CPUs (no file after 10 minutes on 2 cores). None at all, with at most two tasks at
-# once, wrote the first files early but halved the run's rate: 127 rows/s against 284 with a quarter CPU, side by
-# side on a quiet 2-core machine (docs/benchmarks.md, "Soak: the write's CPU reservation"). A quarter it stays;
-# the first-file clock starts when rows leave the model (`_embedded_at`), not when this step gets them.
+# once, cost the run a third of its rate (105.7 against 149.1 rows/s, every row through the model, side by side on
+# a quiet 2-core machine: docs/benchmarks.md, "Soak: the write's CPU reservation"). A quarter it stays. On 2 CPUs
+# Ray Data reserves it only once the block splitting before the CPU stage has ended (docs/benchmarks.md, "Soak:
+# the first files of a long run"). The first-file clock starts when rows leave the model (`_embedded_at`).
 WRITE_CPUS = 0.25
 # Grouping-and-write tasks at once: None lets Ray Data size the pool by the CPUs (bench/soak.py --write-cpus
 # and --write-concurrency try other values).
