@@ -52,6 +52,18 @@ def test_every_operator_fits_one_block_under_the_limit(imgsz: int) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_block_splitting_a_decode_task_and_a_write_task_fit_on_two_cpus_together() -> None:
+    """Ray Data reserves each stage's smallest task for it, upstream first; a stage whose minimum no longer fits
+    waits for an upstream stage to end. The block splitting in front of the CPU stage (a whole CPU, Ray Data's
+    default, not settable), a decode task and the grouping-and-write step must fit together on the smallest
+    cluster we run on, or no file is written before the splitting ends (328 s into a 100,000-row soak)."""
+    from pipeline.run.file_groups import WRITE_CPUS
+    from pipeline.run.job import PREPARE_CPUS
+
+    splitting_cpus = 1.0
+    assert splitting_cpus + PREPARE_CPUS + WRITE_CPUS <= 2.0
+
+
 def test_a_parquet_file_read_as_one_block_is_decoded_by_many_small_tasks(ray_local: None, tmp_path) -> None:
     """Ray reads a Parquet file of small JPEGs as one block; decoded by one task, its pixels (3 MB a row at
     1008 px) would all be in flight before backpressure could act. The CPU stage gets blocks of one batch."""
@@ -63,7 +75,7 @@ def test_a_parquet_file_read_as_one_block_is_decoded_by_many_small_tasks(ray_loc
     from PIL import Image
 
     from pipeline.input.sources import SourceSpec, input_protocol, input_uris, plan_source, read_source
-    from pipeline.run.job import _prepare, decode_memory
+    from pipeline.run.job import PREPARE_CPUS, _prepare, decode_memory
     from pipeline.run.preflight import preflight
     from pipeline.run.row_selection import start_copy_marking, stop_selection
 
@@ -92,7 +104,10 @@ def test_a_parquet_file_read_as_one_block_is_decoded_by_many_small_tasks(ray_loc
     assert read.materialize().num_blocks() == 1  # the premise: one block for the whole file
     selection = start_copy_marking(source)  # what a plain run passes
     try:
-        prepared = _prepare(read, plan.config, source, {}, decode_memory(56), selection).materialize()
+        prepared = _prepare(read, plan.config, source, {}, decode_memory(56), selection)
+        # what a decode task reserves, as Ray Data records it (no public accessor)
+        assert prepared._logical_plan.dag.ray_remote_args["num_cpus"] == PREPARE_CPUS
+        prepared = prepared.materialize()
     finally:
         stop_selection(selection)
     assert prepared.count() == rows

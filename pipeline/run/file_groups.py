@@ -180,9 +180,9 @@ def _call_key() -> str:
 # CPUs a grouping-and-write task reserves. A whole CPU (Ray Data's default) was never granted while reading and
 # decoding held the cluster's CPUs (no file after 10 minutes on 2 cores). None at all, with at most two tasks at
 # once, cost the run a third of its rate (105.7 against 149.1 rows/s, every row through the model, side by side on
-# a quiet 2-core machine: docs/benchmarks.md, "Soak: the write's CPU reservation"). A quarter it stays. On 2 CPUs
-# Ray Data reserves it only once the block splitting before the CPU stage has ended (docs/benchmarks.md, "Soak:
-# the first files of a long run"). The first-file clock starts when rows leave the model (`_embedded_at`).
+# a quiet 2-core machine: docs/benchmarks.md, "Soak: the write's CPU reservation"). A quarter it stays, and the
+# decode tasks reserve three quarters (`pipeline.run.job.PREPARE_CPUS`) so that Ray Data can reserve it while
+# input is still being split and decoded. The first-file clock starts when rows leave the model (`_embedded_at`).
 WRITE_CPUS = 0.25
 # Grouping-and-write tasks at once: None lets Ray Data size the pool by the CPUs (bench/soak.py --write-cpus
 # and --write-concurrency try other values).

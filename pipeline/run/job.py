@@ -36,6 +36,13 @@ from pipeline.version import package_version
 logger = logging.getLogger("pipeline")
 
 PREPARE_BATCH_ROWS = 32  # rows per CPU task call: enough to amortize fetch latency, small enough to stream
+# CPUs a decode task reserves. Ray Data reserves each stage's smallest task for it, upstream first, and a stage
+# whose minimum no longer fits waits for an upstream one to end. The block splitting in front of this stage
+# (`repartition`, a whole CPU, not settable) and whole-CPU decode tasks took both CPUs of a 2-CPU machine, so the
+# grouping-and-write step (`pipeline.run.file_groups.WRITE_CPUS`) got no task until the splitting had ended: no file
+# for 328 s on a 100,000-row input (docs/benchmarks.md, "Soak: the first files of a long run"). With three
+# quarters, splitting, one decode task and the write fit on 2 CPUs together.
+PREPARE_CPUS = 0.75
 DECODE_BASE_MEMORY = 512 * 1024**2  # a worker process with torch imported, Pillow, the encoded bytes of a batch
 # Decoded batches Ray Data may hold per model actor, waiting for it or being decoded: enough that the model
 # never waits for the CPUs, few enough that decoding never runs far ahead (docs/benchmarks.md, "Soak").
@@ -279,6 +286,7 @@ def _prepare(
         # WebDataset blocks are pandas frames of raw bytes; converting them to Arrow here gains nothing.
         batch_format="pandas" if source.format == "webdataset" else "pyarrow",
         concurrency=config.compute.decode_concurrency,
+        num_cpus=PREPARE_CPUS,
         memory=memory,
         udf_modifying_row_count=selection.refresh_changed,
     )
