@@ -51,7 +51,6 @@ def test_every_operator_fits_one_block_under_the_limit(imgsz: int) -> None:
     assert in_flight_limit(config) >= 4 * max(PREPARE_BATCH_ROWS, 16) * row
 
 
-@pytest.mark.timeout(300)
 def test_block_splitting_a_decode_task_and_a_write_task_fit_on_two_cpus_together() -> None:
     """Ray Data reserves each stage's smallest task for it, upstream first; a stage whose minimum no longer fits
     waits for an upstream stage to end. The block splitting in front of the CPU stage (a whole CPU, Ray Data's
@@ -64,6 +63,7 @@ def test_block_splitting_a_decode_task_and_a_write_task_fit_on_two_cpus_together
     assert splitting_cpus + PREPARE_CPUS + WRITE_CPUS <= 2.0
 
 
+@pytest.mark.timeout(300)
 def test_a_parquet_file_read_as_one_block_is_decoded_by_many_small_tasks(ray_local: None, tmp_path) -> None:
     """Ray reads a Parquet file of small JPEGs as one block; decoded by one task, its pixels (3 MB a row at
     1008 px) would all be in flight before backpressure could act. The CPU stage gets blocks of one batch."""
