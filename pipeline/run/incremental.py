@@ -273,7 +273,7 @@ def _embed_selected(
     from pipeline.run.row_selection import selection_counts, start_selection, stop_selection
 
     inner = staging_config(config, area)
-    inner_plan = dataclasses.replace(plan, config=inner, total_rows=None)
+    inner_plan = dataclasses.replace(plan, config=inner)
     uris = input_uris(config.input.uri)
     source, _ = plan_source(
         SourceSpec.from_config(config.input, input_protocol(uris)), uris, config.storage_options(), plan.layout

@@ -113,7 +113,9 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
     log_renamed_columns(source, layout)
     console.start_ray()
     output = parse_uri(config.output.uri)
-    total = plan.total_rows
+    # The progress line's total: the input's rows, unless only some of them go (a selection, a resumed run). They
+    # still bound what each model actor can see, which decides whether compiling pays (`_embed`).
+    total = plan.total_rows if selection is None else None
     resuming = bool(data_files(output, storage_options))
     if resuming:
         # Resuming (preflight allowed it): the earlier files are not complete until this run commits again.
@@ -135,7 +137,7 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
             if selection.filter_by_id:
                 dataset = select_before_prepare(dataset, selection)
             dataset = _prepare(dataset, config, source, storage_options, memory, selection)
-            dataset = _embed(dataset, config, source, storage_options, counter, selection.worker, plan.input_rows)
+            dataset = _embed(dataset, config, source, storage_options, counter, selection.worker, plan.total_rows)
             with ProgressReporter(counter, total) as progress:
                 _write(dataset, config, output, storage_options)
                 done = progress.snapshot()

@@ -41,10 +41,7 @@ class PreflightError(ValueError):
 @dataclass
 class Plan:
     config: JobConfig  # a copy of the job's config with the manifest's columns resolved
-    total_rows: int | None = None  # rows the progress line counts to: the input's, when cheap to know
-    # rows in the input, when cheap to know: the most a run can send to the model (an incremental run's
-    # progress has no total, but this bound still decides whether compiling pays)
-    input_rows: int | None = None
+    total_rows: int | None = None  # rows in the input, when cheap to know
     checkpoint_format: str | None = None  # e.g. "torch zip, sam3.pt layout"; None with random weights
     notes: list[str] = field(default_factory=list)  # decisions worth a log line (columns recognised, …)
     layout: ManifestLayout | None = None  # the manifest's files and schema, read once here and reused by the run
@@ -252,7 +249,7 @@ def _check_input(plan: Plan, uris: list[str], protocol: str, storage_options: di
     config.input.caption_column = resolved.caption_column
     config.input.captions_column = resolved.captions_column
     plan.notes.extend(resolved.notes)
-    plan.total_rows = plan.input_rows = _count_rows(kind, files, fs)
+    plan.total_rows = _count_rows(kind, files, fs)
     if plan.total_rows == 0:
         raise PreflightError(f"the manifest {uris[0]} holds no rows")
     consumed = {resolved.id_column, resolved.image_column, resolved.caption_column, resolved.captions_column}
