@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -225,6 +226,10 @@ def one_run(args: argparse.Namespace, rows: int, work: Path, name: str, stop_aft
     timer = None
     if stop_after_s:
         import _thread
+
+        # A shell starts a background job (`cmd &`, cron, nohup) with SIGINT ignored, and then interrupt_main does
+        # nothing: the run would go on to its end. The timer needs Python's own handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
         timer = threading.Timer(stop_after_s, _thread.interrupt_main)
         timer.daemon = True  # a run that finishes first must not wait for it (nor be interrupted after)
