@@ -139,6 +139,7 @@ def test_a_partitioned_run_writes_one_file_per_partition_and_checkpoints_the_las
 ) -> None:
     """12 rows per partition, minimum 100: Ray Data's own writer wrote a file per partition per write task; here
     the rows wait in the buffer and each partition gets one file, written at the end with its checkpoint."""
+    footer_readers_before = actors_named("FooterReader")
     summary = run_job(config(tmp_path, 100))
     assert (summary.rows_total, summary.rows_ok) == (ROWS, ROWS)
     files = output_files(tmp_path)
@@ -158,6 +159,17 @@ def test_a_partitioned_run_writes_one_file_per_partition_and_checkpoints_the_las
 
     again = run_job(config(tmp_path, 100))  # a rerun with the same checkpoint adds nothing
     assert (again.rows_this_run, again.rows_total) == (0, ROWS) and output_files(tmp_path) == files
+    # Reading the Parquet input and the checkpoint back started no pool of footer-reading actors (32 processes a
+    # read with Ray Data's newer Parquet reader: pipeline.run.job._parquet_reader_v1).
+    assert actors_named("FooterReader") == footer_readers_before
+
+
+def actors_named(class_name: str) -> int:
+    """Actors of that class the cluster has ever started, dead ones included (the GCS's actor table: Ray's
+    state API needs the dashboard, which the test cluster leaves out)."""
+    import ray._private.state
+
+    return sum(1 for actor in ray._private.state.actors().values() if actor["ActorClassName"] == class_name)
 
 
 @pytest.mark.timeout(240)

@@ -131,7 +131,7 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
         if selection is None:
             selection = start_copy_marking(source)
         counter = hosted(ProgressCounter)
-        with _checkpointing(config, source, storage_options), _bounded_in_flight(config):
+        with _checkpointing(config, source, storage_options), _bounded_in_flight(config), _parquet_reader_v1():
             memory = decode_memory(config.model.imgsz)
             dataset = read_source(source, uris, storage_options, layout)
             if selection.filter_by_id:
@@ -246,6 +246,28 @@ def _bounded_in_flight(config: JobConfig) -> Iterator[None]:
         yield
     finally:
         options.resource_limits = previous
+
+
+@contextlib.contextmanager
+def _parquet_reader_v1() -> Iterator[None]:
+    """Ray Data's first Parquet reader for datasets built inside the block: the run's input and the resume
+    checkpoint Ray Data reads back (its filter actor inherits the dataset's context).
+
+    The newer reader (`DataContext.use_datasource_v2`, Ray's default since 2.5x) starts a pool of 32 footer-reading
+    actors for every `read_parquet`, each a new Python process, whatever the number of files: on a 2-CPU node a
+    run of a few dozen rows spent more CPU starting those processes than embedding (tests/test_file_groups.py's
+    partitioned run: 72 s of CPU against 42 with this reader, docs/benchmarks.md "Test suite time"). The first
+    reader fetches footers in ordinary tasks, sized to the files.
+    """
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    previous = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = previous
 
 
 def decode_memory(imgsz: int) -> int:
