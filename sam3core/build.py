@@ -14,6 +14,7 @@ from .checkpoint import (
     backbone_state_dict,
     checkpoint_generation,
     checkpoint_layout,
+    checkpoint_tensors,
     load_backbone_weights,
     read_checkpoint,
 )
@@ -30,7 +31,7 @@ from .vl_backbone_tri import SAM3VLBackboneTri
 
 
 def build_sam3_vl_backbone(
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | Mapping[str, Any] | None = None,
     *,
     config: str | Sam3Config = AUTO,
     imgsz: int = 1008,
@@ -45,7 +46,9 @@ def build_sam3_vl_backbone(
 
     checkpoint: None for random weights (deterministic under `torch.manual_seed`), a local path, an fsspec URI
     (`s3://…`, `file://…`; `storage_options` go to fsspec) or `hf://facebook/sam3[/<file>]`. Official `sam3.pt`,
-    SAM 3.1 `sam3.1_multiplex.pt` (and its fp16 safetensors) and transformers `model.safetensors` layouts are accepted.
+    SAM 3.1 `sam3.1_multiplex.pt` (and its fp16 safetensors) and transformers `model.safetensors` layouts are accepted,
+    and so is a state dict already in memory (what `torch.load` returned for one of them; the model may share its
+    tensors' memory).
 
     config: "auto" (the default) picks the official configuration of the checkpoint's generation, `sam3` or
     `sam3.1`, from its keys (`sam3` for random weights); a name (`sam3`, `sam3.1`, `tiny`, `tiny-sam3.1`) or a
@@ -56,7 +59,10 @@ def build_sam3_vl_backbone(
     neck's pyramid levels in place, lazily; `model.warm_up(batch_size)` pays for it up front.
     """
     weights, state, source = None, None, ""
-    if checkpoint is not None:
+    if isinstance(checkpoint, Mapping):
+        source = "the state dict passed in"
+        state = checkpoint_tensors(checkpoint, source)
+    elif checkpoint is not None:
         source = os.fspath(checkpoint)
         state = read_checkpoint(source, storage_options)
     cfg = _resolve_config(config, state, source)

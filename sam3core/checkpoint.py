@@ -97,6 +97,11 @@ def read_checkpoint(source: str | os.PathLike, storage_options: Mapping[str, Any
         SafetensorError,
     ) as exc:
         raise CheckpointError(f"{source} is not a readable PyTorch or safetensors checkpoint: {exc}") from exc
+    return checkpoint_tensors(state, source)
+
+
+def checkpoint_tensors(state: Any, source: str) -> dict[str, Tensor]:
+    """The tensors of a loaded checkpoint: its `model` entry when it has one (training checkpoints), else itself."""
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):
