@@ -253,10 +253,10 @@ def _parquet_reader_v1() -> Iterator[None]:
     """Ray Data's first Parquet reader for datasets built inside the block: the run's input and the resume
     checkpoint Ray Data reads back (its filter actor inherits the dataset's context).
 
-    The newer reader (`DataContext.use_datasource_v2`, Ray's default since 2.5x) starts a pool of 32 footer-reading
-    actors for every `read_parquet`, each a new Python process, whatever the number of files: on a 2-CPU node a
-    run of a few dozen rows spent more CPU starting those processes than embedding (tests/test_file_groups.py's
-    partitioned run: 72 s of CPU against 42 with this reader, docs/benchmarks.md "Test suite time"). The first
+    The newer reader (`DataContext.use_datasource_v2`, the default of the Ray we test on, 2.60) starts a pool of 32
+    footer-reading actors for every `read_parquet`, each a new Python process, whatever the number of files: on a
+    2-CPU node a run of a few dozen rows spent more CPU starting those processes than embedding (a partitioned test
+    run with its rerun: 72 s of CPU against 39 with this reader; docs/benchmarks.md, "Test suite time"). The first
     reader fetches footers in ordinary tasks, sized to the files.
     """
     from ray.data import DataContext
