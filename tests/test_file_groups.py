@@ -160,7 +160,7 @@ def test_a_partitioned_run_writes_one_file_per_partition_and_checkpoints_the_las
     again = run_job(config(tmp_path, 100))  # a rerun with the same checkpoint adds nothing
     assert (again.rows_this_run, again.rows_total) == (0, ROWS) and output_files(tmp_path) == files
     # Reading the Parquet input and the checkpoint back started no pool of footer-reading actors (32 processes a
-    # read with Ray Data's newer Parquet reader: pipeline.run.job._parquet_reader_v1).
+    # read with Ray Data's newer Parquet reader: pipeline.run.job._run_context_fields).
     assert actors_named("FooterReader") == footer_readers_before
 
 

@@ -131,7 +131,7 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
         if selection is None:
             selection = start_copy_marking(source)
         counter = hosted(ProgressCounter)
-        with _checkpointing(config, source, storage_options), _bounded_in_flight(config), _parquet_reader_v1():
+        with _data_context(**_run_context_fields(config, source, storage_options)), _bounded_in_flight(config):
             memory = decode_memory(config.model.imgsz)
             dataset = read_source(source, uris, storage_options, layout)
             if selection.filter_by_id:
@@ -200,21 +200,38 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
     return summary
 
 
-@contextlib.contextmanager
-def _checkpointing(config: JobConfig, source: SourceSpec, storage_options: dict[str, Any]) -> Iterator[None]:
-    """Set Ray Data's checkpoint config for datasets built inside the block (they copy the context when created)."""
-    from ray.data import DataContext
+def _run_context_fields(config: JobConfig, source: SourceSpec, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """The DataContext fields a run's datasets are built with.
 
-    context = DataContext.get_current()
-    previous = context.checkpoint_config
+    `use_datasource_v2=False`: Ray Data's first Parquet reader, for the run's input and for the resume checkpoint
+    Ray Data reads back (its filter actor inherits the dataset's context). The newer reader, the default of the Ray
+    we test on (2.60), starts a pool of 32 footer-reading actors for every `read_parquet`, each a new Python
+    process, whatever the number of files: on a 2-CPU node a run of a few dozen rows spent more CPU starting those
+    processes than embedding (a partitioned test run with its rerun: 72 s of CPU against 39 with the first reader;
+    docs/benchmarks.md, "Test suite time"). The first reader fetches footers in ordinary tasks.
+    """
+    fields: dict[str, Any] = {"use_datasource_v2": False}
     if config.resume_path:
         from pipeline.run.resume import checkpoint_config
 
-        context.checkpoint_config = checkpoint_config(source, config.resume_path, storage_options)
+        fields["checkpoint_config"] = checkpoint_config(source, config.resume_path, storage_options)
+    return fields
+
+
+@contextlib.contextmanager
+def _data_context(**fields: Any) -> Iterator[None]:
+    """Set DataContext fields for datasets built inside the block (they copy the context when created)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    previous = {name: getattr(context, name) for name in fields}
+    for name, value in fields.items():
+        setattr(context, name, value)
     try:
         yield
     finally:
-        context.checkpoint_config = previous
+        for name, value in previous.items():
+            setattr(context, name, value)
 
 
 def in_flight_limit(config: JobConfig) -> int:
@@ -246,28 +263,6 @@ def _bounded_in_flight(config: JobConfig) -> Iterator[None]:
         yield
     finally:
         options.resource_limits = previous
-
-
-@contextlib.contextmanager
-def _parquet_reader_v1() -> Iterator[None]:
-    """Ray Data's first Parquet reader for datasets built inside the block: the run's input and the resume
-    checkpoint Ray Data reads back (its filter actor inherits the dataset's context).
-
-    The newer reader (`DataContext.use_datasource_v2`, the default of the Ray we test on, 2.60) starts a pool of 32
-    footer-reading actors for every `read_parquet`, each a new Python process, whatever the number of files: on a
-    2-CPU node a run of a few dozen rows spent more CPU starting those processes than embedding (a partitioned test
-    run with its rerun: 72 s of CPU against 39 with this reader; docs/benchmarks.md, "Test suite time"). The first
-    reader fetches footers in ordinary tasks, sized to the files.
-    """
-    from ray.data import DataContext
-
-    context = DataContext.get_current()
-    previous = context.use_datasource_v2
-    context.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        context.use_datasource_v2 = previous
 
 
 def decode_memory(imgsz: int) -> int:
