@@ -207,8 +207,9 @@ def _run_context_fields(config: JobConfig, source: SourceSpec, storage_options: 
     Ray Data reads back (its filter actor inherits the dataset's context). The newer reader, the default of the Ray
     we test on (2.60), starts a pool of 32 footer-reading actors for every `read_parquet`, each a new Python
     process, whatever the number of files: on a 2-CPU node a run of a few dozen rows spent more CPU starting those
-    processes than embedding (a partitioned test run with its rerun: 72 s of CPU against 39 with the first reader;
-    docs/benchmarks.md, "Test suite time"). The first reader fetches footers in ordinary tasks.
+    processes than embedding (a partitioned test run with its rerun: 61.8 s of CPU against 40.8 with the first
+    reader; `bench/process_cpu.py`, docs/benchmarks.md, "Test suite time"). The first reader fetches footers in
+    ordinary tasks.
     """
     fields: dict[str, Any] = {"use_datasource_v2": False}
     if config.resume_path:

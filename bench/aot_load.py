@@ -1,0 +1,113 @@
+"""Where loading a shared AOTInductor package goes: reading it, unpacking it, opening each module's library.
+
+Builds the package once (`sam3core.aot_package.build_package`, random weights) into a scratch folder, then, each in
+a fresh process: loads it into a freshly built model (what an actor on a fresh node does) and times reading the
+file, unpacking the tar and `install_package` with each library load; and loads the trunk's library twice in a bare
+process (no model), to tell the loader's own work from the cost of memory the process has not touched yet.
+
+    python bench/aot_load.py --config sam3 --imgsz 336
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def model(args: argparse.Namespace):
+    import torch
+
+    from sam3core import build_sam3_vl_backbone
+
+    torch.manual_seed(0)
+    return build_sam3_vl_backbone(config=args.config, imgsz=args.imgsz, dtype=args.dtype, compile_visual="on")
+
+
+def build(args: argparse.Namespace, path: Path) -> None:
+    from sam3core.aot_package import build_package
+
+    backbone = model(args)
+    started = time.perf_counter()
+    payload = build_package(backbone.vision_backbone, backbone.zero_batch_call(1, True), backbone.compile_plan)
+    path.write_bytes(payload)
+    print(json.dumps({"step": "build", "s": round(time.perf_counter() - started, 1), "bytes": len(payload)}))
+
+
+def load_into_model(args: argparse.Namespace, path: Path) -> None:
+    import sam3core.aot_package as aot_package
+
+    backbone = model(args)
+    started = time.perf_counter()
+    payload = path.read_bytes()
+    print(json.dumps({"step": "read", "s": round(time.perf_counter() - started, 2)}))
+    started = time.perf_counter()
+    with tarfile.open(fileobj=io.BytesIO(payload), mode="r") as tar:
+        sizes = {m.name: len(tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()}
+    print(json.dumps({"step": "untar", "s": round(time.perf_counter() - started, 2), "members": sizes}))
+    load = aot_package._load
+
+    def timed(data: bytes):
+        began = time.perf_counter()
+        library = load(data)
+        print(json.dumps({"step": "library", "bytes": len(data), "s": round(time.perf_counter() - began, 2)}))
+        return library
+
+    aot_package._load = timed
+    started = time.perf_counter()
+    aot_package.install_package(backbone.vision_backbone, payload)
+    print(json.dumps({"step": "install_package", "s": round(time.perf_counter() - started, 2)}))
+
+
+def load_bare_twice(path: Path) -> None:
+    import sam3core.aot_package as aot_package
+
+    with tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r") as tar:
+        largest = max((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.size)
+        data = tar.extractfile(largest).read()
+    for attempt in (1, 2):
+        started, cpu = time.perf_counter(), time.process_time()
+        library = aot_package._load(data)
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        print(json.dumps({"step": f"bare library load {attempt}", "member": largest.name,
+                          "s": round(time.perf_counter() - started, 2), "cpu_s": round(time.process_time() - cpu, 2),
+                          "peak_rss_gb": round(peak_gb, 2)}))  # fmt: skip
+        del library
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="sam3")
+    parser.add_argument("--imgsz", type=int, default=336)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--step", choices=["build", "load", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--package", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.step == "build":
+        return build(args, args.package)
+    if args.step == "load":
+        return load_into_model(args, args.package)
+    if args.step == "bare":
+        return load_bare_twice(args.package)
+    with tempfile.TemporaryDirectory(prefix="sam3-aot-load-") as scratch:
+        package = Path(scratch) / "package.tar"
+        common = ["--config", args.config, "--imgsz", str(args.imgsz), "--dtype", args.dtype, "--package", str(package)]
+        for step in ("build", "load", "bare"):
+            # each step its own process with its own empty inductor cache, as a fresh node has
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(scratch) / f"inductor-{step}")}
+            subprocess.run([sys.executable, __file__, "--step", step, *common], check=True, env=env)
+
+
+if __name__ == "__main__":
+    main()
