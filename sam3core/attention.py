@@ -38,7 +38,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.device.type == "cpu" and not needs_grad and _this_cpu_kernel(q.dtype) == "chunked":
-        return chunked_attention(q, k, v)
+        # Eagerly the loop itself: calling a custom op imports `torch._dynamo` on its first call (1.4 s of CPU in
+        # every process that only runs eagerly: each Ray actor on a bfloat16 CPU). A traced graph needs the op.
+        if torch.compiler.is_compiling():
+            return chunked_attention(q, k, v)
+        return chunked_attention_loop(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -87,8 +91,8 @@ def chunk_shape(sequences: int, length: int, element_bytes: int = 2, l3_bytes: i
     return min(sequences, max(1, budget // (queries * length))), queries
 
 
-@torch.library.custom_op("sam3core::chunked_attention", mutates_args=(), device_types="cpu")
-def chunked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def chunked_attention_loop(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`softmax(q k^T / sqrt(head_dim)) v` a chunk of queries at a time: [B, heads, L, head_dim] in and out."""
     batch, heads, length, head_dim = q.shape
     q = (q * head_dim**-0.5).reshape(batch * heads, length, head_dim)
     keys_t = k.reshape(batch * heads, length, head_dim).transpose(1, 2)  # [BH, head_dim, L]
@@ -103,6 +107,11 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             torch.softmax(scores, dim=-1, out=scores)
             torch.bmm(scores, v[s : s + sequences], out=out[s : s + sequences, i : i + queries])
     return out.view(batch, heads, length, head_dim)
+
+
+@torch.library.custom_op("sam3core::chunked_attention", mutates_args=(), device_types="cpu")
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return chunked_attention_loop(q, k, v)
 
 
 @chunked_attention.register_fake

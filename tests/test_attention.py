@@ -91,6 +91,7 @@ def test_where_the_table_says_sdpa_the_cpu_runs_sdpa(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(attention_module, "CPU_KERNELS", {})
     calls: list[str] = []
     monkeypatch.setattr(attention_module, "chunked_attention", lambda *a: calls.append("chunked"))
+    monkeypatch.setattr(attention_module, "chunked_attention_loop", lambda *a: calls.append("chunked"))
     q, k, v = qkv(1, 2, 30)
     torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     assert calls == []
@@ -118,3 +119,23 @@ def test_chunks_take_the_same_share_of_a_smaller_l3_cache() -> None:
     assert chunk_shape(16, 5184, 2, l3_bytes=32 * 2**20)[1] == budget // 5184  # the cache it was measured on
     assert chunk_shape(16, 5184, 2, l3_bytes=16 * 2**20)[1] == budget // 2 // 5184  # half the cache, half the chunk
     assert chunk_shape(16, 5184, 4, l3_bytes=16 * 2**20)[1] == budget // 4 // 5184
+
+
+@pytest.mark.timeout(60)
+def test_eager_chunked_attention_does_not_import_dynamo() -> None:
+    # Calling the custom op imports torch._dynamo (1.4 s of CPU), which every eager model actor would pay.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "import sam3core.attention as a\n"
+        "a.CPU_KERNELS = {(a.cpu_features().isa, torch.bfloat16): 'chunked'}\n"
+        "q = torch.randn(1, 2, 40, 16, dtype=torch.bfloat16)\n"
+        "with torch.inference_mode():\n"
+        "    out = a.attention(q, q, q)\n"
+        "    assert 'torch._dynamo' not in sys.modules, 'the eager call imported torch._dynamo'\n"
+        "    torch.testing.assert_close(out, a.chunked_attention(q, q, q))\n"  # the op computes the same
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr[-2000:]
