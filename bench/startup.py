@@ -17,12 +17,13 @@ sharing) is the other, and the line "aoti fresh node vs caches cold" gives that 
 does not depend on them), `compile: auto` for the dtype (inductor with freezing for bfloat16 on a CPU).
 
 `--pipeline` runs the same through the pipeline instead: `sam3-embed run` with two model actors on the demo
-dataset, an empty inductor cache and an empty shared root, and prints each actor's "model ready" line (which says
-whether it compiled and published or loaded).
+dataset (or `--rows` distinct random images: enough rows keep the run going until the second actor is ready), an
+empty inductor cache and an empty shared root, once per `--artifacts` kind, and prints each actor's "model ready"
+line (which says whether it compiled and published or loaded, and its warm-up time).
 
     python bench/startup.py --sizes 336 1008 --dtype bfloat16 --batch-size 1
     python bench/startup.py --config tiny --sizes 336 1008 --dtype bfloat16 --batch-size 1
-    python bench/startup.py --pipeline --sizes 336 --dtype bfloat16 --batch-size 1
+    python bench/startup.py --pipeline --config tiny --sizes 336 --dtype bfloat16 --batch-size 1 --rows 400
 """
 
 from __future__ import annotations
@@ -95,27 +96,51 @@ def run_actor(imgsz: int, args: argparse.Namespace, inductor_dir: str, share: st
     return result
 
 
-def run_pipeline(imgsz: int, args: argparse.Namespace) -> None:
+def write_distinct_images(root: str, rows: int) -> str:
+    """`rows` distinct random JPEGs and a manifest of them under `root` (distinct: the pipeline computes each
+    distinct image once, so repeats would not reach the model); returns the manifest's path."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(root, exist_ok=True)
+    manifest = os.path.join(root, "manifest.jsonl")
+    with open(manifest, "w") as f:
+        for i in range(rows):
+            path = os.path.join(root, f"img{i}.jpg")
+            pixels = np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path, quality=90)
+            f.write(json.dumps({"id": f"img{i}", "image": path, "caption": f"picture {i}"}) + "\n")
+    return manifest
+
+
+def run_pipeline(imgsz: int, artifact: str, args: argparse.Namespace) -> None:
     """`sam3-embed run` with two model actors, fresh caches; prints the actors' model-ready lines."""
     sys.path.insert(0, str(REPO_ROOT))
     from pipeline.run.demo import write_sample_dataset
 
     with tempfile.TemporaryDirectory(prefix="sam3-startup-pipeline-") as scratch:
-        dataset = write_sample_dataset(os.path.join(scratch, "data"))
+        if args.rows:
+            manifest = write_distinct_images(os.path.join(scratch, "data"), args.rows)
+        else:
+            manifest = str(write_sample_dataset(os.path.join(scratch, "data")).manifest)
         # -v: the actors' log lines ("model ready ...") reach the driver's stderr
-        command = [sys.executable, "-m", "jobs.cli", "-v", "run", "--input", str(dataset.manifest)]
+        command = [sys.executable, "-m", "jobs.cli", "-v", "run", "--input", manifest]
         command += ["--output", os.path.join(scratch, "out"), "--random-weights", "--model-config", args.config]
         command += ["--imgsz", str(imgsz), "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
-        command += ["--num-actors", "2"]
+        # compile on: `auto` would run a run this small eagerly on a CPU (sam3core.compile_pays_off)
+        command += ["--num-actors", "2", "--set", "model.compile=on"]
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(scratch, "inductor"), "PYTHONPATH": str(REPO_ROOT)}
+        env["SAM3_COMPILE_ARTIFACT"] = artifact
         started = time.time()
         out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO_ROOT)
         elapsed = time.time() - started
         wanted = ("model ready", "compile artifact", "compile claim")
         lines = [line for line in (out.stdout + out.stderr).splitlines() if any(w in line for w in wanted)]
-        print(f"{imgsz} px pipeline, 2 actors: exit {out.returncode} in {elapsed:.0f}s")
+        print(f"{imgsz} px pipeline, {artifact}, 2 actors: exit {out.returncode} in {elapsed:.0f}s")
         for line in lines:
             print("   ", line.strip()[:400])
+        for line in out.stdout.strip().splitlines()[-3:]:  # the run's summary
+            print("   ", line)
         if out.returncode:
             print(out.stderr[-3000:])
 
@@ -130,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         "--artifacts", nargs="+", choices=["aoti", "caches"], default=["aoti", "caches"], help="what is shared"
     )
     parser.add_argument("--pipeline", action="store_true", help="through sam3-embed run with two model actors")
+    parser.add_argument(
+        "--rows", type=int, default=0, help="--pipeline: this many distinct random images (0: the 12-row demo)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--imgsz", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--share", default="", help=argparse.SUPPRESS)
@@ -146,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {date.today()} torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_features().describe()}")
     if args.pipeline:
         for imgsz in args.sizes:
-            run_pipeline(imgsz, args)
+            for artifact in args.artifacts:
+                run_pipeline(imgsz, artifact, args)
         return 0
     rows = []
     for imgsz in args.sizes:

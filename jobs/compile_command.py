@@ -2,7 +2,7 @@
 
 It builds the model exactly as the job's model actors will (`pipeline.model.embed.EmbedWorker`: same checkpoint,
 model configuration, image size, dtype, batch size and stored features, hence the same key), warms it up here and
-publishes the compiled code (torch's caches, or with `SAM3_COMPILE_ARTIFACT=aoti` an AOTInductor package) to the
+publishes the compiled code (an AOTInductor package on a CPU, torch's caches on CUDA: `SAM3_COMPILE_ARTIFACT`) to the
 job's `model.compile_cache` (by default `<output>/_compile_cache`). Run it on a machine like the job's workers (same
 torch, same CPU instruction set or GPU model): on another, the key differs and the actors compile again.
 """

@@ -1,9 +1,12 @@
 """Compiled code as one portable artifact: what keys it, how it is sealed, saved and loaded. No I/O here.
 
-Two kinds of payload go behind the same sealed header. The default, "caches", is described below. The other,
-"aoti" (`SAM3_COMPILE_ARTIFACT=aoti`), is an AOTInductor package of the compiled modules (`sam3core.aot_package`):
-a fresh process loads it and runs, without tracing or compiling. It starts far faster (docs/benchmarks.md), but it
-is the default only once its per-batch speed on the real model is measured against just-in-time code.
+Two kinds of payload go behind the same sealed header; `SAM3_COMPILE_ARTIFACT` chooses, and `artifact_kind` says
+what each device gets by default. "aoti", the default on a CPU, is an AOTInductor package of the compiled modules
+(`sam3core.aot_package`): a fresh process loads it and runs, without tracing or compiling. Measured on a CPU
+(docs/benchmarks.md, "Compiled code shared across actors and nodes"), it starts a fresh node (tiny configuration)
+in 10% to 15% of a cold compile against about 40% for the caches, and its calls on the full model at 336 px ran
+1.13x as fast as the just-in-time code's; the price is its publisher's build, 1.2x to 2.4x a just-in-time
+compilation, once per key. "caches", the default on CUDA (where neither kind has been measured), is described below.
 
 A "caches" artifact is torch's portable compile caches (`torch.compiler.save_cache_artifacts`: inductor's FX graph
 cache, AOTAutograd's cache and autotuning results) for one compiled backbone, plus the C++ kernels inductor built
@@ -96,10 +99,12 @@ def source_sha256() -> str:
     return digest.hexdigest()
 
 
-def artifact_kind(environ: Mapping[str, str] | None = None) -> str:
-    """The artifact made and looked for: "caches" unless `SAM3_COMPILE_ARTIFACT=aoti` (bench/startup.py measures
-    both)."""
-    kind = (os.environ if environ is None else environ).get(ARTIFACT_ENV) or "caches"
+def artifact_kind(device_type: str, environ: Mapping[str, str] | None = None) -> str:
+    """The artifact made and looked for on `device_type`: `SAM3_COMPILE_ARTIFACT` when set, otherwise what measured
+    better there: "aoti" on a CPU (bench/startup.py, bench/aot_speed.py); "caches" elsewhere, until a GPU
+    measurement says otherwise."""
+    default = "aoti" if device_type == "cpu" else "caches"
+    kind = (os.environ if environ is None else environ).get(ARTIFACT_ENV) or default
     if kind not in ARTIFACT_KINDS:
         raise ValueError(f"{ARTIFACT_ENV} must be one of {ARTIFACT_KINDS}, not {kind!r}")
     return kind
@@ -126,7 +131,7 @@ def compile_key(
         vision_features_only=bool(vision_features_only),
         sam2_neck=getattr(model.vision_backbone, "sam2_convs", None) is not None,
         plan=model.compile_plan.describe(),
-        artifact=artifact or artifact_kind(),
+        artifact=artifact or artifact_kind(weight.device.type),
         model_config=json.dumps(model.config.to_dict(), sort_keys=True),
         checkpoint_sha256=checkpoint_sha256,
         source_sha256=source_sha256(),

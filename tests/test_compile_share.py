@@ -24,7 +24,7 @@ import torch
 from pipeline.model.compile_share import ArtifactRefused, Outcome, ShareSettings, obtain
 from pipeline.storage import Location
 from sam3core import build_sam3_vl_backbone
-from sam3core.compile_cache import ArtifactError, CompileKey, compile_key, seal, unseal
+from sam3core.compile_cache import ArtifactError, CompileKey, artifact_kind, compile_key, seal, unseal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KEY = CompileKey(
@@ -62,6 +62,14 @@ def test_a_change_of_any_key_component_misses(component: str):
     assert unseal(seal(PAYLOAD, KEY), KEY) == PAYLOAD
 
 
+def test_the_artifact_kind_is_a_package_on_a_cpu_and_torchs_caches_elsewhere_unless_the_environment_says() -> None:
+    assert artifact_kind("cpu", {}) == "aoti" and artifact_kind("cuda", {}) == "caches"
+    assert artifact_kind("cpu", {"SAM3_COMPILE_ARTIFACT": "caches"}) == "caches"
+    assert artifact_kind("cuda", {"SAM3_COMPILE_ARTIFACT": "aoti"}) == "aoti"
+    with pytest.raises(ValueError, match="SAM3_COMPILE_ARTIFACT must be one of"):
+        artifact_kind("cpu", {"SAM3_COMPILE_ARTIFACT": "zip"})
+
+
 @pytest.mark.timeout(120)
 def test_the_key_of_a_built_model_follows_its_settings():
     def key(imgsz: int = 56, dtype: str = "bfloat16", batch: int = 2, checkpoint: str = "random:0", vision=True):
@@ -71,6 +79,7 @@ def test_the_key_of_a_built_model_follows_its_settings():
 
     base = key()
     assert base.dtype == "bfloat16" and base.imgsz == 56 and base.device.startswith("cpu:")
+    assert base.artifact == artifact_kind("cpu")
     variants = [key(imgsz=84), key(dtype="float32"), key(batch=4), key(checkpoint="random:1"), key(vision=False)]
     digests = {base.digest(), *(k.digest() for k in variants)}
     assert len(digests) == 6
