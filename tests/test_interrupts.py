@@ -69,7 +69,7 @@ def environment(ray_tmp: Path) -> dict[str, str]:
     return env
 
 
-def processes_using(path: Path) -> list[str]:
+def processes_using(path: Path, width: int = 160) -> list[str]:
     """Command lines of live processes that name `path` (a Ray session under this RAY_TMPDIR)."""
     found = []
     for entry in os.listdir("/proc"):
@@ -81,7 +81,7 @@ def processes_using(path: Path) -> list[str]:
         except OSError:
             continue
         if str(path) in cmdline and state != b"Z":
-            found.append(f"{entry}: {cmdline[:160]}")
+            found.append(f"{entry}: {cmdline[:width]}")
     return found
 
 
@@ -120,6 +120,13 @@ def interrupt(tmp_path: Path, ray_tmp: Path, marker: str, delay_s: float, signum
                 wait_for_line(log, marker, process, timeout_s=120)
             time.sleep(delay_s)
             assert process.poll() is None, "the run ended before the signal"
+            # a local cluster started without -v serves no dashboard (pipeline.run.console.start_ray): Ray keeps a
+            # minimal head process without its frontend and modules
+            heads = [p for p in processes_using(ray_tmp, width=4000) if "dashboard/dashboard.py" in p]
+            assert heads and all("--disable-frontend" in p for p in heads), heads
+            # and keeps more idle workers than one per CPU (pipeline.run.console.EXTRA_LOCAL_WORKERS)
+            raylet = next(int(p.split(":")[0]) for p in processes_using(ray_tmp) if "raylet/raylet" in p)
+            assert b"RAY_num_workers_soft_limit=" in Path(f"/proc/{raylet}/environ").read_bytes()
             sent = time.monotonic()
             os.killpg(process.pid, signum) if group else os.kill(process.pid, signum)
             code = process.wait(timeout=60)

@@ -54,16 +54,30 @@ def after_ray_start(callback: Callable[[], None] | None) -> None:
     _after_ray_start = callback
 
 
+# Worker processes a local cluster keeps (Ray's `num_workers_soft_limit`) beyond one per CPU. Ray counts actor
+# processes too (the model actors, Ray Data's and the run's small ones) and by default stops any idle worker over
+# one per CPU: on 2 CPUs every decode or write task then waited for a new process (a second or more of imports),
+# which then stopped again. A 6,000-row run took 72 to 77 s in Ray Data with the default, 58 to 60 s with this
+# (docs/benchmarks.md, "Incremental runs").
+EXTRA_LOCAL_WORKERS = 8
+
+
 def start_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS, or start a local one, unless Ray is already initialised."""
     import ray
 
     if not ray.is_initialized():
+        # Read by the raylet that `ray.init` starts here, a local cluster's only; a cluster joined keeps its own.
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ.setdefault("RAY_num_workers_soft_limit", str(cpus + EXTRA_LOCAL_WORKERS))
         ray.init(
             # the "ray" logger of this process: its warnings (token auth) and info lines (local instance started)
             logging_level=logging.INFO if _verbose else logging.ERROR,
             # workers' stdout / stderr copied to this console, prefixed "(MapWorker pid=…)"; always in log files
             log_to_driver=_verbose,
+            # A local cluster's dashboard only with -v (Ray's default then): it costs a run 1.3 s of start-up and
+            # 3 s of CPU (docs/benchmarks.md, "Incremental runs"). Ignored when joining a running cluster.
+            include_dashboard=None if _verbose else False,
         )
         resources = ray.cluster_resources()
         logger.info(
