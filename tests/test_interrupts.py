@@ -99,6 +99,15 @@ def first_data_file(tmp_path: Path) -> bool:
     return any((tmp_path / "out").rglob("*.parquet"))
 
 
+def check_local_cluster(ray_tmp: Path) -> None:
+    """The local cluster a run started without -v (pipeline.run.console.start_ray): no dashboard served (Ray keeps
+    a minimal head process, without its frontend), and more idle workers kept than one per CPU."""
+    heads = [p for p in processes_using(ray_tmp, width=4000) if "dashboard/dashboard.py" in p]
+    assert heads and all("--disable-frontend" in p for p in heads), heads
+    raylet = next(int(p.split(":")[0]) for p in processes_using(ray_tmp) if "raylet/raylet" in p)
+    assert b"RAY_num_workers_soft_limit=" in Path(f"/proc/{raylet}/environ").read_bytes()
+
+
 def interrupt(tmp_path: Path, ray_tmp: Path, marker: str, delay_s: float, signum: int, group: bool) -> str:
     """Start a run, wait for `marker` on stderr (or, for "FILE", the first data file) and `delay_s` more, send
     the signal; returns stderr."""
@@ -120,13 +129,8 @@ def interrupt(tmp_path: Path, ray_tmp: Path, marker: str, delay_s: float, signum
                 wait_for_line(log, marker, process, timeout_s=120)
             time.sleep(delay_s)
             assert process.poll() is None, "the run ended before the signal"
-            # a local cluster started without -v serves no dashboard (pipeline.run.console.start_ray): Ray keeps a
-            # minimal head process without its frontend and modules
-            heads = [p for p in processes_using(ray_tmp, width=4000) if "dashboard/dashboard.py" in p]
-            assert heads and all("--disable-frontend" in p for p in heads), heads
-            # and keeps more idle workers than one per CPU (pipeline.run.console.EXTRA_LOCAL_WORKERS)
-            raylet = next(int(p.split(":")[0]) for p in processes_using(ray_tmp) if "raylet/raylet" in p)
-            assert b"RAY_num_workers_soft_limit=" in Path(f"/proc/{raylet}/environ").read_bytes()
+            if marker == "FILE":  # mid-run, the local cluster is up
+                check_local_cluster(ray_tmp)
             sent = time.monotonic()
             os.killpg(process.pid, signum) if group else os.kill(process.pid, signum)
             code = process.wait(timeout=60)
