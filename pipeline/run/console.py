@@ -54,11 +54,11 @@ def after_ray_start(callback: Callable[[], None] | None) -> None:
     _after_ray_start = callback
 
 
-# Worker processes a local cluster keeps (Ray's `num_workers_soft_limit`) beyond one per CPU. Ray counts actor
-# processes too (the model actors, Ray Data's and the run's small ones) and by default stops any idle worker over
-# one per CPU: on 2 CPUs every decode or write task then waited for a new process (a second or more of imports),
-# which then stopped again. A 6,000-row run took 72 to 77 s in Ray Data with the default, 58 to 60 s with this
-# (docs/benchmarks.md, "Incremental runs").
+# Worker processes a local cluster keeps (Ray's `num_workers_soft_limit`) beyond one per CPU. Ray stops idle
+# workers over its limit (one per CPU by default). With the dashboard running (-v), a 6,000-row run on 2 CPUs
+# started 16 and 24 worker processes, each task waiting for a new one, and took 72 to 77 s in Ray Data; with this
+# limit 8 and 9, 58 to 64 s. Without the dashboard both limits started 8 and took the same time (docs/benchmarks.md,
+# "Incremental runs", the local cluster's start-up).
 EXTRA_LOCAL_WORKERS = 8
 
 
