@@ -85,6 +85,15 @@ def test_compiled_attention_is_one_opaque_op_and_matches_eager() -> None:
     assert "chunked_attention" in code and "softmax" not in code and "scaled_dot_product" not in code
     torch.testing.assert_close(traced, attention(q, k, v))
     torch.testing.assert_close(inductor, attention(q, k, v))
+    # and in the graph torch.export makes for an AOTInductor package (sam3core.aot_package: non-strict)
+
+    class Attention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return attention(q, k, v)
+
+    with torch.inference_mode():
+        exported = torch.export.export(Attention(), (q, k, v), strict=False).graph_module.code
+    assert "chunked_attention" in exported and "bmm" not in exported and "softmax" not in exported
 
 
 def test_where_the_table_says_sdpa_the_cpu_runs_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
