@@ -58,7 +58,7 @@ def after_ray_start(callback: Callable[[], None] | None) -> None:
 # workers over its limit (one per CPU by default). With the dashboard running (-v), a 6,000-row run on 2 CPUs
 # started 16 and 24 worker processes, each task waiting for a new one, and took 72 to 77 s in Ray Data; with this
 # limit 8 and 9, 58 to 64 s. Without the dashboard both limits started 8 and took the same time (docs/benchmarks.md,
-# "Incremental runs", the local cluster's start-up).
+# "Re-measured with a quieter local cluster").
 EXTRA_LOCAL_WORKERS = 8
 
 
@@ -76,7 +76,7 @@ def start_ray() -> None:
             # workers' stdout / stderr copied to this console, prefixed "(MapWorker pid=…)"; always in log files
             log_to_driver=_verbose,
             # A local cluster's dashboard only with -v (Ray's default then): it costs a run 1.3 s of start-up and
-            # 3 s of CPU (docs/benchmarks.md, "Incremental runs"). Ignored when joining a running cluster.
+            # 3 s of CPU (docs/benchmarks.md, "Re-measured with a quieter local cluster"). Ignored when joining.
             include_dashboard=None if _verbose else False,
         )
         resources = ray.cluster_resources()
