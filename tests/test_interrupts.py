@@ -100,12 +100,10 @@ def first_data_file(tmp_path: Path) -> bool:
 
 
 def check_local_cluster(ray_tmp: Path) -> None:
-    """The local cluster a run started without -v (pipeline.run.console.start_ray): no dashboard served (Ray keeps
-    a minimal head process, without its frontend), and more idle workers kept than one per CPU."""
+    """The local cluster a run started without -v (pipeline.run.console.start_ray) serves no dashboard: Ray keeps a
+    minimal head process, without its frontend."""
     heads = [p for p in processes_using(ray_tmp, width=4000) if "dashboard/dashboard.py" in p]
     assert heads and all("--disable-frontend" in p for p in heads), heads
-    raylet = next(int(p.split(":")[0]) for p in processes_using(ray_tmp) if "raylet/raylet" in p)
-    assert b"RAY_num_workers_soft_limit=" in Path(f"/proc/{raylet}/environ").read_bytes()
 
 
 def interrupt(tmp_path: Path, ray_tmp: Path, marker: str, delay_s: float, signum: int, group: bool) -> str:

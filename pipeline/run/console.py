@@ -54,22 +54,11 @@ def after_ray_start(callback: Callable[[], None] | None) -> None:
     _after_ray_start = callback
 
 
-# Worker processes a local cluster keeps (Ray's `num_workers_soft_limit`) beyond one per CPU. Ray stops idle
-# workers over its limit (one per CPU by default). With the dashboard running (-v), a 6,000-row run on 2 CPUs
-# started 16 and 24 worker processes, each task waiting for a new one, and took 72 to 77 s in Ray Data; with this
-# limit 8 and 9, 58 to 64 s. Without the dashboard both limits started 8 and took the same time (docs/benchmarks.md,
-# "Re-measured with a quieter local cluster").
-EXTRA_LOCAL_WORKERS = 8
-
-
 def start_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS, or start a local one, unless Ray is already initialised."""
     import ray
 
     if not ray.is_initialized():
-        # Read by the raylet that `ray.init` starts here, a local cluster's only; a cluster joined keeps its own.
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ.setdefault("RAY_num_workers_soft_limit", str(cpus + EXTRA_LOCAL_WORKERS))
         ray.init(
             # the "ray" logger of this process: its warnings (token auth) and info lines (local instance started)
             logging_level=logging.INFO if _verbose else logging.ERROR,
