@@ -18,14 +18,18 @@ import pyarrow.compute as pc
 from pipeline.dataset import schema
 from pipeline.dataset.copies import COPY_COLUMN
 from pipeline.model.embed import EmbedWorker
+from pipeline.model.settings import EmbedSettings
 
 
 class CopyAwareEmbedWorker(EmbedWorker):
-    """`counter` (a `row_selection.SelectionCounter`, set on a subclass per run): it receives the number of rows each
-    batch sends through the image model (`model_image_rows`), counted here where the forward pass happens."""
+    """`counter` (a `row_selection.SelectionCounter`, or None) receives the number of rows each batch sends through
+    the image model (`model_image_rows`), counted here where the forward pass happens."""
 
-    counter: Any = None
     _copies: np.ndarray | None = None
+
+    def __init__(self, settings: EmbedSettings, progress: Any = None, counter: Any = None) -> None:
+        self.counter = counter
+        super().__init__(settings, progress)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if COPY_COLUMN not in batch.column_names:

@@ -1,4 +1,4 @@
-"""The model stage: a Ray Data actor that builds the backbone once and embeds batches of prepared records.
+"""The model stage's worker: it builds the backbone once per actor and embeds batches of prepared records.
 
 On a GPU the backbone runs in bfloat16 with the vision trunk compiled (both configurable); without one the same
 class runs on the CPU, in bfloat16 (compiled) where the CPU has it natively and in float32 (eager) elsewhere
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,10 +18,9 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import FEATURES_DEFAULT, JobConfig
 from pipeline.dataset import schema
 from pipeline.model import arrow_features
-from pipeline.model.compile_share import checkpoint_identity, compile_cache_uri, warm_up_shared
+from pipeline.model.compile_share import checkpoint_identity, warm_up_shared
 from pipeline.model.model_cache import local_checkpoint
 from pipeline.model.neck_heads import (
     DENSE_HEADS,
@@ -31,6 +29,7 @@ from pipeline.model.neck_heads import (
     image_forward_options,
     unsupported_features,
 )
+from pipeline.model.settings import EmbedSettings
 from sam3core.compile import (
     CPU_COMPILE_MIN_TFLOP,
     compile_fallback,
@@ -47,54 +46,6 @@ logger = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS_SEED = 0  # every actor must build the same random model when no checkpoint is given
 MAX_CAPTIONS_PER_FORWARD = 256
-
-
-@dataclass(frozen=True)
-class EmbedSettings:
-    checkpoint: str | None
-    model_config: str
-    imgsz: int
-    dtype: str  # auto | float32 | bfloat16 | float16
-    compile: str  # auto | on | off
-    bpe_path: str | None
-    features: tuple[str, ...]
-    feature_dtype: str  # float16 | float32
-    multi_caption: bool
-    batch_size: int = 8
-    threads: int | None = None  # torch threads; None: as Ray set them (one per reserved CPU)
-    # GPUs the actor reserved from Ray. None: not scheduled by Ray (a direct call, a benchmark): CUDA when visible.
-    # 0: the CPU, even on a node whose GPUs are visible (Ray leaves CUDA_VISIBLE_DEVICES as it was for an actor that
-    # reserves none, so every such actor would share GPU 0 with the actors that did). > 0: CUDA or a loud failure.
-    num_gpus: float | None = None
-    storage_options: dict[str, Any] | None = None
-    run_id: str = ""
-    package_version: str = ""
-    extra_metadata: dict[str, Any] = field(default_factory=dict)
-    compile_cache: str | None = None  # URI of the shared compile artifacts (pipeline.model.compile_share); None: off
-    compile_wait_s: float = 1800.0
-    # The most rows this actor can embed (the input's rows over the actors), when the driver knows them: with
-    # `compile: auto` on a CPU, a run too small to pay for compiling runs eagerly (`sam3core.compile_pays_off`).
-    expected_rows: int | None = None
-
-    @classmethod
-    def from_job(cls, config: JobConfig, *, multi_caption: bool, **per_actor: Any) -> EmbedSettings:
-        """The model half of a job's configuration, as every actor of the job (and `sam3-embed compile`, which must
-        compute the same compile key) sees it; `per_actor` adds what the caller decides (threads, GPUs, ...)."""
-        return cls(
-            checkpoint=config.model.checkpoint,
-            model_config=config.model.config,
-            imgsz=config.model.imgsz,
-            dtype=config.model.dtype,
-            compile=config.model.compile,
-            bpe_path=config.model.bpe_path,
-            features=tuple(dict.fromkeys([*FEATURES_DEFAULT, *config.output.features])),
-            feature_dtype=config.output.feature_dtype,
-            multi_caption=multi_caption,
-            batch_size=config.compute.batch_size,
-            compile_cache=compile_cache_uri(config.model.compile_cache, config.output.uri),
-            compile_wait_s=config.model.compile_wait_s,
-            **per_actor,
-        )
 
 
 def compile_choice(settings: EmbedSettings, device: torch.device) -> tuple[str, str | None]:
@@ -118,7 +69,8 @@ def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 class EmbedWorker:
-    """Callable class for `Dataset.map_batches(EmbedWorker, compute=ActorPoolStrategy(...), ...)`."""
+    """One model and its batches; a run's actors hold one each (`pipeline.model.actor.EmbedActor`, which keeps torch
+    out of the driver), benchmarks and `sam3-embed compile` call it directly."""
 
     def __init__(self, settings: EmbedSettings, progress: Any = None) -> None:
         from sam3core import build_sam3_vl_backbone

@@ -137,7 +137,7 @@ def run_job(config: JobConfig, plan: Plan | None = None, selection: Any = None) 
             if selection.filter_by_id:
                 dataset = select_before_prepare(dataset, selection)
             dataset = _prepare(dataset, config, source, storage_options, memory, selection)
-            dataset = _embed(dataset, config, source, storage_options, counter, selection.worker, plan.total_rows)
+            dataset = _embed(dataset, config, source, storage_options, counter, selection.counter, plan.total_rows)
             with ProgressReporter(counter, total) as progress:
                 _write(dataset, config, output, storage_options)
                 done = progress.snapshot()
@@ -318,13 +318,14 @@ def _embed(
     source: SourceSpec,
     storage_options: dict[str, Any],
     counter: Any,
-    worker: type | None = None,  # an EmbedWorker subclass (pipeline.model.copy_aware_embed)
+    selection_counter: Any = None,  # a hosted row_selection.SelectionCounter: rows through the image model
     input_rows: int | None = None,
 ) -> Any:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.model.embed import EmbedSettings, EmbedWorker
+    from pipeline.model.actor import EmbedActor
+    from pipeline.model.settings import EmbedSettings
 
     resources = ray.cluster_resources()
     gpus = gpus_per_actor(config, resources, _scalable_resources())
@@ -343,8 +344,8 @@ def _embed(
         expected_rows=None if input_rows is None else math.ceil(input_rows / config.compute.num_actors),
     )
     return dataset.map_batches(
-        worker or EmbedWorker,
-        fn_constructor_kwargs={"settings": settings, "progress": counter},
+        EmbedActor,
+        fn_constructor_kwargs={"settings": settings, "progress": counter, "counter": selection_counter},
         compute=ActorPoolStrategy(size=config.compute.num_actors),
         batch_size=config.compute.batch_size,
         batch_format="pyarrow",

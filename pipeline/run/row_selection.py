@@ -58,13 +58,6 @@ class RowSelection:
     claims: Any = None  # the hosted ContentClaims: rows repeating an image computed in this run are copies
     filter_by_id: bool = True  # False for a plain run: every read row goes on, only copies are marked
 
-    @property
-    def worker(self) -> type:
-        """The model actor class: it skips the image model for rows marked as copies."""
-        from pipeline.model.copy_aware_embed import CopyAwareEmbedWorker
-
-        return type("CopyAwareEmbedWorker", (CopyAwareEmbedWorker,), {"counter": self.counter})
-
 
 class ContentClaims:
     """The image digests seen so far in a run: the first row with a digest is computed, later ones are copies."""

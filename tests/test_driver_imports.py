@@ -1,0 +1,74 @@
+"""A run's driver plans, refuses and runs without importing torch: only the model actors (and the decoding tasks,
+which resize with torch) pay for it. Importing torch was 1.9 s of every `sam3-embed run` before its first line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import exit_codes
+from tests.test_incremental import jpeg
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs the CLI in this process, then says whether torch was imported along the way.
+CLI_THEN_MODULES = (
+    "import json, sys\n"
+    "from jobs.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print(json.dumps({'exit': code, 'torch': 'torch' in sys.modules}))\n"
+)
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> dict:
+    environment = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)}
+    result = subprocess.run(
+        [sys.executable, "-c", CLI_THEN_MODULES, *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=REPO,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def manifest(tmp_path: Path, rows: int) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    records = []
+    for i in range(rows):
+        path = images / f"img{i}.jpg"
+        path.write_bytes(jpeg(i))
+        records.append({"id": f"r{i}", "image": str(path), "caption": f"picture {i}"})
+    path = tmp_path / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_run_never_imports_torch(tmp_path: Path) -> None:
+    args = ["run", "--input", str(manifest(tmp_path, 2)), "--output", str(tmp_path / "out")]
+    args += ["--model-config", "tiny", "--random-weights", "--image-column", "picture"]
+    outcome = run_cli(args, dict(os.environ))
+    assert outcome == {"exit": exit_codes.USAGE, "torch": False}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_an_incremental_runs_driver_never_imports_torch(ray_driver_env: dict[str, str], tmp_path: Path) -> None:
+    args = ["run", "--input", str(manifest(tmp_path, 6)), "--output", str(tmp_path / "out"), "--incremental"]
+    args += ["--model-config", "tiny", "--imgsz", "56", "--random-weights", "--batch-size", "4"]
+    outcome = run_cli(args, ray_driver_env)
+    assert outcome == {"exit": exit_codes.OK, "torch": False}
+    written = pq.read_table(tmp_path / "out", columns=["id", "status"])
+    assert sorted(written.column("id").to_pylist()) == [f"r{i}" for i in range(6)]
+    assert set(written.column("status").to_pylist()) == {"ok"}
