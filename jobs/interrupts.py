@@ -10,6 +10,11 @@ runtime-env and dashboard agents, workers) is killed first, so none outlives the
 for which is to die without running `atexit` (which is how a local cluster's dashboard and agents were left
 running), takes the same path.
 
+Python runs a signal handler between any two bytecodes, including inside code whose exceptions it reports and drops
+(an `os.register_at_fork` callback such as logging's, run by every `subprocess` start while Ray starts; a `__del__`;
+a weakref callback): a KeyboardInterrupt raised there printed "Exception ignored in ..." with a traceback, and the
+run went on. Such a dropped interrupt is signalled again to the main thread until it reaches the run.
+
 Processes are found through /proc (Linux); elsewhere only the in-process shutdown runs.
 """
 
@@ -23,9 +28,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 GRACE_S = 10.0  # from the first signal to the forced exit
 TERM_WAIT_S = 3.0  # between SIGTERM and SIGKILL for processes left after a clean shutdown
+REDELIVER_AFTER_S = 0.05  # from a dropped interrupt to its second delivery
 
 
 class Interrupted(KeyboardInterrupt):
@@ -60,25 +67,51 @@ def stop_on_signals(message: str, grace_s: float = GRACE_S) -> Iterator[SignalHa
         yield SignalHandlers(None)
         return
     received: list[int] = []
+    redelivering: list[int] = []  # a dropped interrupt sent again: not a second signal
+    delivered: list[bool] = []  # the interrupt left the block: nothing more to send
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        if len(received) > 1:
-            _force_exit(message, 128 + received[0])
-        threading.Thread(target=_watchdog, args=(message, 128 + signum, grace_s), daemon=True).start()
+        if redelivering:
+            signum = redelivering.pop()
+        else:
+            received.append(signum)
+            if len(received) > 1:
+                _force_exit(message, 128 + received[0])
+            threading.Thread(target=_watchdog, args=(message, 128 + signum, grace_s), daemon=True).start()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise Interrupted(signum)
 
+    previous_hook = sys.unraisablehook
+
+    def deliver_dropped_interrupt(unraisable: Any) -> None:
+        if received and not delivered and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            redelivering[:] = [received[0]]
+            threading.Thread(target=_signal_main_thread, args=(received[0],), daemon=True).start()
+            return
+        previous_hook(unraisable)
+
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    sys.unraisablehook = deliver_dropped_interrupt
     try:
         yield SignalHandlers(handle)
+    except KeyboardInterrupt:
+        delivered.append(True)
+        raise
     finally:
         # After a signal the handlers stay (a second one during the exit must force it); otherwise the caller's
         # come back (the block is over, and the caller may go on: tests, `sam3-embed demo`).
         if not received:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            sys.unraisablehook = previous_hook
+
+
+def _signal_main_thread(signum: int) -> None:
+    # A real signal, not `_thread.interrupt_main`: it also wakes a main thread blocked in a system call. Sent from
+    # another thread a moment later, so that the handler runs after the callback that dropped the interrupt.
+    time.sleep(REDELIVER_AFTER_S)
+    signal.pthread_kill(threading.main_thread().ident, signum)
 
 
 def _watchdog(message: str, code: int, grace_s: float) -> None:

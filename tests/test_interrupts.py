@@ -183,6 +183,40 @@ def test_sigterm_to_the_driver_exits_143_and_stops_the_local_cluster(tmp_path: P
     interrupt(tmp_path, ray_tmp, "FILE", delay_s=0, signum=signal.SIGTERM, group=False)
 
 
+DROPPED_INTERRUPT = """
+import os, signal, subprocess, time
+from jobs.interrupts import stop_on_signals
+sent = []
+def ctrl_c_once():  # a Ctrl-C landing in an at-fork callback (logging has one) while Ray starts its processes
+    if not sent:
+        sent.append(True)
+        signal.raise_signal(signal.SIGINT)
+os.register_at_fork(after_in_parent=ctrl_c_once)
+try:
+    with stop_on_signals("run x: interrupted", grace_s=60):
+        subprocess.run(["true"], check=True, preexec_fn=os.getpid)  # with a preexec_fn, as Ray starts processes
+        for _ in range(100):  # the run going on
+            time.sleep(0.05)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_ctrl_c_that_python_drops_in_a_fork_callback_still_interrupts_the_run() -> None:
+    """Python reports and drops an exception raised in an at-fork callback: the interrupt must come again."""
+    result = subprocess.run(
+        [sys.executable, "-c", DROPPED_INTERRUPT],
+        capture_output=True,
+        text=True,
+        env=environment(Path("/nonexistent")),
+        timeout=30,
+    )
+    assert result.stdout.strip() == "interrupted", result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+
+
 STALLING_DRIVER = """
 import subprocess, sys, time
 from jobs.interrupts import stop_on_signals
