@@ -8,9 +8,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-# Each public name and the module it lives in. They are imported on first use (PEP 562), so that code needing only
-# torch-free parts (`sam3core.config`, the tokenizer's vocabulary) does not pay for importing torch: a run's driver
-# plans the run and refuses bad input without it (about 1.9 s of every start on the CPUs of docs/benchmarks.md).
+# Each public name and the module it lives in. They are imported on first use (PEP 562), so that code needing only a
+# torch-free module (`sam3core.config`) does not pay for importing torch: a run's driver plans the run and refuses
+# bad input without it (about 1.9 s of every start on the CPUs of docs/benchmarks.md).
 _EXPORTS = {
     "build_sam3_vl_backbone": "build",
     "CheckpointError": "checkpoint",
