@@ -24,15 +24,17 @@ import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import fsspec
-import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import load_file as load_safetensors_file
-from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+# torch is imported by the functions that load or convert tensors, not here: `probe_checkpoint` reads only a
+# safetensors header or a zip's data.pkl, and a run's driver probes the checkpoint without importing torch.
 
 OFFICIAL_PREFIX = "detector.backbone."
 HF_PREFIX = "detector_model."
@@ -70,6 +72,10 @@ class CheckpointError(ValueError):
 
 def read_checkpoint(source: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
     """Every tensor in the file at `source`: a local path, an fsspec URI, or hf://<repo>[/<file>]."""
+    import torch
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import load_file as load_safetensors_file
+
     source = os.fspath(source)
     if source.startswith("hf://"):
         source = _download_from_hub(source)
@@ -102,6 +108,8 @@ def read_checkpoint(source: str | os.PathLike, storage_options: Mapping[str, Any
 
 def checkpoint_tensors(state: Any, source: str) -> dict[str, Tensor]:
     """The tensors of a loaded checkpoint: its `model` entry when it has one (training checkpoints), else itself."""
+    from torch import Tensor
+
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):
@@ -353,6 +361,8 @@ _FPN = re.compile(r"(vision_encoder\.neck\.|tracker_neck\.)fpn_layers\.(\d+)\.(?
 
 
 def _from_transformers(state: Mapping[str, Tensor], scale_factors: tuple[float, ...]) -> dict[str, Tensor]:
+    import torch
+
     out: dict[str, Tensor] = {}
     packed: dict[str, dict[str, Tensor]] = {}
     for full_key, value in state.items():
@@ -431,6 +441,9 @@ def load_backbone_weights(model: nn.Module, weights: Mapping[str, Tensor], sourc
 def _with_text_projection(model: nn.Module, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """`text_projection` [width, P] is kept for fidelity to the file but read by no forward: a file without it gets
     zeros, and a file whose P differs from the configuration's replaces the parameter with its own shape."""
+    import torch
+    from torch import nn
+
     weights = dict(weights)
     encoder = model.language_backbone.encoder
     current = encoder.text_projection

@@ -27,7 +27,8 @@ CLI_THEN_MODULES = (
 )
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> dict:
+def run_cli(args: list[str], env: dict[str, str]) -> tuple[dict, str]:
+    """The outcome of `sam3-embed ARGS` run in a fresh process, and what it printed on stderr."""
     environment = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)}
     result = subprocess.run(
         [sys.executable, "-c", CLI_THEN_MODULES, *args],
@@ -38,7 +39,7 @@ def run_cli(args: list[str], env: dict[str, str]) -> dict:
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
 
 
 def manifest(tmp_path: Path, rows: int) -> Path:
@@ -58,8 +59,26 @@ def manifest(tmp_path: Path, rows: int) -> Path:
 def test_a_refused_run_never_imports_torch(tmp_path: Path) -> None:
     args = ["run", "--input", str(manifest(tmp_path, 2)), "--output", str(tmp_path / "out")]
     args += ["--model-config", "tiny", "--random-weights", "--image-column", "picture"]
-    outcome = run_cli(args, dict(os.environ))
+    outcome, printed = run_cli(args, dict(os.environ))
     assert outcome == {"exit": exit_codes.USAGE, "torch": False}
+    assert "no column 'picture'" in printed
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_is_probed_and_refused_without_importing_torch(tmp_path: Path) -> None:
+    """A real `sam3.pt` of the tiny SAM 3 model, asked to serve a SAM 3.1 configuration: refused from its keys."""
+    import torch
+
+    from sam3core import build_sam3_vl_backbone
+
+    weights = build_sam3_vl_backbone(config="tiny", imgsz=56).state_dict()
+    checkpoint = tmp_path / "sam3.pt"
+    torch.save({"model": {f"detector.backbone.{k}": v for k, v in weights.items()}}, checkpoint)
+    args = ["run", "--input", str(manifest(tmp_path, 2)), "--output", str(tmp_path / "out")]
+    args += ["--checkpoint", str(checkpoint), "--model-config", "tiny-sam3.1"]
+    outcome, printed = run_cli(args, dict(os.environ))
+    assert outcome == {"exit": exit_codes.USAGE, "torch": False}
+    assert "is sam3 (sam3.pt layout) but model.config 'tiny-sam3.1' is sam3.1" in printed, printed
 
 
 @pytest.mark.slow
@@ -67,7 +86,7 @@ def test_a_refused_run_never_imports_torch(tmp_path: Path) -> None:
 def test_an_incremental_runs_driver_never_imports_torch(ray_driver_env: dict[str, str], tmp_path: Path) -> None:
     args = ["run", "--input", str(manifest(tmp_path, 6)), "--output", str(tmp_path / "out"), "--incremental"]
     args += ["--model-config", "tiny", "--imgsz", "56", "--random-weights", "--batch-size", "4"]
-    outcome = run_cli(args, ray_driver_env)
+    outcome, _ = run_cli(args, ray_driver_env)
     assert outcome == {"exit": exit_codes.OK, "torch": False}
     written = pq.read_table(tmp_path / "out", columns=["id", "status"])
     assert sorted(written.column("id").to_pylist()) == [f"r{i}" for i in range(6)]
