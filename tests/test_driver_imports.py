@@ -9,12 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from jobs import exit_codes
-from tests.test_incremental import jpeg
+from tests.test_incremental import write_images, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,16 +42,9 @@ def run_cli(args: list[str], env: dict[str, str]) -> tuple[dict, str]:
 
 
 def manifest(tmp_path: Path, rows: int) -> Path:
-    images = tmp_path / "images"
-    images.mkdir()
-    records = []
-    for i in range(rows):
-        path = images / f"img{i}.jpg"
-        path.write_bytes(jpeg(i))
-        records.append({"id": f"r{i}", "image": str(path), "caption": f"picture {i}"})
-    path = tmp_path / "manifest.parquet"
-    pq.write_table(pa.Table.from_pylist(records), path)
-    return path
+    images = write_images(tmp_path / "images", range(rows))
+    records = [{"id": f"r{i}", "image": str(path), "caption": f"picture {i}"} for i, path in images.items()]
+    return write_manifest(tmp_path / "manifest.parquet", records)
 
 
 @pytest.mark.timeout(60)
