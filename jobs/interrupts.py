@@ -67,12 +67,12 @@ def stop_on_signals(message: str, grace_s: float = GRACE_S) -> Iterator[SignalHa
         yield SignalHandlers(None)
         return
     received: list[int] = []
-    redelivering: list[int] = []  # a dropped interrupt sent again: not a second signal
+    redelivering: list[bool] = []  # a dropped interrupt sent again: not a second signal
     delivered: list[bool] = []  # the interrupt left the block: nothing more to send
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        if redelivering:
-            signum = redelivering.pop()
+        if redelivering:  # the same signal as the first (`_signal_main_thread`)
+            redelivering.clear()
         else:
             received.append(signum)
             if len(received) > 1:
@@ -86,7 +86,7 @@ def stop_on_signals(message: str, grace_s: float = GRACE_S) -> Iterator[SignalHa
 
     def deliver_dropped_interrupt(unraisable: Any) -> None:
         if received and not delivered and isinstance(unraisable.exc_value, KeyboardInterrupt):
-            redelivering[:] = [received[0]]
+            redelivering[:] = [True]
             threading.Thread(target=_signal_main_thread, args=(received[0],), daemon=True).start()
             return
         previous_hook(unraisable)
