@@ -1,9 +1,11 @@
 """Where loading a shared AOTInductor package goes: reading it, unpacking it, opening each module's library.
 
 Builds the package once (`sam3core.aot_package.build_package`, random weights) into a scratch folder, then, each in
-a fresh process: loads it into a freshly built model (what an actor on a fresh node does) and times reading the
-file, unpacking the tar and `install_package` with each library load; and loads the trunk's library twice in a bare
-process (no model), to tell the loader's own work from the cost of memory the process has not touched yet.
+a fresh process: loads it into a freshly built model (what an actor on a fresh node does), alternately from its
+bytes read whole (as actors did before 2026-12-02) and streamed from its file (as they do now), and times
+`install_package`, each library load and the process's peak resident memory; and loads the trunk's library twice
+in a bare process (no model), to tell the loader's own work from the cost of memory the process has not touched
+yet.
 
     python bench/aot_load.py --config sam3 --imgsz 336
 """
@@ -45,29 +47,35 @@ def build(args: argparse.Namespace, path: Path) -> None:
     print(json.dumps({"step": "build", "s": round(time.perf_counter() - started, 1), "bytes": len(payload)}))
 
 
-def load_into_model(args: argparse.Namespace, path: Path) -> None:
+def load_into_model(args: argparse.Namespace, path: Path, source: str) -> None:
+    """Builds the model, then installs the package from its bytes read whole (the way before 2026-12-02) or
+    from its file, streamed (`install_package` given the open file, as a model actor now does)."""
     import sam3core.aot_package as aot_package
 
+    started = time.perf_counter()
     backbone = model(args)
-    started = time.perf_counter()
-    payload = path.read_bytes()
-    print(json.dumps({"step": "read", "s": round(time.perf_counter() - started, 2)}))
-    started = time.perf_counter()
-    with tarfile.open(fileobj=io.BytesIO(payload), mode="r") as tar:
-        sizes = {m.name: len(tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()}
-    print(json.dumps({"step": "untar", "s": round(time.perf_counter() - started, 2), "members": sizes}))
+    built = time.perf_counter() - started
     load = aot_package._load
 
-    def timed(data: bytes):
+    def timed(member):
         began = time.perf_counter()
-        library = load(data)
-        print(json.dumps({"step": "library", "bytes": len(data), "s": round(time.perf_counter() - began, 2)}))
+        library = load(member)
+        print(json.dumps({"step": "library", "s": round(time.perf_counter() - began, 2)}))
         return library
 
     aot_package._load = timed
     started = time.perf_counter()
-    aot_package.install_package(backbone.vision_backbone, payload)
-    print(json.dumps({"step": "install_package", "s": round(time.perf_counter() - started, 2)}))
+    if source == "bytes":
+        aot_package.install_package(backbone.vision_backbone, path.read_bytes())
+    else:
+        with open(path, "rb") as file:
+            aot_package.install_package(backbone.vision_backbone, file)
+    print(json.dumps({"step": f"load from {source}", "build_s": round(built, 1),
+                      "s": round(time.perf_counter() - started, 2), "peak_rss_gb": _peak_rss_gb()}))  # fmt: skip
+
+
+def _peak_rss_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
 
 
 def load_bare_twice(path: Path) -> None:
@@ -78,11 +86,10 @@ def load_bare_twice(path: Path) -> None:
         data = tar.extractfile(largest).read()
     for attempt in (1, 2):
         started, cpu = time.perf_counter(), time.process_time()
-        library = aot_package._load(data)
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        library = aot_package._load(io.BytesIO(data))
         print(json.dumps({"step": f"bare library load {attempt}", "member": largest.name,
                           "s": round(time.perf_counter() - started, 2), "cpu_s": round(time.process_time() - cpu, 2),
-                          "peak_rss_gb": round(peak_gb, 2)}))  # fmt: skip
+                          "peak_rss_gb": _peak_rss_gb()}))  # fmt: skip
         del library
 
 
@@ -91,21 +98,22 @@ def main() -> None:
     parser.add_argument("--config", default="sam3")
     parser.add_argument("--imgsz", type=int, default=336)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--step", choices=["build", "load", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2, help="loads from bytes and from the file, alternating")
+    parser.add_argument("--step", choices=["build", "bytes", "file", "bare"], help=argparse.SUPPRESS)
     parser.add_argument("--package", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step == "build":
         return build(args, args.package)
-    if args.step == "load":
-        return load_into_model(args, args.package)
+    if args.step in ("bytes", "file"):
+        return load_into_model(args, args.package, args.step)
     if args.step == "bare":
         return load_bare_twice(args.package)
     with tempfile.TemporaryDirectory(prefix="sam3-aot-load-") as scratch:
         package = Path(scratch) / "package.tar"
         common = ["--config", args.config, "--imgsz", str(args.imgsz), "--dtype", args.dtype, "--package", str(package)]
-        for step in ("build", "load", "bare"):
+        for index, step in enumerate(("build", *["bytes", "file"] * args.rounds, "bare")):
             # each step its own process with its own empty inductor cache, as a fresh node has
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(scratch) / f"inductor-{step}")}
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(scratch) / f"inductor-{index}-{step}")}
             subprocess.run([sys.executable, __file__, "--step", step, *common], check=True, env=env)
 
 

@@ -22,14 +22,16 @@ its dtype, and its key holds the checkpoint's hash.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import shutil
 import tarfile
 import tempfile
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 _SUFFIX = ".pt2"  # a module's AOTInductor package
 _INPUTS = ".inputs.json"  # the inputs it was compiled for: [[shape, dtype, device] or a type name, ...]
+_COPY_CHUNK = 16 << 20  # bytes of a library copied at a time
 
 
 class PackageError(ValueError):
@@ -106,49 +109,70 @@ def build_package(vision: nn.Module, run: Callable[[], Any], plan: CompilePlan) 
     return buffer.getvalue()
 
 
-def install_package(vision: nn.Module, payload: bytes) -> list[str]:
+def install_package(vision: nn.Module, payload: bytes | BinaryIO) -> list[str]:
     """Loads each module's library from `payload` and routes the module's calls to it; returns their names.
 
-    The payload must come from `build_package` on this model (verified by the caller's sealed key): each member
-    names a compiled module of `vision`."""
+    `payload`: the package's bytes, or a seekable file positioned at its start (`compile_cache.unseal` leaves an
+    artifact's file there). From a file, each library streams into its own file for the loader: the package is
+    never held in memory, where a copy of the full model's would add 0.9 GB to a starting actor's peak.
+    It must come from `build_package` on this model (verified by the caller's sealed key): each member names a
+    compiled module of `vision`. A package that does not install leaves the model as it was."""
     modules = dict(vision.named_modules())
     compiled = {id(m) for m in compiled_modules(vision)}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(payload), mode="r") as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
-    except (tarfile.TarError, OSError, AttributeError) as error:
-        raise PackageError(f"compile package unreadable: {error}") from error
-    if not members:
-        raise PackageError("compile package holds no module")
-    calls = {}
-    for member, data in members.items():
-        name = member.removesuffix(_SUFFIX).removesuffix(_INPUTS)
-        if member not in (name + _SUFFIX, name + _INPUTS) or id(modules.get(name)) not in compiled:
-            raise PackageError(f"compile package holds {member!r}, not a compiled module of this model")
-        if member.endswith(_INPUTS):
-            continue
-        if name + _INPUTS not in members:
-            raise PackageError(f"compile package holds no inputs for {name!r}")
+    source = io.BytesIO(payload) if isinstance(payload, bytes) else payload
+    with contextlib.ExitStack() as stack:
         try:
-            signature = json.loads(members[name + _INPUTS])
-            calls[name] = PackagedCall(_load(data), modules[name], name, signature)
-        except Exception as error:  # a library that does not load: as unusable as a bad hash
-            raise PackageError(f"compile package {member!r} does not load: {type(error).__name__}: {error}") from error
+            tar = stack.enter_context(tarfile.open(fileobj=source, mode="r"))
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+        except (tarfile.TarError, OSError) as error:
+            raise PackageError(f"compile package unreadable: {error}") from error
+        if not members:
+            raise PackageError("compile package holds no module")
+        for member in members:
+            name = member.removesuffix(_SUFFIX).removesuffix(_INPUTS)
+            if member not in (name + _SUFFIX, name + _INPUTS) or id(modules.get(name)) not in compiled:
+                raise PackageError(f"compile package holds {member!r}, not a compiled module of this model")
+            if member.endswith(_SUFFIX) and name + _INPUTS not in members:
+                raise PackageError(f"compile package holds no inputs for {name!r}")
+        calls = {}
+        for member, info in members.items():
+            if not member.endswith(_SUFFIX):
+                continue
+            name = member.removesuffix(_SUFFIX)
+            try:
+                signature = json.loads(_read_member(tar, members[name + _INPUTS]))
+                calls[name] = PackagedCall(_load(_member_file(tar, info)), modules[name], name, signature)
+            except Exception as error:  # a library that does not load: as unusable as a bad hash
+                raise PackageError(
+                    f"compile package {member!r} does not load: {type(error).__name__}: {error}"
+                ) from error
     remove_compile(vision)
     for name, call in calls.items():
         modules[name]._compiled_call_impl = call
     return sorted(calls)
 
 
-def _load(data: bytes) -> Any:
-    """One module's package as a callable. What `torch._inductor.aoti_load_package` does, less its device check:
-    that builds a test program per candidate instruction set with the C++ compiler (six builds, 5 to 40 s on a
-    fresh node with 2 cores) only to log a mismatch, which the artifact's key (`CompileKey.device`) already rules
-    out. The loader extracts the library into a directory of its own: the file can go once it is loaded."""
+def _member_file(tar: tarfile.TarFile, info: tarfile.TarInfo) -> BinaryIO:
+    file = tar.extractfile(info)
+    if file is None:
+        raise PackageError(f"compile package member {info.name!r} is not a file")
+    return file
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    return _member_file(tar, info).read()
+
+
+def _load(source: BinaryIO) -> Any:
+    """One module's package, read from `source`, as a callable. What `torch._inductor.aoti_load_package` does,
+    less its device check: that builds a test program per candidate instruction set with the C++ compiler (six
+    builds, 5 to 40 s on a fresh node with 2 cores) only to log a mismatch, which the artifact's key
+    (`CompileKey.device`) already rules out. The loader extracts the library into a directory of its own: the
+    file can go once it is loaded."""
     from torch.export.pt2_archive._package import AOTICompiledModel
 
     with tempfile.NamedTemporaryFile(suffix=_SUFFIX) as file:
-        file.write(data)
+        shutil.copyfileobj(source, file, _COPY_CHUNK)
         file.flush()
         loader = torch._C._aoti.AOTIModelPackageLoader(file.name, "model", False, 1, -1)
     return AOTICompiledModel(loader)

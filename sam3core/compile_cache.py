@@ -37,7 +37,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -51,6 +51,8 @@ MAGIC = b"SAM3CC1\n"  # the format of the header below; a new format gets a new 
 _SOURCE_DIR = Path(__file__).resolve().parent
 _TORCH_MEMBER = "torch-caches"
 _BINARY_PREFIX = "kernels/"
+_HEADER_LIMIT = 1 << 20  # a header line is a few hundred bytes; a file without one is not read further
+_CHUNK = 16 << 20  # bytes hashed at a time
 _recording_since = 0.0  # wall time: kernels built after it belong to the compilation being recorded
 
 
@@ -150,33 +152,39 @@ def seal(payload: bytes, key: CompileKey) -> bytes:
     return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
 
 
-def read_header(blob: bytes) -> Mapping[str, Any]:
-    if not blob.startswith(MAGIC):
+def read_header(head: bytes) -> Mapping[str, Any]:
+    """The header of an artifact that starts with `head` (its magic and header line, or more)."""
+    if not head.startswith(MAGIC):
         raise ArtifactError("not a sam3core compile artifact (bad magic)")
-    end = blob.find(b"\n", len(MAGIC))
+    end = head.find(b"\n", len(MAGIC))
     if end < 0:
         raise ArtifactError("compile artifact truncated in its header")
     try:
-        return json.loads(blob[len(MAGIC) : end])
+        return json.loads(head[len(MAGIC) : end])
     except ValueError as error:
         raise ArtifactError(f"compile artifact header unreadable: {error}") from error
 
 
-def unseal(blob: bytes, key: CompileKey) -> bytes:
-    """The payload of `blob` if it was made for `key` and is intact; ArtifactError otherwise."""
-    header = read_header(blob)
+def unseal(file: BinaryIO, key: CompileKey) -> int:
+    """Checks the artifact that `file` holds from its current position: made for `key`, its payload intact.
+    Returns the payload's size with `file` at the payload's first byte; ArtifactError otherwise.
+
+    The payload is hashed in chunks, never held whole: a package is about the size of the trunk's weights
+    (0.9 GB for "sam3"), and each copy of it in memory adds to a starting actor's peak beside its model."""
+    header = read_header(file.read(len(MAGIC)) + file.readline(_HEADER_LIMIT))
     if header.get("digest") != key.digest() or header.get("key") != key.as_dict():
         theirs = header.get("key") or {}
         changed = sorted(name for name, value in key.as_dict().items() if theirs.get(name) != value)
         raise ArtifactError(f"compile artifact made for another key (differs in {', '.join(changed) or 'digest'})")
-    payload = blob[blob.find(b"\n", len(MAGIC)) + 1 :]
-    if len(payload) != header.get("payload_bytes") or hashlib.sha256(payload).hexdigest() != header.get(
-        "payload_sha256"
-    ):
-        raise ArtifactError(
-            f"compile artifact damaged: {len(payload)} payload bytes, SHA-256 does not match its header"
-        )
-    return payload
+    start = file.tell()
+    digest, size = hashlib.sha256(), 0
+    while chunk := file.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    if size != header.get("payload_bytes") or digest.hexdigest() != header.get("payload_sha256"):
+        raise ArtifactError(f"compile artifact damaged: {size} payload bytes, SHA-256 does not match its header")
+    file.seek(start)
+    return size
 
 
 def start_recording() -> None:

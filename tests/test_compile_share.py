@@ -8,6 +8,7 @@ caches (a real torch payload is the subject of the last test).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import torch
@@ -45,6 +47,13 @@ KEY = CompileKey(
 PAYLOAD = b"compiled code " * 1000
 
 
+def unsealed(blob: bytes, key: CompileKey) -> bytes:
+    """The payload of the sealed `blob` as `unseal` hands it on (the file left at its first byte)."""
+    file = io.BytesIO(blob)
+    unseal(file, key)
+    return file.read()
+
+
 def _other_value(value: object) -> object:
     if isinstance(value, bool):
         return not value
@@ -58,8 +67,8 @@ def test_a_change_of_any_key_component_misses(component: str):
     other = dataclasses.replace(KEY, **{component: _other_value(getattr(KEY, component))})
     assert other.digest() != KEY.digest()  # another file name: a lookup misses
     with pytest.raises(ArtifactError, match=f"another key .*{component}"):
-        unseal(seal(PAYLOAD, KEY), other)  # and an artifact renamed into place is refused
-    assert unseal(seal(PAYLOAD, KEY), KEY) == PAYLOAD
+        unsealed(seal(PAYLOAD, KEY), other)  # and an artifact renamed into place is refused
+    assert unsealed(seal(PAYLOAD, KEY), KEY) == PAYLOAD
 
 
 def test_the_artifact_kind_is_a_package_on_a_cpu_and_torchs_caches_elsewhere_unless_the_environment_says() -> None:
@@ -132,7 +141,7 @@ root = Location.parse(sys.argv[1], json.loads(sys.argv[2]) or None)
 def build():
     print("compiling", flush=True)
     time.sleep(3600)
-obtain(ShareSettings(root=root, heartbeat_s=0.2), sys.argv[3], load=lambda blob: None, build=build)
+obtain(ShareSettings(root=root, heartbeat_s=0.2), sys.argv[3], load=lambda file: None, build=build)
 """
 
 
@@ -207,9 +216,10 @@ class _Actor:
             self.gate.wait(timeout=60)
         return seal(PAYLOAD, KEY)
 
-    def load(self, blob: bytes) -> None:
+    def load(self, file: BinaryIO) -> None:
         try:
-            self.loaded.append(unseal(blob, KEY))
+            unseal(file, KEY)
+            self.loaded.append(file.read())
         except ArtifactError as error:
             raise ArtifactRefused(str(error)) from error
 
@@ -303,7 +313,7 @@ def test_a_payload_that_cannot_be_loaded_is_refused_even_with_a_valid_seal(paylo
     from sam3core.compile_cache import load_artifacts
 
     with pytest.raises(ArtifactError, match=message):
-        load_artifacts(unseal(seal(payload, KEY), KEY))
+        load_artifacts(unsealed(seal(payload, KEY), KEY))
 
 
 @pytest.mark.parametrize("name", ["kernels/../../evil.so", "kernels/ab/evil.py", "kernels/evil.so", "other/ab/x.so"])
@@ -313,7 +323,7 @@ def test_kernels_are_only_ever_written_where_inductor_keeps_them(tmp_path: Path,
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache" / "inductor"))
     payload = _tar({"torch-caches": b"checked after the members", name: b"\x7fELF"})
     with pytest.raises(ArtifactError, match="unexpected member"):
-        load_artifacts(unseal(seal(payload, KEY), KEY))
+        load_artifacts(unsealed(seal(payload, KEY), KEY))
     assert not list(tmp_path.rglob("evil*")) and not list(tmp_path.rglob("x.so"))
 
 
@@ -396,6 +406,32 @@ def test_a_package_that_cannot_be_installed_is_refused_and_leaves_the_model_as_i
     with pytest.raises(PackageError, match=message):
         install_package(vision, b"not a tar" if members is None else _tar(members))
     assert [m._compiled_call_impl for m in compiled_modules(vision)] == before
+
+
+class _ReadSizes(io.FileIO):
+    """A file that remembers the most bytes any one read returned."""
+
+    largest = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.largest = max(self.largest, len(data))
+        return data
+
+
+def test_an_artifact_is_checked_and_unpacked_in_chunks_never_read_whole(tmp_path: Path) -> None:
+    """The full model's package is 0.9 GB: each whole copy of it in a starting actor was 0.9 GB more beside its
+    model (docs/benchmarks.md, "Loading a package from its file")."""
+    from sam3core.aot_package import PackageError, install_package
+
+    library = os.urandom(40 << 20)  # not a library: the loader refuses it once it has been copied out
+    path = tmp_path / "package.artifact"
+    path.write_bytes(seal(_tar({"trunk.pt2": library, "trunk.inputs.json": b"[]"}), KEY))
+    with _ReadSizes(path, "rb") as file:
+        unseal(file, KEY)
+        with pytest.raises(PackageError, match=r"'trunk\.pt2' does not load"):
+            install_package(_tiny_vision(), file)
+        assert 0 < file.largest <= 16 << 20 < len(library)
 
 
 def test_a_packaged_module_called_with_other_inputs_than_its_own_runs_eagerly_with_one_warning() -> None:

@@ -19,17 +19,20 @@ exceed their skew by far (the default is two minutes).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import posixpath
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from pipeline.storage import Location, parse_uri
 
@@ -38,6 +41,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_DIRECTORY = "_compile_cache"  # under the output when no URI is configured
 ARTIFACT_SUFFIX = ".artifact"
 CLAIM_SUFFIX = ".claim"
+_COPY_CHUNK = 16 << 20  # bytes of a remote artifact copied at a time
 
 
 class ArtifactRefused(ValueError):
@@ -75,29 +79,30 @@ def obtain(
     settings: ShareSettings,
     digest: str,
     *,
-    load: Callable[[bytes], None],
+    load: Callable[[BinaryIO], None],
     build: Callable[[], bytes | None],
 ) -> Outcome:
     """Loads the artifact for `digest`, or compiles (`build`, which returns the artifact to publish or None).
 
-    `load` receives the artifact's bytes and raises ArtifactRefused when it must not be used; it is called before
-    anything of the artifact runs.
+    `load` receives the artifact as a local, seekable file at its start, and raises ArtifactRefused when it must
+    not be used; it is called before anything of the artifact runs.
     """
     artifact = settings.root.join(digest + ARTIFACT_SUFFIX)
     claim = settings.root.join(digest + CLAIM_SUFFIX)
     started = time.monotonic()
     note = ""
-    refused: bytes | None = None  # the bad artifact already seen: not loaded twice while someone rebuilds it
+    refused: tuple | None = None  # the bad artifact already seen: not loaded twice while someone rebuilds it
     while True:
-        blob = _read(artifact)
-        if blob is not None and blob != refused:
-            try:
-                load(blob)
-                return Outcome("loaded", time.monotonic() - started, note)
-            except ArtifactRefused as error:
-                note = f"rebuilt: {error}"
-                logger.warning("compile artifact %s refused (%s); compiling again", artifact.uri, error)
-                refused = blob
+        with _opened(artifact) as found:
+            if found is not None and found[1] != refused:
+                file, identity = found
+                try:
+                    load(file)
+                    return Outcome("loaded", time.monotonic() - started, note)
+                except ArtifactRefused as error:
+                    note = f"rebuilt: {error}"
+                    logger.warning("compile artifact %s refused (%s); compiling again", artifact.uri, error)
+                    refused = identity
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         if claim.create_exclusive(_claim_record(owner)):
             return _build_and_publish(settings, artifact, claim, owner, build, started, note)
@@ -113,6 +118,34 @@ def obtain(
             build()
             return Outcome("compiled after waiting", time.monotonic() - started, note)
         time.sleep(settings.poll_s)
+
+
+@contextlib.contextmanager
+def _opened(location: Location) -> Iterator[tuple[BinaryIO, tuple] | None]:
+    """The artifact at `location` as a local file, with what tells it from a later replacement; None if absent.
+
+    A local artifact is opened once and read through that handle: a publisher's replacement (a rename) meanwhile
+    does not change what is checked and loaded. A remote one is copied to a temporary file first, in chunks."""
+    if location.is_local:
+        with contextlib.ExitStack() as stack:
+            try:
+                file = stack.enter_context(open(location.path, "rb"))
+            except FileNotFoundError:
+                yield None
+                return
+            stat = os.fstat(file.fileno())
+            yield file, (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        return
+    with tempfile.TemporaryFile() as file:
+        try:
+            info = location.fs.info(location.path)
+            with location.fs.open(location.path, "rb") as remote:
+                shutil.copyfileobj(remote, file, _COPY_CHUNK)
+        except FileNotFoundError:
+            yield None
+            return
+        file.seek(0)
+        yield file, tuple(str(info.get(field)) for field in ("size", "ETag", "etag", "LastModified", "updated"))
 
 
 def _build_and_publish(
@@ -162,13 +195,6 @@ def _read_claim(claim: Location) -> dict[str, Any] | None:
         return None
     except ValueError:  # half-written by a crashed writer: as silent as a dead publisher
         return {"owner": "unreadable", "heartbeat": 0.0}
-
-
-def _read(location: Location) -> bytes | None:
-    try:
-        return location.read_bytes()
-    except FileNotFoundError:
-        return None
 
 
 def _write(location: Location, data: bytes) -> None:
@@ -236,13 +262,13 @@ def warm_up_shared(
     def warm() -> None:
         backbone.warm_up(batch_size, vision_features_only=vision_features_only)
 
-    def load(blob: bytes) -> None:
+    def load(file: BinaryIO) -> None:
         try:
-            payload = unseal(blob, key)  # the key and the hash first: nothing unverified reaches torch
+            unseal(file, key)  # the key and the hash first: nothing unverified reaches torch
             if key.artifact == "aoti":
-                install_package(vision, payload)
+                install_package(vision, file)
             else:
-                load_artifacts(payload)
+                load_artifacts(file.read())
         except (ArtifactError, PackageError) as error:
             raise ArtifactRefused(str(error)) from error
         warm()  # a package that fails here falls back to eager (sam3core.compile.warm_up)
