@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from . import attention  # noqa: F401  (registers sam3core::chunked_attention, which a packaged library calls)
 from .compile import CompilePlan, compiled_modules, remove_compile
 
 logger = logging.getLogger(__name__)
