@@ -13,7 +13,8 @@ shapes it saw and compiled with the model's compile plan (`aoti_compile_and_pack
 module's call goes to its library where nn.Module looks for compiled code (`_compiled_call_impl`, where
 `Module.compile` puts it), so every entry point of the backbone keeps working and `remove_compile` returns it to
 eager. Inputs of another shape or dtype than the exported ones (a library is compiled for one) run eagerly, with
-one warning.
+one warning, and so does every call after a library raised (other than for lack of memory): an installed package
+needs no warm-up call to be safe, and a fresh actor's first batch is its first use.
 
 The weights are part of the package (freezing folds and repacks them; a package that reads its weights from the
 model at load time crashed with freezing on torch 2.13): the package is about the size of the trunk's weights in
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from . import attention  # noqa: F401  (registers sam3core::chunked_attention, which a packaged library calls)
-from .compile import CompilePlan, compiled_modules, remove_compile
+from .compile import CompilePlan, compiled_modules, is_out_of_memory, remove_compile
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,8 @@ def _load(source: BinaryIO) -> Any:
 
 
 class PackagedCall:
-    """A module's calls, sent to its compiled library when the inputs are those it was compiled for."""
+    """A module's calls, sent to its compiled library when the inputs are those it was compiled for and the
+    library has not failed."""
 
     def __init__(self, runner: Callable[..., Any], module: nn.Module, name: str, signature: list) -> None:
         self.runner = runner
@@ -188,17 +190,28 @@ class PackagedCall:
         self.name = name
         self.signature = signature  # the exported inputs (`_signature`)
         self.warned = False
+        self.failed: str | None = None  # why the library was given up, once it raised
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        signature = _signature(args, kwargs)
-        if signature == self.signature:
-            return self.runner(*args, **kwargs)
+        if self.failed is None:
+            signature = _signature(args, kwargs)
+            if signature == self.signature:
+                try:
+                    return self.runner(*args, **kwargs)
+                except Exception as error:
+                    if is_out_of_memory(error):
+                        raise
+                    self.failed = f"{type(error).__name__}: {error}"
+                    self._warn(f"{self.name}'s compiled library failed, running it eagerly: {self.failed}")
+            else:
+                self._warn(f"{self.name} compiled for inputs {self.signature}, called with {signature}: runs eagerly")
+        return self.module._call_impl(*args, **kwargs)
+
+    def _warn(self, message: str) -> None:
         if not self.warned:
             self.warned = True
-            message = f"{self.name} compiled for inputs {self.signature}, called with {signature}: runs eagerly"
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
             logger.warning(message)
-        return self.module._call_impl(*args, **kwargs)
 
 
 def _signature(args: tuple, kwargs: dict) -> list:

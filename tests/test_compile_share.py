@@ -341,6 +341,10 @@ import json, sys, torch
 from torch._dynamo.utils import counters
 from pipeline.model.embed import EmbedSettings, EmbedWorker
 from sam3core.compile import remove_compile
+from sam3core.vl_backbone import SAM3VLBackbone
+warm_ups = []
+warm_up = SAM3VLBackbone.warm_up
+SAM3VLBackbone.warm_up = lambda self, *args, **kwargs: warm_ups.append(1) or warm_up(self, *args, **kwargs)
 settings = EmbedSettings(
     checkpoint=None, model_config="tiny", imgsz=56, dtype="bfloat16", compile="on", bpe_path=None,
     features=("image_embedding", "text_embedding"), feature_dtype="float32", multi_caption=False, batch_size=1,
@@ -357,7 +361,7 @@ with torch.inference_mode():
 cosine = torch.nn.functional.cosine_similarity(packaged.float().flatten(), eager.float().flatten(), dim=0)
 metadata = json.loads(next(iter(worker.metadata.values())))["model"]
 print(json.dumps({"outcome": metadata["compile_outcome"], "compiled": metadata["compiled_vision"], "routed": routed,
-                  "cosine": cosine.item(), "graphs": counters["stats"]["unique_graphs"]}))
+                  "cosine": cosine.item(), "graphs": counters["stats"]["unique_graphs"], "warm_ups": len(warm_ups)}))
 """
 
 
@@ -378,6 +382,7 @@ def test_the_second_model_actor_loads_the_first_ones_aoti_package_and_compiles_n
     second = actor("node-b")  # another node: an empty inductor cache, the package in the shared root
     assert second["outcome"] == "loaded" and second["compiled"] and second["routed"] == "PackagedCall"
     assert second["graphs"] == 0  # nothing traced, so nothing compiled
+    assert first["warm_ups"] == 1 and second["warm_ups"] == 0  # a loaded package's first batch is its first call
     assert first["cosine"] > 0.999 and second["cosine"] > 0.999  # the packaged modules compute the model
 
 
@@ -457,3 +462,43 @@ def test_a_packaged_module_called_with_other_inputs_than_its_own_runs_eagerly_wi
             conv(torch.zeros(2, 64, 4, 4, dtype=torch.bfloat16))
     assert again == []  # one warning, not one per batch
     assert library_calls == [compiled_for.shape] and other.shape[0] == 2
+
+
+def test_a_packaged_module_whose_library_fails_runs_eagerly_from_then_on_with_one_warning() -> None:
+    from sam3core.aot_package import PackagedCall, _signature
+
+    vision = _tiny_vision()
+    conv = vision.convs[-1]
+    x = torch.rand(1, 64, 4, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    library_calls = []
+
+    def library(x: torch.Tensor) -> torch.Tensor:  # stands for a library that loaded but cannot run here
+        library_calls.append(x.shape)
+        raise RuntimeError("run_func_( container_handle_, ...) API call failed")
+
+    conv._compiled_call_impl = PackagedCall(library, conv, "convs.3", _signature((x,), {}))
+    with torch.inference_mode():
+        with pytest.warns(RuntimeWarning, match=r"convs\.3's compiled library failed, running it eagerly: Runtime"):
+            first = conv(x)
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            second = conv(x)
+        expected = conv._call_impl(x)
+    assert again == [] and library_calls == [x.shape]  # given up after one failure, said once
+    assert torch.equal(first, expected) and torch.equal(second, expected)  # the batch is not lost: eager computes it
+
+
+def test_a_packaged_module_out_of_memory_is_raised_not_hidden_by_eager() -> None:
+    from sam3core.aot_package import PackagedCall, _signature
+
+    vision = _tiny_vision()
+    conv = vision.convs[-1]
+    x = torch.zeros(1, 64, 4, 4, dtype=torch.bfloat16)
+
+    def library(x: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    conv._compiled_call_impl = call = PackagedCall(library, conv, "convs.3", _signature((x,), {}))
+    with torch.inference_mode(), pytest.raises(torch.OutOfMemoryError):
+        conv(x)
+    assert call.failed is None  # a smaller batch may still run the library

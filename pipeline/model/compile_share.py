@@ -3,10 +3,10 @@
 Every actor of a job (on every node) computes the same key (`sam3core.compile_cache.compile_key`) and looks under
 the shared root (any fsspec URI; by default `<output>/_compile_cache`) for two objects named by the key's digest:
 
-- `<digest>.artifact`: the sealed compiled code (torch's caches by default, or an AOTInductor package of the
-  vision modules: `sam3core.compile_cache`). Present: verified (key and SHA-256) and loaded, then the warm-up call
-  runs the loaded libraries (or finds every graph compiled). A damaged or foreign artifact is never loaded: the
-  actor that finds it compiles and overwrites it.
+- `<digest>.artifact`: the sealed compiled code (an AOTInductor package of the vision modules on a CPU, torch's
+  caches on CUDA: `sam3core.compile_cache`). Present: verified (key and SHA-256) and loaded; the caches then run the
+  warm-up call (which finds every graph compiled), a package needs none (its libraries are ready once loaded). A
+  damaged or foreign artifact is never loaded: the actor that finds it compiles and overwrites it.
 - `<digest>.claim`: a publisher's claim, created exclusively (`If-None-Match: *` on object stores, a hard link on
   local disks), so exactly one actor compiles; it holds the owner and a heartbeat the owner rewrites while it
   compiles, and is removed once the artifact is written (or the compilation failed).
@@ -271,7 +271,10 @@ def warm_up_shared(
                 load_artifacts(file.read())
         except (ArtifactError, PackageError) as error:
             raise ArtifactRefused(str(error)) from error
-        warm()  # a package that fails here falls back to eager (sam3core.compile.warm_up)
+        if key.artifact != "aoti":
+            warm()  # torch's caches still trace and lower: that happens here, not in the first batch
+        # an installed package has nothing left to compile: a warm-up call would only cost one more batch (16 s
+        # of a fresh node's 82 s for "sam3" at 1008 px); a library that raises falls back to eager by itself
 
     def build() -> bytes | None:
         if key.artifact == "aoti":
