@@ -166,6 +166,25 @@ def test_random_weights_are_deterministic_under_a_seed(images):
         assert torch.equal(x, y), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_random_weight_is_drawn_none_left_as_allocated(dtype):
+    """The model is assembled on the meta device and its memory allocated empty: a parameter the random
+    initialisation missed would hold whatever the allocator left there."""
+    torch.manual_seed(0)
+    model = build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ, dtype=dtype)
+    for name, param in model.named_parameters():
+        assert param.dtype == dtype and param.device.type == "cpu", name
+        values = param.detach().float()
+        if name.endswith("bias"):
+            assert torch.count_nonzero(values) == 0, name
+        elif isinstance(model.get_submodule(name.rsplit(".", 1)[0]), torch.nn.LayerNorm):
+            assert torch.all(values == 1), name
+        elif values.numel() >= 1000:
+            assert 0.018 < values.std().item() < 0.022 and values.abs().max().item() < 0.2, name
+        else:
+            assert torch.all(torch.isfinite(values)) and values.abs().max().item() < 0.2, name
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_official_layout_round_trip_ignores_heads_and_rope_tables(tmp_path, tiny, images, wrapped):
     state = _official_prefixed(tiny)
