@@ -273,8 +273,8 @@ def warm_up_shared(
             raise ArtifactRefused(str(error)) from error
         if key.artifact != "aoti":
             warm()  # torch's caches still trace and lower: that happens here, not in the first batch
-        # an installed package has nothing left to compile: a warm-up call would only cost one more batch (16 s
-        # of a fresh node's 82 s for "sam3" at 1008 px); a library that raises falls back to eager by itself
+        # an installed package has nothing left to compile: a warm-up call would only cost one more batch (9 to
+        # 16 s for "sam3" at 1008 px on 2 cores); a library that raises falls back to eager by itself
 
     def build() -> bytes | None:
         if key.artifact == "aoti":
