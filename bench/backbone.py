@@ -9,7 +9,9 @@ Both run in the same process, on the same machine, on the same input, with the o
 - bfloat16: sam3core cast with `.to(torch.bfloat16)` (its RoPE tables stay float32 by design), the official model
   under `torch.autocast` (casting it would silently drop the imaginary part of its complex RoPE buffers);
 - sam3core compiled: what `compile="auto"` picks for the device and dtype (`sam3core.compile.compile_plan`; `on`
-  where auto stays eager), compiled in place, warm-up (= compilation) timed separately.
+  where auto stays eager), compiled in place, warm-up (= compilation) timed separately;
+- sam3core packaged (`--variants ... packaged`): the same plan compiled ahead of time into an AOTInductor package
+  and loaded (`sam3core.aot_package`), what a CPU job's model actors run when their compiled code is shared.
 
 Every output of each timed variant is checked against sam3core float32 (cosine similarity). The peak is the
 fastest 4096 x 4096 x 4096 matmul in the same dtype, measured before and after the variants; FLOPs per image are
@@ -48,8 +50,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import sam3core.attention as attention_module  # noqa: E402
 from sam3core import build_sam3_vl_backbone, get_config  # noqa: E402
+from sam3core.aot_package import build_package, install_package  # noqa: E402
 from sam3core.build import _assemble  # noqa: E402
-from sam3core.compile import apply_compile, compile_plan, is_compiled  # noqa: E402
+from sam3core.compile import apply_compile, compile_plan, is_compiled, remove_compile  # noqa: E402
 from sam3core.cpu import cpu_features  # noqa: E402
 from sam3core.tokenizer import Sam3Tokenizer  # noqa: E402
 
@@ -221,6 +224,25 @@ def interleaved(
     ]
 
 
+def timed_row(
+    ours: torch.nn.Module,
+    images: torch.Tensor,
+    reference: list[torch.Tensor],
+    iters: int,
+    device: str,
+    label: str,
+    note: str,
+    where: tuple[int, str, float, float, float | None],
+) -> Row:
+    imgsz, dtype_name, flops, peak, theirs_s = where
+    with torch.inference_mode():
+        seconds = time_forward(lambda: ours.forward_image(images), iters, device)
+        cosine = min_cosine(ours.forward_image(images), reference)
+    row = Row(imgsz, dtype_name, label, seconds, flops, peak, cosine, theirs_s, note)
+    print(" | ".join(row.cells()), flush=True)
+    return row
+
+
 def compare_at(
     imgsz: int,
     dtypes: list[str],
@@ -273,30 +295,45 @@ def compare_at(
             label = f"sam3core eager ({kernel}, forced)" if kernel else f"sam3core eager ({chosen}, the table's)"
             rows.append(Row(imgsz, dtype_name, label, seconds, flops, peak, cosine, theirs_s))
             print(" | ".join(rows[-1].cells()), flush=True)
-        if "compiled" not in variants:
+        if "compiled" not in variants and "packaged" not in variants:
             continue
 
         plan = compile_plan("auto", device, dtype)
-        if not plan.enabled:
+        explicit = not plan.enabled
+        if explicit:
             plan = compile_plan("on", device, dtype)
-            label = "sam3core compiled (`on`; auto stays eager)"
-        else:
-            label = "sam3core compiled (auto)"
-        apply_compile(ours.vision_backbone, plan)
         ours.compile_plan = plan
-        warm = ours.warm_up(1)
-        assert is_compiled(ours.vision_backbone), "compilation fell back to eager"
-        with torch.inference_mode():
-            seconds = time_forward(lambda: ours.forward_image(images), iters, device)
-            cosine = min_cosine(ours.forward_image(images), reference)
-        note = f"{plan.describe()}; first call (compile) {warm:.0f} s"
-        rows.append(Row(imgsz, dtype_name, label, seconds, flops, peak, cosine, theirs_s, note))
-        print(" | ".join(rows[-1].cells()), flush=True)
-        # back to eager for the next dtype (a frozen graph holds this dtype's weights)
-        from sam3core.compile import remove_compile
-
-        remove_compile(ours.vision_backbone)
-        torch._dynamo.reset()
+        if "compiled" in variants:
+            label = "sam3core compiled (`on`; auto stays eager)" if explicit else "sam3core compiled (auto)"
+            apply_compile(ours.vision_backbone, plan)
+            warm = ours.warm_up(1)
+            assert is_compiled(ours.vision_backbone), "compilation fell back to eager"
+            note = f"{plan.describe()}; first call (compile) {warm:.0f} s"
+            rows.append(
+                timed_row(
+                    ours, images, reference, iters, device, label, note, (imgsz, dtype_name, flops, peak, theirs_s)
+                )
+            )
+            remove_compile(ours.vision_backbone)  # back to eager (a frozen graph holds this dtype's weights)
+            torch._dynamo.reset()
+        if "packaged" in variants:
+            # what a CPU job's model actors run once the compiled code is shared (sam3core.compile_cache): the same
+            # plan compiled ahead of time into an AOTInductor package, then loaded
+            apply_compile(ours.vision_backbone, plan)
+            started = time.perf_counter()
+            payload = build_package(ours.vision_backbone, ours.zero_batch_call(1), plan)
+            install_package(ours.vision_backbone, payload)
+            note = (
+                f"{plan.describe()}; package {len(payload) / 1e6:.0f} MB built in {time.perf_counter() - started:.0f} s"
+            )
+            label = "sam3core packaged (AOTInductor)"
+            rows.append(
+                timed_row(
+                    ours, images, reference, iters, device, label, note, (imgsz, dtype_name, flops, peak, theirs_s)
+                )
+            )
+            remove_compile(ours.vision_backbone)
+            torch._dynamo.reset()
         # A shared machine only ever slows a matmul down: the faster of the peaks before and after is the peak.
         peak = max(peak, matmul_peak(dtype, device))
         for row in rows:
