@@ -224,23 +224,14 @@ def interleaved(
     ]
 
 
-def timed_row(
-    ours: torch.nn.Module,
-    images: torch.Tensor,
-    reference: list[torch.Tensor],
-    iters: int,
-    device: str,
-    label: str,
-    note: str,
-    where: tuple[int, str, float, float, float | None],
-) -> Row:
-    imgsz, dtype_name, flops, peak, theirs_s = where
+def timed_forward(
+    ours: torch.nn.Module, images: torch.Tensor, reference: list[torch.Tensor], iters: int, device: str
+) -> tuple[float, float]:
+    """Seconds per `forward_image` call and the lowest cosine of its outputs against `reference`."""
     with torch.inference_mode():
         seconds = time_forward(lambda: ours.forward_image(images), iters, device)
         cosine = min_cosine(ours.forward_image(images), reference)
-    row = Row(imgsz, dtype_name, label, seconds, flops, peak, cosine, theirs_s, note)
-    print(" | ".join(row.cells()), flush=True)
-    return row
+    return seconds, cosine
 
 
 def compare_at(
@@ -309,11 +300,9 @@ def compare_at(
             warm = ours.warm_up(1)
             assert is_compiled(ours.vision_backbone), "compilation fell back to eager"
             note = f"{plan.describe()}; first call (compile) {warm:.0f} s"
-            rows.append(
-                timed_row(
-                    ours, images, reference, iters, device, label, note, (imgsz, dtype_name, flops, peak, theirs_s)
-                )
-            )
+            seconds, cosine = timed_forward(ours, images, reference, iters, device)
+            rows.append(Row(imgsz, dtype_name, label, seconds, flops, peak, cosine, theirs_s, note))
+            print(" | ".join(rows[-1].cells()), flush=True)
             remove_compile(ours.vision_backbone)  # back to eager (a frozen graph holds this dtype's weights)
             torch._dynamo.reset()
         if "packaged" in variants:
@@ -323,15 +312,12 @@ def compare_at(
             started = time.perf_counter()
             payload = build_package(ours.vision_backbone, ours.zero_batch_call(1), plan)
             install_package(ours.vision_backbone, payload)
-            note = (
-                f"{plan.describe()}; package {len(payload) / 1e6:.0f} MB built in {time.perf_counter() - started:.0f} s"
-            )
+            built = time.perf_counter() - started
+            note = f"{plan.describe()}; package {len(payload) / 1e6:.0f} MB built in {built:.0f} s"
+            seconds, cosine = timed_forward(ours, images, reference, iters, device)
             label = "sam3core packaged (AOTInductor)"
-            rows.append(
-                timed_row(
-                    ours, images, reference, iters, device, label, note, (imgsz, dtype_name, flops, peak, theirs_s)
-                )
-            )
+            rows.append(Row(imgsz, dtype_name, label, seconds, flops, peak, cosine, theirs_s, note))
+            print(" | ".join(rows[-1].cells()), flush=True)
             remove_compile(ours.vision_backbone)
             torch._dynamo.reset()
         # A shared machine only ever slows a matmul down: the faster of the peaks before and after is the peak.
