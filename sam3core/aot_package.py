@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from . import attention  # noqa: F401  (registers sam3core::chunked_attention, which a packaged library calls)
-from .compile import CompilePlan, compiled_modules, is_out_of_memory, remove_compile
+from .compile import CompilePlan, compiled_modules, is_out_of_memory, remove_compile, short_reason
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class PackagedCall:
                 except Exception as error:
                     if is_out_of_memory(error):
                         raise
-                    self.failed = f"{type(error).__name__}: {error}"
+                    self.failed = short_reason(error)  # also in the output's metadata (compile.compile_fallback)
                     self._warn(f"{self.name}'s compiled library failed, running it eagerly: {self.failed}")
             else:
                 self._warn(f"{self.name} compiled for inputs {self.signature}, called with {signature}: runs eagerly")

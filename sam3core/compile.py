@@ -178,15 +178,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return False
 
 
-def _short_reason(exc: BaseException, lines: int = 3, limit: int = 400) -> str:
+def short_reason(exc: BaseException, lines: int = 3, limit: int = 400) -> str:
     """The exception's type and its first few lines (inductor's wrapped errors put the cause on the second)."""
     text = " ".join([line.strip() for line in str(exc).splitlines() if line.strip()][:lines])
     return f"{type(exc).__name__}: {text}"[:limit]
 
 
 def compile_fallback(vision: nn.Module) -> str | None:
-    """Why the last `warm_up` of `vision` gave up compiling (None: it did not): callers record it in metadata."""
-    return getattr(vision, "_compile_fallback", None)
+    """Why `vision` runs eagerly after all (None: it does not): its last `warm_up` gave up compiling, or a loaded
+    library of a module failed at a call and the module runs eagerly since (`sam3core.aot_package.PackagedCall`,
+    whose `failed` says why). Callers record it in metadata."""
+    reason = getattr(vision, "_compile_fallback", None)
+    if reason is not None:
+        return reason
+    names = {id(module): name for name, module in vision.named_modules()}
+    for module in compiled_modules(vision):
+        failed = getattr(module._compiled_call_impl, "failed", None)
+        if failed is not None:
+            return f"{names[id(module)]}: {failed}"
+    return None
 
 
 def warm_up(run: Callable[[], Any], vision: nn.Module, description: str = "") -> float:
@@ -204,7 +214,7 @@ def warm_up(run: Callable[[], Any], vision: nn.Module, description: str = "") ->
         message = f"compiling the vision backbone failed, running it eagerly: {type(exc).__name__}: {exc}"
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         logger.warning(message)
-        vision._compile_fallback = _short_reason(exc)
+        vision._compile_fallback = short_reason(exc)
         remove_compile(vision)
         torch._dynamo.reset()
         with torch.inference_mode():

@@ -447,6 +447,38 @@ def test_compiled_model_stage_warms_up_once_and_never_recompiles_on_a_short_last
     )
 
 
+def test_a_loaded_library_that_fails_mid_run_is_named_in_the_metadata_of_what_follows(tmp_path: Path) -> None:
+    """An installed package runs no warm-up call, so its first failure can come in a real batch: the rows are
+    computed eagerly and every batch from then on says why (the run summary reads it from the files)."""
+    import torch
+
+    from pipeline.model.embed import EmbedWorker
+    from sam3core.aot_package import PackagedCall, _signature
+
+    pooled_only = ("image_embedding", "text_embedding")
+    worker = EmbedWorker(_embed_settings("off", pooled_only, batch_size=4))
+    eager = worker(_prepared_batch(tmp_path)).column("image_embedding").to_pylist()
+    assert json.loads(worker.metadata[schema.METADATA_KEY])["model"]["compile_fallback"] is None
+
+    def library(images: torch.Tensor) -> torch.Tensor:  # stands for a library that loaded but cannot run here
+        raise RuntimeError("run_func_( container_handle_, ...) API call failed")
+
+    trunk = worker.backbone.vision_backbone.trunk
+    padded = torch.zeros(4, 3, IMGSZ, IMGSZ)  # what the trunk gets once batches are padded, as compiled ones are
+    trunk._compiled_call_impl = PackagedCall(library, trunk, "trunk", _signature((padded,), {}))
+    worker.compiled = True
+    with pytest.warns(RuntimeWarning, match="trunk's compiled library failed, running it eagerly"):
+        out = worker(_prepared_batch(tmp_path))
+    assert out.column(schema.STATUS).to_pylist() == ["ok", "error", "ok", "ok"]  # eager computed the rows
+    np.testing.assert_allclose(
+        np.asarray([out.column("image_embedding")[i].as_py() for i in (0, 2, 3)]),
+        np.asarray([eager[i] for i in (0, 2, 3)]),
+        atol=1e-5,
+    )
+    reason = json.loads(out.schema.metadata[schema.METADATA_KEY])["model"]["compile_fallback"]
+    assert reason == "trunk: RuntimeError: run_func_( container_handle_, ...) API call failed"
+
+
 def test_pixel_array_reads_the_arrow_buffer_without_per_row_bytes() -> None:
     from pipeline.model.embed import pixel_array
 

@@ -141,35 +141,31 @@ class EmbedWorker:
         # the run summary, where a slow GPU run is explained.
         self.compile_fallback = compile_fallback(self.backbone.vision_backbone)
         self._split_warned = False
-        self.metadata = {
-            schema.METADATA_KEY: json.dumps(
-                {
-                    "run_id": settings.run_id,
-                    "package_version": settings.package_version,
-                    "model": {
-                        "config": self.backbone.config.name,  # "auto" resolved to the checkpoint's
-                        "generation": generation,
-                        "architecture": self.backbone.config.to_dict(),
-                        "checkpoint": settings.checkpoint,
-                        "checkpoint_sha256": resolved.sha256,
-                        "compute_dtype": str(self.dtype).removeprefix("torch."),
-                        "compiled_vision": compiled,
-                        "compile": self.backbone.compile_plan.describe() if compiled else "eager",
-                        "compile_fallback": self.compile_fallback,
-                        # how this actor got its compiled code: "loaded" (another actor's artifact), "compiled and
-                        # published", ...; None when not shared (pipeline.model.compile_share)
-                        "compile_outcome": self.compile_outcome.how if self.compile_outcome else None,
-                        "device": self.device.type,
-                    },
-                    "image_size": settings.imgsz,
-                    "feature_dtype": settings.feature_dtype,
-                    "features": list(settings.features),
-                    "pooling": schema.POOLING,
-                    **settings.extra_metadata,
-                },
-                sort_keys=True,
-            ).encode()
+        self.run_description = {
+            "run_id": settings.run_id,
+            "package_version": settings.package_version,
+            "model": {
+                "config": self.backbone.config.name,  # "auto" resolved to the checkpoint's
+                "generation": generation,
+                "architecture": self.backbone.config.to_dict(),
+                "checkpoint": settings.checkpoint,
+                "checkpoint_sha256": resolved.sha256,
+                "compute_dtype": str(self.dtype).removeprefix("torch."),
+                "compiled_vision": compiled,
+                "compile": self.backbone.compile_plan.describe() if compiled else "eager",
+                "compile_fallback": self.compile_fallback,
+                # how this actor got its compiled code: "loaded" (another actor's artifact), "compiled and
+                # published", ...; None when not shared (pipeline.model.compile_share)
+                "compile_outcome": self.compile_outcome.how if self.compile_outcome else None,
+                "device": self.device.type,
+            },
+            "image_size": settings.imgsz,
+            "feature_dtype": settings.feature_dtype,
+            "features": list(settings.features),
+            "pooling": schema.POOLING,
+            **settings.extra_metadata,
         }
+        self.metadata = _encoded(self.run_description)
         logger.info(
             "model ready on %s with %d threads (%s, %s): built in %.1fs, warm-up%s %.1fs on a padded batch of %d",
             self.device,
@@ -208,8 +204,18 @@ class EmbedWorker:
             out = out.append_column(name, features[name])
         if self.progress is not None:
             self.progress.add.remote(int(ok.sum()), int((~ok).sum()))
+        self._note_compile_fallback()
         embedded_at = {schema.EMBEDDED_AT_KEY: repr(time.time()).encode()}  # for the writer's first-file clock
         return out.replace_schema_metadata({**(out.schema.metadata or {}), **self.metadata, **embedded_at})
+
+    def _note_compile_fallback(self) -> None:
+        """A loaded library that failed during a batch (its module runs eagerly since) is recorded as a warm-up's
+        fallback is: in the metadata of every file from then on, so the run summary names it."""
+        reason = compile_fallback(self.backbone.vision_backbone)
+        if reason != self.compile_fallback:
+            self.compile_fallback = reason
+            self.run_description["model"]["compile_fallback"] = reason
+            self.metadata = _encoded(self.run_description)
 
     # Images ---------------------------------------------------------------------------------------------------
 
@@ -537,3 +543,8 @@ def _drop_padding(out: dict[str, Any], rows: int) -> dict[str, Any]:
         else:
             kept[key] = None if trimmed is None else {"backbone_fpn": trimmed}
     return kept
+
+
+def _encoded(described: dict[str, Any]) -> dict[bytes, bytes]:
+    """The run's description as the Parquet schema metadata every output batch carries."""
+    return {schema.METADATA_KEY: json.dumps(described, sort_keys=True).encode()}
