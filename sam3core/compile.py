@@ -166,13 +166,20 @@ def set_compile_threads(threads: int) -> None:
         inductor_config.compile_threads = threads
 
 
+# How each allocator says it ran out, in the first line of its error: CUDA's (`torch.OutOfMemoryError`), and the
+# CPU's, which raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")
+_OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for a device out-of-memory error, also when a compiler wrapped it (inductor's autotuning does)."""
+    """True for an out-of-memory error of the device or the host, also when a compiler wrapped it (inductor's
+    autotuning does)."""
     seen: BaseException | None = exc
     for _ in range(8):
         if seen is None:
             return False
-        if isinstance(seen, torch.OutOfMemoryError) or "out of memory" in str(seen).lower().split("\n", 1)[0]:
+        first_line = str(seen).lower().split("\n", 1)[0]
+        if isinstance(seen, torch.OutOfMemoryError) or any(text in first_line for text in _OUT_OF_MEMORY_TEXTS):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

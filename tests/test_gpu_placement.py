@@ -84,15 +84,18 @@ def test_an_actor_that_reserved_a_gpu_but_sees_no_cuda_fails_loudly(tmp_path: Pa
 # --- out of memory --------------------------------------------------------------------------------------------------
 
 
-def _fails_above(worker: EmbedWorker, rows: int) -> list[int]:
-    """Makes the model raise the device's out-of-memory error on batches of more than `rows` images, as a GPU
-    would; returns the batch sizes it was called with."""
+def _fails_above(worker: EmbedWorker, rows: int, device: str = "cuda") -> list[int]:
+    """Makes the model run out of memory on batches of more than `rows` images: as a GPU does ("cuda"), or with
+    the host allocator's own error, from a real allocation it refuses ("cpu"); returns the batch sizes it was
+    called with."""
     real = worker.backbone.forward_vision_features
     calls: list[int] = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         calls.append(len(x))
         if len(x) > rows:
+            if device == "cpu":
+                torch.empty(1 << 62, dtype=torch.uint8)  # 4 EiB: more than any address space, refused at once
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} GiB")
         return real(x)
 
@@ -101,11 +104,14 @@ def _fails_above(worker: EmbedWorker, rows: int) -> list[int]:
 
 
 @pytest.mark.timeout(120)
-def test_an_out_of_memory_batch_is_split_and_loses_no_row(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_an_out_of_memory_batch_is_split_and_loses_no_row(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, device: str
+) -> None:
     batch = _prepared_batch(tmp_path, missing_at=None, rows=5)
     worker = EmbedWorker(_embed_settings("off", ("image_embedding",), batch_size=5))
     expected = worker(batch)
-    calls = _fails_above(worker, 2)
+    calls = _fails_above(worker, 2, device)
     with caplog.at_level(logging.WARNING, logger="pipeline.model.embed"):
         actual = worker(batch)
     assert calls == [5, 2, 3, 1, 2]  # halves until each part fits
