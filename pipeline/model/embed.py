@@ -209,7 +209,7 @@ class EmbedWorker:
         return out.replace_schema_metadata({**(out.schema.metadata or {}), **self.metadata, **embedded_at})
 
     def _note_compile_fallback(self) -> None:
-        """A loaded library that failed during a batch (its module runs eagerly since) is recorded as a warm-up's
+        """A loaded library that failed during a batch (its module runs eagerly from then on) is recorded as a warm-up's
         fallback is: in the metadata of every file from then on, so the run summary names it."""
         reason = compile_fallback(self.backbone.vision_backbone)
         if reason != self.compile_fallback:
@@ -545,6 +545,6 @@ def _drop_padding(out: dict[str, Any], rows: int) -> dict[str, Any]:
     return kept
 
 
-def _encoded(described: dict[str, Any]) -> dict[bytes, bytes]:
+def _encoded(description: dict[str, Any]) -> dict[bytes, bytes]:
     """The run's description as the Parquet schema metadata every output batch carries."""
-    return {schema.METADATA_KEY: json.dumps(described, sort_keys=True).encode()}
+    return {schema.METADATA_KEY: json.dumps(description, sort_keys=True).encode()}
