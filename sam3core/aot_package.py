@@ -40,12 +40,12 @@ from torch.utils import _pytree as pytree
 
 from . import attention  # noqa: F401  (registers sam3core::chunked_attention, which a packaged library calls)
 from .compile import CompilePlan, compiled_modules, is_out_of_memory, remove_compile, short_reason
+from .compile_cache import CHUNK_BYTES
 
 logger = logging.getLogger(__name__)
 
 _SUFFIX = ".pt2"  # a module's AOTInductor package
 _INPUTS = ".inputs.json"  # the inputs it was compiled for: [[shape, dtype, device] or a type name, ...]
-_COPY_CHUNK = 16 << 20  # bytes of a library copied at a time
 
 
 class PackageError(ValueError):
@@ -174,7 +174,7 @@ def _load(source: BinaryIO) -> Any:
     from torch.export.pt2_archive._package import AOTICompiledModel
 
     with tempfile.NamedTemporaryFile(suffix=_SUFFIX) as file:
-        shutil.copyfileobj(source, file, _COPY_CHUNK)
+        shutil.copyfileobj(source, file, CHUNK_BYTES)
         file.flush()
         loader = torch._C._aoti.AOTIModelPackageLoader(file.name, "model", False, 1, -1)
     return AOTICompiledModel(loader)

@@ -52,7 +52,7 @@ _SOURCE_DIR = Path(__file__).resolve().parent
 _TORCH_MEMBER = "torch-caches"
 _BINARY_PREFIX = "kernels/"
 _HEADER_LIMIT = 1 << 20  # a header line is a few hundred bytes; a file without one is not read further
-_CHUNK = 16 << 20  # bytes hashed at a time
+CHUNK_BYTES = 16 << 20  # an artifact is hashed and copied this much at a time, never held whole
 _recording_since = 0.0  # wall time: kernels built after it belong to the compilation being recorded
 
 
@@ -178,7 +178,7 @@ def unseal(file: BinaryIO, key: CompileKey) -> int:
         raise ArtifactError(f"compile artifact made for another key (differs in {', '.join(changed) or 'digest'})")
     start = file.tell()
     digest, size = hashlib.sha256(), 0
-    while chunk := file.read(_CHUNK):
+    while chunk := file.read(CHUNK_BYTES):
         digest.update(chunk)
         size += len(chunk)
     if size != header.get("payload_bytes") or digest.hexdigest() != header.get("payload_sha256"):

@@ -145,6 +145,24 @@ obtain(ShareSettings(root=root, heartbeat_s=0.2), sys.argv[3], load=lambda file:
 """
 
 
+def test_an_artifact_already_refused_is_not_fetched_again_until_it_is_replaced(storage_root: Location) -> None:
+    """A waiter polls while someone rebuilds a refused artifact: it must not copy the same 0.9 GB each poll."""
+    from pipeline.model.compile_share import _opened, _write
+
+    artifact = storage_root.join("digest.artifact")
+    with _opened(artifact, skip=None) as found:
+        assert found is None  # absent
+    _write(artifact, b"damaged")
+    with _opened(artifact, skip=None) as found:
+        assert found is not None and found[0].read() == b"damaged"
+        refused = found[1]
+    with _opened(artifact, skip=refused) as found:
+        assert found is None  # the same object: skipped before it is opened for reading
+    _write(artifact, b"rebuilt, and longer")
+    with _opened(artifact, skip=refused) as found:
+        assert found is not None and found[0].read() == b"rebuilt, and longer" and found[1] != refused
+
+
 @pytest.mark.timeout(180)
 def test_when_the_publisher_dies_a_waiting_actor_compiles_and_publishes(storage_root: Location) -> None:
     options = json.dumps(storage_root.storage_options or {})

@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_DIRECTORY = "_compile_cache"  # under the output when no URI is configured
 ARTIFACT_SUFFIX = ".artifact"
 CLAIM_SUFFIX = ".claim"
-_COPY_CHUNK = 16 << 20  # bytes of a remote artifact copied at a time
+# sam3core.compile_cache.CHUNK_BYTES, not imported: that module imports torch, and drivers import this one
+CHUNK_BYTES = 16 << 20
 
 
 class ArtifactRefused(ValueError):
@@ -93,8 +94,8 @@ def obtain(
     note = ""
     refused: tuple | None = None  # the bad artifact already seen: not loaded twice while someone rebuilds it
     while True:
-        with _opened(artifact) as found:
-            if found is not None and found[1] != refused:
+        with _opened(artifact, skip=refused) as found:
+            if found is not None:
                 file, identity = found
                 try:
                     load(file)
@@ -121,8 +122,9 @@ def obtain(
 
 
 @contextlib.contextmanager
-def _opened(location: Location) -> Iterator[tuple[BinaryIO, tuple] | None]:
-    """The artifact at `location` as a local file, with what tells it from a later replacement; None if absent.
+def _opened(location: Location, skip: tuple | None) -> Iterator[tuple[BinaryIO, tuple] | None]:
+    """The artifact at `location` as a local file, with what tells it from a later replacement; None if absent or
+    if that identity is `skip` (an artifact already refused, not fetched again while a waiter polls).
 
     A local artifact is opened once and read through that handle: a publisher's replacement (a rename) meanwhile
     does not change what is checked and loaded. A remote one is copied to a temporary file first, in chunks."""
@@ -134,18 +136,27 @@ def _opened(location: Location) -> Iterator[tuple[BinaryIO, tuple] | None]:
                 yield None
                 return
             stat = os.fstat(file.fileno())
-            yield file, (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            yield None if identity == skip else (file, identity)
+        return
+    try:
+        info = location.fs.info(location.path)
+    except FileNotFoundError:
+        yield None
+        return
+    identity = tuple(str(info.get(field)) for field in ("size", "ETag", "etag", "LastModified", "updated"))
+    if identity == skip:
+        yield None
         return
     with tempfile.TemporaryFile() as file:
         try:
-            info = location.fs.info(location.path)
             with location.fs.open(location.path, "rb") as remote:
-                shutil.copyfileobj(remote, file, _COPY_CHUNK)
+                shutil.copyfileobj(remote, file, CHUNK_BYTES)
         except FileNotFoundError:
             yield None
             return
         file.seek(0)
-        yield file, tuple(str(info.get(field)) for field in ("size", "ETag", "etag", "LastModified", "updated"))
+        yield file, identity
 
 
 def _build_and_publish(
