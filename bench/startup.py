@@ -9,7 +9,9 @@ then embed one real batch), each timed from before its start to its first batch 
    "aoti" that is exporting and compiling the package ahead of time, for "caches" compiling just in time);
 2. warm local cache ("caches" only): the same inductor directory again, sharing off (a second actor on the same
    node before sharing existed; a package does not use the local cache);
-3. fresh node: a new, empty inductor directory with the shared root from 1: it loads the artifact.
+3. fresh node: a new, empty inductor directory with the shared root from 1: it loads the artifact; with a package,
+   it builds the model without the trunk's weights, as a model actor does (`sam3core.deferred`);
+4. ("aoti" only) the same fresh node building the trunk's weights anyway, as actors did before: side by side.
 
 The goal (issue 16): 3 reaches its first batch in at most 20% of the time a cold compile takes. Each kind's own
 cold row is one reference; the "caches" cold row (a just-in-time compilation, what every actor paid before
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -47,12 +50,17 @@ def actor(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO_ROOT))
     import torch
 
-    from pipeline.model.compile_share import warm_up_shared
+    from pipeline.model.compile_share import expects_package, warm_up_shared
     from sam3core import build_sam3_vl_backbone
 
     imported = time.time()
     torch.manual_seed(0)
-    model = build_sam3_vl_backbone(config=args.config, imgsz=args.imgsz, dtype=args.dtype, compile_visual="auto")
+    # as EmbedWorker does: no trunk weights where a package will hold them (unless --keep-trunk-weights)
+    dtype = getattr(torch, args.dtype)
+    defer = not args.keep_trunk_weights and expects_package(args.share or None, torch.device("cpu"), dtype, "auto")
+    model = build_sam3_vl_backbone(
+        config=args.config, imgsz=args.imgsz, dtype=args.dtype, compile_visual="auto", defer_trunk_blocks=defer
+    )
     built = time.time()
     warm_s, outcome = warm_up_shared(
         model,
@@ -71,7 +79,10 @@ def actor(args: argparse.Namespace) -> dict:
     done = time.time()
     from torch._dynamo.utils import counters
 
+    deferred = model.deferred_weights
     return {
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "trunk_weights": "built" if deferred is None else ("left to the package" if deferred.pending else "made"),
         "import_s": imported - started,
         "build_s": built - imported,
         "warm_up_s": warm_s,
@@ -82,9 +93,12 @@ def actor(args: argparse.Namespace) -> dict:
     }
 
 
-def run_actor(imgsz: int, args: argparse.Namespace, inductor_dir: str, share: str, artifact: str) -> dict:
+def run_actor(
+    imgsz: int, args: argparse.Namespace, inductor_dir: str, share: str, artifact: str, keep_trunk_weights: bool = False
+) -> dict:
     command = [sys.executable, __file__, "--child", "--imgsz", str(imgsz), "--config", args.config]
     command += ["--dtype", args.dtype, "--batch-size", str(args.batch_size), "--share", share]
+    command += ["--keep-trunk-weights"] if keep_trunk_weights else []
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir, "PYTHONPATH": str(REPO_ROOT)}
     env["SAM3_COMPILE_ARTIFACT"] = artifact
     started = time.time()
@@ -161,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--imgsz", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--share", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--keep-trunk-weights", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(actor(args)))
@@ -187,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                 if artifact == "caches":  # a warm local cache means nothing to a package: nothing traces
                     actors.append(("warm local cache", run_actor(imgsz, args, first, "", artifact)))
                 actors.append(("fresh node, shared artifact", run_actor(imgsz, args, second, share, artifact)))
+                if artifact == "aoti":  # side by side: the same fresh node building the trunk's weights anyway
+                    kept = run_actor(imgsz, args, second, share, artifact, keep_trunk_weights=True)
+                    actors.append(("fresh node, trunk weights built too", kept))
                 artifact_bytes = sum(p.stat().st_size for p in Path(share).glob("*.artifact"))
             cold = actors[0][1]["first_batch_s"]
             jit_cold = cold if artifact == "caches" else jit_cold
@@ -200,12 +218,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{imgsz} px: aoti fresh node vs caches cold (just in time): {loaded['first_batch_s'] / jit_cold:.0%}"
             )
     print(f"\n{args.config}, {args.dtype}, batch {args.batch_size}: seconds from the process start")
-    print("| size | artifact | actor | import | build | warm-up | first batch | to first batch | vs its cold | how |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    header = "| size | artifact | actor | import | build | warm-up | first batch | to first batch | vs its cold |"
+    print(header + " peak memory | trunk weights | how |")
+    print("|---" * 12 + "|")
     for imgsz, artifact, name, r, ratio in rows:
         print(
             f"| {imgsz} | {artifact} | {name} | {r['import_s']:.1f} | {r['build_s']:.1f} | {r['warm_up_s']:.1f} | "
-            f"{r['batch_s']:.1f} | {r['first_batch_s']:.1f} | {ratio:.0%} | {r['how']} |"
+            f"{r['batch_s']:.1f} | {r['first_batch_s']:.1f} | {ratio:.0%} | {r['peak_rss_gb']:.2f} GB | "
+            f"{r['trunk_weights']} | {r['how']} |"
         )
     return 0
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from .checkpoint import (
 )
 from .compile import apply_compile, compile_plan
 from .config import AUTO, Sam3Config, get_config
+from .deferred import DEFERRED_MODULE, DeferredWeights, parameters_under
 from .neck import Sam3DualViTDetNeck
 from .position_encoding import PositionEmbeddingSine
 from .text_encoder import VETextEncoder
@@ -41,6 +43,7 @@ def build_sam3_vl_backbone(
     add_sam2_neck: bool = False,
     bpe_path: str | os.PathLike | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    defer_trunk_blocks: bool = False,
 ) -> SAM3VLBackbone:
     """A SAM3VLBackbone (SAM 3) or SAM3VLBackboneTri (SAM 3.1) in eval mode.
 
@@ -57,6 +60,10 @@ def build_sam3_vl_backbone(
 
     compile_visual: True/"on", False/"off" or "auto" (see `sam3core.compile`): compiles the vision trunk and the
     neck's pyramid levels in place, lazily; `model.warm_up(batch_size)` pays for it up front.
+
+    defer_trunk_blocks: the trunk's blocks (most of the model) stay unmade until their first eager call or
+    `model.materialize_weights()`, for a caller that will run the trunk from a compiled package
+    (`sam3core.deferred`). The checkpoint is still checked whole now.
     """
     weights, state, source = None, None, ""
     if isinstance(checkpoint, Mapping):
@@ -73,15 +80,23 @@ def build_sam3_vl_backbone(
     # Assembled on the meta device: the modules' own initialisation of ~800M parameters (about 10 s of CPU for
     # `sam3`) would only be overwritten, by the checkpoint's tensors or by `init_random_weights`.
     shapes_only = weights is None and device is not None and torch.device(device).type == "meta"
+    deferred = DEFERRED_MODULE if defer_trunk_blocks and not shapes_only else None
     with torch.device("meta"):
         model = _assemble(cfg, imgsz, tokenizer, add_sam2_neck)
+    fill: Callable[[nn.Module, str], None] | None = None
     if weights is not None:
-        load_backbone_weights(model, weights, source)
+        load_backbone_weights(model, weights, source, defer=deferred)
+        fill = _checkpoint_fill(checkpoint, storage_options, cfg, source)
     elif not shapes_only:
+        seed = int(torch.randint(0, 2**62, ()))  # from torch's generator: deterministic under torch.manual_seed
         model.to(dtype=_as_dtype(dtype))  # drawn in the final dtype: half the memory to touch in bfloat16
-        model.to_empty(device="cpu")
-        init_random_weights(model)
-    model.to(device=device, dtype=_as_dtype(dtype))
+        _apply_outside(model, deferred, lambda t: torch.empty_like(t, device="cpu"))  # nn.Module.to_empty's
+        init_random_weights(model, seed, skip=deferred)
+        fill = _random_fill(seed)
+    _apply_outside(model, deferred, _converter(device, _as_dtype(dtype)))
+    if deferred is not None and fill is not None:
+        model.get_submodule(deferred).to(dtype=_as_dtype(dtype))  # still on the meta device
+        model.deferred_weights = DeferredWeights(model, deferred, torch.device(device or "cpu"), fill)
     model.eval()
     weight = model.vision_backbone.trunk.patch_embed.proj.weight
     model.compile_plan = compile_plan(compile_visual, weight.device, weight.dtype)
@@ -121,19 +136,87 @@ def _assemble(cfg: Sam3Config, imgsz: int, tokenizer: Sam3Tokenizer, add_sam2_ne
     return model
 
 
-def init_random_weights(model: nn.Module) -> None:
+def init_random_weights(model: nn.Module, seed: int, *, only: str | None = None, skip: str | None = None) -> None:
     """A tame random initialisation: normal (std 0.02) weights, zero biases, unit LayerNorms. (Normal, not
-    `trunc_normal_`: its default cut at +-2 is 100 standard deviations away, and drawing it cost twice as long.)"""
-    for module in model.modules():
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    `trunc_normal_`: its default cut at +-2 is 100 standard deviations away, and drawing it cost twice as long.)
+
+    Each parameter draws from its own generator, seeded by `seed` and its name, so any part of the model (`only`
+    the module of that name, or all but `skip`) gets the same values alone as in a whole model."""
+    for module_name, module in model.named_modules():
+        outside = only is not None and not _is_under(module_name, only)
+        if outside or (skip is not None and _is_under(module_name, skip)):
             continue
         for name, param in module.named_parameters(recurse=False):
-            if name.endswith("bias"):
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(param) if name == "weight" else nn.init.zeros_(param)
+            elif name.endswith("bias"):
                 nn.init.zeros_(param)
             else:
-                nn.init.normal_(param, std=0.02)
+                nn.init.normal_(param, std=0.02, generator=_generator(seed, f"{module_name}.{name}"))
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+def _is_under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _apply_outside(model: nn.Module, skip: str | None, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """`fn` applied to every parameter and buffer of `model` (as `nn.Module._apply` does), except those of the
+    submodule named `skip`."""
+    if skip is None:
+        model._apply(fn)
+        return
+    skipped = model.get_submodule(skip)
+
+    def visit(module: nn.Module) -> None:
+        if module is not skipped:
+            module._apply(fn, recurse=False)
+            for child in module.children():
+                visit(child)
+
+    visit(model)
+
+
+def _converter(device: str | torch.device | None, dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What `nn.Module.to(device, dtype)` does to each tensor: the dtype changes floating-point ones only."""
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device or t.device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    return convert
+
+
+def _random_fill(seed: int) -> Callable[[nn.Module, str], None]:
+    """Fills a deferred module with the values a whole model drawn from `seed` has there."""
+
+    def fill(model: nn.Module, name: str) -> None:
+        init_random_weights(model, seed, only=name)
+
+    return fill
+
+
+def _checkpoint_fill(
+    checkpoint: str | os.PathLike | Mapping[str, Any] | None,
+    storage_options: Mapping[str, Any] | None,
+    cfg: Sam3Config,
+    source: str,
+) -> Callable[[nn.Module, str], None]:
+    """Fills a deferred module from the checkpoint, read again (a state dict passed in is kept for it)."""
+
+    def fill(model: nn.Module, name: str) -> None:
+        if isinstance(checkpoint, Mapping):
+            state = checkpoint_tensors(checkpoint, source)
+        else:
+            state = read_checkpoint(source, storage_options)
+        weights = backbone_state_dict(state, cfg.scale_factors, source)
+        for key, param in parameters_under(model, name).items():
+            param.copy_(weights[key])
+
+    return fill
 
 
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

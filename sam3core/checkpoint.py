@@ -407,8 +407,11 @@ def _first_match(rules: list[tuple[str, str]], key: str) -> tuple[re.Match[str],
     return None
 
 
-def load_backbone_weights(model: nn.Module, weights: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+def load_backbone_weights(
+    model: nn.Module, weights: Mapping[str, Tensor], source: str = "checkpoint", defer: str | None = None
+) -> None:
     """Copy `weights` (this package's names) into `model`; any missing, unexpected or misshapen key is an error.
+    The weights of the submodule named `defer` are checked like the others but not copied (`sam3core.deferred`).
 
     SAM 2 neck weights in the file are skipped when a SAM 3 model was built without that neck. The unused
     `text_projection` may be absent (it is then zero) and may have any output width (the model adopts the file's).
@@ -435,7 +438,13 @@ def load_backbone_weights(model: nn.Module, weights: Mapping[str, Tensor], sourc
     if problems:
         hint = "" if not misshapen else " (is the model config right for this checkpoint?)"
         raise CheckpointError(f"{source} does not fit the backbone{hint}: " + "; ".join(problems))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()}, strict=True, assign=True)
+    if defer is None:
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()}, strict=True, assign=True)
+        return
+    deferred = defer + "."
+    kept = {k: v.to(expected[k].dtype) for k, v in weights.items() if not k.startswith(deferred)}
+    result = model.load_state_dict(kept, strict=False, assign=True)
+    assert all(k.startswith(deferred) for k in result.missing_keys) and not result.unexpected_keys
 
 
 def _with_text_projection(model: nn.Module, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:

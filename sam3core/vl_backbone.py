@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .compile import CompilePlan, apply_compile, warm_up
 from .config import Sam3Config
+from .deferred import DeferredWeights
 from .neck import Sam3DualViTDetNeck
 from .text_encoder import VETextEncoder
 from .tokenizer import Sam3Tokenizer
@@ -41,6 +42,7 @@ class SAM3VLBackbone(nn.Module):
         self.act_ckpt_whole_vision_backbone = act_ckpt_whole_vision_backbone
         self.act_ckpt_whole_language_backbone = act_ckpt_whole_language_backbone
         self.config: Sam3Config | None = None  # set by build_sam3_vl_backbone
+        self.deferred_weights: DeferredWeights | None = None  # set by build_sam3_vl_backbone(defer_trunk_blocks=True)
 
     @property
     def tokenizer(self) -> Sam3Tokenizer:
@@ -49,6 +51,11 @@ class SAM3VLBackbone(nn.Module):
     @property
     def imgsz(self) -> int:
         return self.vision_backbone.trunk.imgsz
+
+    def materialize_weights(self) -> None:
+        """Makes the weights `build_sam3_vl_backbone(defer_trunk_blocks=True)` left for later, if not made yet."""
+        if self.deferred_weights is not None:
+            self.deferred_weights.materialize()
 
     def forward(
         self,

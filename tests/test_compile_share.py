@@ -355,7 +355,7 @@ def test_where_artifacts_go(tmp_path: Path) -> None:
 
 
 AOTI_ACTOR = """
-import json, sys, torch
+import hashlib, json, sys, torch
 from torch._dynamo.utils import counters
 from pipeline.model.embed import EmbedSettings, EmbedWorker
 from sam3core.compile import remove_compile
@@ -374,12 +374,16 @@ images = torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(1)).to
 with torch.inference_mode():
     packaged = model.forward_vision_features(images)
     routed = type(model.vision_backbone.trunk._compiled_call_impl).__name__
+    pending = model.deferred_weights is not None and model.deferred_weights.pending
     remove_compile(model.vision_backbone)
-    eager = model.forward_vision_features(images)
+    eager = model.forward_vision_features(images)  # the trunk's blocks are made here if they were left for later
 cosine = torch.nn.functional.cosine_similarity(packaged.float().flatten(), eager.float().flatten(), dim=0)
+blocks = model.vision_backbone.trunk.blocks.state_dict()
+digest = hashlib.sha256(b"".join(blocks[k].float().numpy().tobytes() for k in sorted(blocks))).hexdigest()
 metadata = json.loads(next(iter(worker.metadata.values())))["model"]
 print(json.dumps({"outcome": metadata["compile_outcome"], "compiled": metadata["compiled_vision"], "routed": routed,
-                  "cosine": cosine.item(), "graphs": counters["stats"]["unique_graphs"], "warm_ups": len(warm_ups)}))
+                  "cosine": cosine.item(), "graphs": counters["stats"]["unique_graphs"], "warm_ups": len(warm_ups),
+                  "blocks_left_for_later": pending, "blocks_digest": digest}))
 """
 
 
@@ -402,6 +406,10 @@ def test_the_second_model_actor_loads_the_first_ones_aoti_package_and_compiles_n
     assert second["graphs"] == 0  # nothing traced, so nothing compiled
     assert first["warm_ups"] == 1 and second["warm_ups"] == 0  # a loaded package's first batch is its first call
     assert first["cosine"] > 0.999 and second["cosine"] > 0.999  # the packaged modules compute the model
+    # the publisher made the trunk's weights to export them; the loader ran its batch without them, and made the
+    # same values when it first ran the trunk eagerly
+    assert not first["blocks_left_for_later"] and second["blocks_left_for_later"]
+    assert second["blocks_digest"] == first["blocks_digest"]
 
 
 def _tiny_vision() -> torch.nn.Module:
@@ -504,6 +512,33 @@ def test_a_packaged_module_whose_library_fails_runs_eagerly_from_then_on_with_on
         expected = conv._call_impl(x)
     assert again == [] and library_calls == [x.shape]  # given up after one failure, said once
     assert torch.equal(first, expected) and torch.equal(second, expected)  # the batch is not lost: eager computes it
+
+
+def test_a_failing_library_over_a_trunk_without_weights_makes_them_and_computes_the_batch() -> None:
+    from sam3core.aot_package import PackagedCall, _signature
+    from sam3core.compile import remove_compile
+
+    torch.manual_seed(0)
+    model = build_sam3_vl_backbone(
+        config="tiny", imgsz=56, dtype="bfloat16", compile_visual="on", defer_trunk_blocks=True
+    )
+    torch.manual_seed(0)
+    reference = build_sam3_vl_backbone(config="tiny", imgsz=56, dtype="bfloat16")
+    trunk = model.vision_backbone.trunk
+    images = torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+    def library(x: torch.Tensor) -> list[torch.Tensor]:  # a loaded package whose library cannot run here
+        raise RuntimeError("run_func_( container_handle_, ...) API call failed")
+
+    remove_compile(model.vision_backbone)
+    trunk._compiled_call_impl = PackagedCall(library, trunk, "trunk", _signature((images,), {}))
+    assert model.deferred_weights.pending and trunk.blocks[0].mlp.fc1.weight.is_meta
+    with torch.inference_mode():
+        with pytest.warns(RuntimeWarning, match="trunk's compiled library failed"):
+            out = model.forward_vision_features(images)
+        expected = reference.forward_vision_features(images)
+    assert not model.deferred_weights.pending and not trunk.blocks[0].mlp.fc1.weight.is_inference()
+    assert torch.equal(out, expected)  # the same weights as a model built whole: the batch is right, not lost
 
 
 def test_a_packaged_module_out_of_memory_is_raised_not_hidden_by_eager() -> None:

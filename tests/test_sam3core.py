@@ -185,6 +185,44 @@ def test_every_random_weight_is_drawn_none_left_as_allocated(dtype):
             assert torch.all(torch.isfinite(values)) and values.abs().max().item() < 0.2, name
 
 
+@pytest.mark.parametrize("weights", ["random", "file", "state-dict"])
+def test_deferred_trunk_blocks_are_made_on_their_first_eager_call_with_the_values_of_a_whole_build(
+    tmp_path, tiny, images, weights
+):
+    """An actor that runs the trunk from a package builds the model without the blocks' weights; a block called
+    eagerly (a failing library, other inputs) makes them first, from the same seed or the checkpoint again."""
+    checkpoint = {"random": None, "file": tmp_path / "sam3.pt", "state-dict": _official_prefixed(tiny)}[weights]
+    if weights == "file":
+        torch.save(_official_prefixed(tiny), checkpoint)
+
+    def build(defer: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_sam3_vl_backbone(
+            checkpoint, config="tiny", imgsz=IMGSZ, add_sam2_neck=True, dtype="bfloat16", defer_trunk_blocks=defer
+        )
+
+    whole, deferred = build(False), build(True)
+    blocks = deferred.vision_backbone.trunk.blocks
+    assert deferred.deferred_weights.pending
+    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in blocks.parameters())
+    made = [p for n, p in deferred.named_parameters() if not n.startswith("vision_backbone.trunk.blocks.")]
+    assert made and not any(p.is_meta for p in made)
+    with torch.inference_mode():
+        out = deferred.forward_vision_features(images.bfloat16())
+        expected = whole.forward_vision_features(images.bfloat16())
+    assert not deferred.deferred_weights.pending
+    assert torch.equal(out, expected)
+    for (name, a), b in zip(whole.state_dict().items(), deferred.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_missing_a_deferred_weight_is_refused_when_the_model_is_built(tiny):
+    state = _official_prefixed(tiny)
+    del state["detector.backbone.vision_backbone.trunk.blocks.1.mlp.fc2.weight"]
+    with pytest.raises(CheckpointError, match=r"missing backbone keys \(1\): vision_backbone.trunk.blocks.1.mlp"):
+        build_sam3_vl_backbone(state, config="tiny", imgsz=IMGSZ, add_sam2_neck=True, defer_trunk_blocks=True)
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_official_layout_round_trip_ignores_heads_and_rope_tables(tmp_path, tiny, images, wrapped):
     state = _official_prefixed(tiny)

@@ -237,6 +237,18 @@ def checkpoint_identity(sha256: str | None, checkpoint: str | None, seed: int) -
     return f"hub:{checkpoint}" if checkpoint else f"random:{seed}"
 
 
+def expects_package(cache_uri: str | None, device: Any, dtype: Any, compile_visual: bool | str) -> bool:
+    """Whether a model actor will run its trunk from a shared AOTInductor package, so that it can build the model
+    without the trunk's own weights (`sam3core.deferred`): sharing on, compiling on, and a package the kind of
+    artifact made for this device. If no package comes after all, `warm_up_shared` makes the weights first."""
+    from sam3core.compile import compile_plan
+    from sam3core.compile_cache import artifact_kind
+
+    if cache_uri is None or not compile_plan(compile_visual, device, dtype).enabled:
+        return False
+    return artifact_kind(device.type) == "aoti"
+
+
 def warm_up_shared(
     backbone: Any,
     *,
@@ -264,6 +276,7 @@ def warm_up_shared(
 
     started = time.monotonic()
     if cache_uri is None or not is_compiled(backbone.vision_backbone):
+        backbone.materialize_weights()  # a trunk built for a package that will not come (model.deferred_weights)
         return backbone.warm_up(batch_size, vision_features_only=vision_features_only), None
     key = compile_key(
         backbone, batch_size=batch_size, vision_features_only=vision_features_only, checkpoint_sha256=checkpoint_id
@@ -271,6 +284,8 @@ def warm_up_shared(
     vision = backbone.vision_backbone
 
     def warm() -> None:
+        # a trunk whose weights were left for a package (model.deferred_weights) gets them before it is traced
+        backbone.materialize_weights()
         backbone.warm_up(batch_size, vision_features_only=vision_features_only)
 
     def load(file: BinaryIO) -> None:
@@ -288,6 +303,7 @@ def warm_up_shared(
         # 16 s for "sam3" at 1008 px on 2 cores); a library that raises falls back to eager by itself
 
     def build() -> bytes | None:
+        backbone.materialize_weights()  # exporting runs the trunk eagerly, and its weights go into the package
         if key.artifact == "aoti":
             try:
                 payload = build_package(
