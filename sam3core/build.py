@@ -151,8 +151,12 @@ def init_random_weights(model: nn.Module, seed: int, *, only: str | None = None,
                 nn.init.ones_(param) if name == "weight" else nn.init.zeros_(param)
             elif name.endswith("bias"):
                 nn.init.zeros_(param)
-            else:
+            elif param.device.type == "cpu":
                 nn.init.normal_(param, std=0.02, generator=_generator(seed, f"{module_name}.{name}"))
+            else:  # drawn on the CPU: another device's generator gives other values for the same seed
+                values = torch.empty(param.shape, dtype=param.dtype)
+                nn.init.normal_(values, std=0.02, generator=_generator(seed, f"{module_name}.{name}"))
+                param.copy_(values)
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
