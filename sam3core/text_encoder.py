@@ -64,20 +64,32 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.context_length = config.context_length
         self.width = config.width
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        # nn.Embedding's own initialisation is skipped (`_weight`) and done below, for the meta device's sake
+        self.token_embedding = nn.Embedding(
+            config.vocab_size, config.width, _weight=torch.empty(config.vocab_size, config.width)
+        )
         self.positional_embedding = nn.Parameter(torch.zeros(config.context_length, config.width))
         self.transformer = Transformer(config.width, config.layers, config.heads, config.mlp_ratio)
         self.ln_final = nn.LayerNorm(config.width)
         # Kept so official checkpoints load one to one; SAM 3 uses every token, never the pooled projection.
         self.text_projection = nn.Parameter(torch.zeros(config.width, config.projection_dim))
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=config.width**-0.5)
+        _normal_unless_meta(self.token_embedding.weight, std=1.0)
+        _normal_unless_meta(self.positional_embedding, std=0.01)
+        _normal_unless_meta(self.text_projection, std=config.width**-0.5)
 
     def forward(self, tokens: Tensor, token_embeds: Tensor | None = None) -> Tensor:
         if token_embeds is None:
             token_embeds = self.token_embedding(tokens)
         x = token_embeds + self.positional_embedding[: tokens.shape[1]]
         return self.ln_final(self.transformer(x))
+
+
+def _normal_unless_meta(tensor: Tensor, std: float) -> None:
+    """A normal initialisation, skipped on the meta device: `build_sam3_vl_backbone` assembles the model there and
+    fills every weight afterwards, and `normal_` of a meta tensor runs through torch._refs, which imports
+    torch._dynamo and inductor (about 1 s of CPU that every eager model actor would pay for nothing)."""
+    if not tensor.is_meta:
+        nn.init.normal_(tensor, std=std)
 
 
 class VETextEncoder(nn.Module):

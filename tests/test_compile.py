@@ -183,6 +183,32 @@ def test_compile_threads_follow_the_process_not_the_host(monkeypatch: pytest.Mon
 
 
 @pytest.mark.timeout(60)
+def test_an_eager_model_actor_builds_and_embeds_without_importing_dynamo_or_inductor() -> None:
+    """Importing them costs about 1 s of CPU per actor (and per pipeline run in tests); a model assembled on the meta
+    device imported both through `normal_` of a meta tensor until the text encoder stopped initialising there."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np, pyarrow as pa\n"
+        "from pipeline.model.embed import EmbedSettings, EmbedWorker\n"
+        "from pipeline.dataset import schema\n"
+        "settings = EmbedSettings(checkpoint=None, model_config='tiny', imgsz=56, dtype='bfloat16', compile='off',\n"
+        "    bpe_path=None, features=('image_embedding', 'text_embedding'), feature_dtype='float32',\n"
+        "    multi_caption=False, batch_size=2)\n"
+        "worker = EmbedWorker(settings)\n"
+        "pixels = pa.array([bytes(56 * 56 * 3)] * 2, pa.binary())\n"
+        "batch = pa.table({schema.STATUS: ['ok', 'ok'], schema.PIXELS: pixels,\n"
+        "    schema.TOKENS: [[ids] for ids in worker.backbone.tokenizer(['a cat', '']).tolist()]})\n"
+        "out = worker(batch)\n"
+        "assert out.num_rows == 2, out.num_rows\n"
+        "loaded = [m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules]\n"
+        "assert not loaded, f'the eager actor imported {loaded}'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_an_eager_process_sets_compile_threads_without_importing_inductor() -> None:
     import subprocess
     import sys
