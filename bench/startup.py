@@ -59,7 +59,7 @@ def actor(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     defer = not args.keep_trunk_weights and expects_package(args.share or None, torch.device("cpu"), dtype, "auto")
     model = build_sam3_vl_backbone(
-        config=args.config, imgsz=args.imgsz, dtype=args.dtype, compile_visual="auto", defer_trunk_blocks=defer
+        config=args.config, imgsz=args.imgsz, dtype=args.dtype, compile_visual="auto", defer=("trunk",) if defer else ()
     )
     built = time.time()
     warm_s, outcome = warm_up_shared(
@@ -79,7 +79,7 @@ def actor(args: argparse.Namespace) -> dict:
     done = time.time()
     from torch._dynamo.utils import counters
 
-    deferred = model.deferred_weights
+    deferred = model.deferred_weights.get("trunk")
     return {
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "trunk_weights": "built" if deferred is None else ("left to the package" if deferred.pending else "made"),

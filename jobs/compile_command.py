@@ -77,6 +77,7 @@ def compile_command(args: argparse.Namespace) -> int:
     settings = EmbedSettings.from_job(
         config,
         multi_caption=False,
+        captions=False,  # only the vision modules are compiled: no text encoder to build
         threads=config.compute.threads_per_actor,
         storage_options=config.storage_options(),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from .checkpoint import (
 )
 from .compile import apply_compile, compile_plan
 from .config import AUTO, Sam3Config, get_config
-from .deferred import DEFERRED_MODULE, DeferredWeights, parameters_under
+from .deferred import DEFERRABLE, DeferredWeights, parameters_under
 from .neck import Sam3DualViTDetNeck
 from .position_encoding import PositionEmbeddingSine
 from .text_encoder import VETextEncoder
@@ -43,7 +43,7 @@ def build_sam3_vl_backbone(
     add_sam2_neck: bool = False,
     bpe_path: str | os.PathLike | None = None,
     storage_options: Mapping[str, Any] | None = None,
-    defer_trunk_blocks: bool = False,
+    defer: Collection[str] = (),
 ) -> SAM3VLBackbone:
     """A SAM3VLBackbone (SAM 3) or SAM3VLBackboneTri (SAM 3.1) in eval mode.
 
@@ -61,9 +61,9 @@ def build_sam3_vl_backbone(
     compile_visual: True/"on", False/"off" or "auto" (see `sam3core.compile`): compiles the vision trunk and the
     neck's pyramid levels in place, lazily; `model.warm_up(batch_size)` pays for it up front.
 
-    defer_trunk_blocks: the trunk's blocks (most of the model) stay unmade until their first eager call or
-    `model.materialize_weights()`, for a caller that will run the trunk from a compiled package
-    (`sam3core.deferred`). The checkpoint is still checked whole now.
+    defer: parts left unmade until their first call or `model.materialize_weights()` (`sam3core.deferred`):
+    "trunk" (the trunk's blocks, most of the model: for a caller that will run the trunk from a compiled package),
+    "text" (the text encoder: for a caller that will embed no caption). The checkpoint is still checked whole now.
     """
     weights, state, source = None, None, ""
     if isinstance(checkpoint, Mapping):
@@ -80,7 +80,10 @@ def build_sam3_vl_backbone(
     # Assembled on the meta device: the modules' own initialisation of ~800M parameters (about 10 s of CPU for
     # `sam3`) would only be overwritten, by the checkpoint's tensors or by `init_random_weights`.
     shapes_only = weights is None and device is not None and torch.device(device).type == "meta"
-    deferred = DEFERRED_MODULE if defer_trunk_blocks and not shapes_only else None
+    unknown = sorted(set(defer) - set(DEFERRABLE))
+    if unknown:
+        raise ValueError(f"defer: {unknown} cannot wait; choose among {sorted(DEFERRABLE)}")
+    deferred = [] if shapes_only else [DEFERRABLE[part] for part in DEFERRABLE if part in defer]
     with torch.device("meta"):
         model = _assemble(cfg, imgsz, tokenizer, add_sam2_neck)
     fill: Callable[[nn.Module, str], None] | None = None
@@ -94,9 +97,10 @@ def build_sam3_vl_backbone(
         init_random_weights(model, seed, skip=deferred)
         fill = _random_fill(seed)
     _apply_outside(model, deferred, _converter(device, _as_dtype(dtype)))
-    if deferred is not None and fill is not None:
-        model.get_submodule(deferred).to(dtype=_as_dtype(dtype))  # still on the meta device
-        model.deferred_weights = DeferredWeights(model, deferred, torch.device(device or "cpu"), fill)
+    for part, name in DEFERRABLE.items():
+        if name in deferred and fill is not None:
+            model.get_submodule(name).to(dtype=_as_dtype(dtype))  # still on the meta device
+            model.deferred_weights[part] = DeferredWeights(model, name, torch.device(device or "cpu"), fill)
     model.eval()
     weight = model.vision_backbone.trunk.patch_embed.proj.weight
     model.compile_plan = compile_plan(compile_visual, weight.device, weight.dtype)
@@ -136,15 +140,16 @@ def _assemble(cfg: Sam3Config, imgsz: int, tokenizer: Sam3Tokenizer, add_sam2_ne
     return model
 
 
-def init_random_weights(model: nn.Module, seed: int, *, only: str | None = None, skip: str | None = None) -> None:
+def init_random_weights(model: nn.Module, seed: int, *, only: str | None = None, skip: Collection[str] = ()) -> None:
     """A tame random initialisation: normal (std 0.02) weights, zero biases, unit LayerNorms. (Normal, not
     `trunc_normal_`: its default cut at +-2 is 100 standard deviations away, and drawing it cost twice as long.)
 
     Each parameter draws from its own generator, seeded by `seed` and its name, so any part of the model (`only`
-    the module of that name, or all but `skip`) gets the same values alone as in a whole model."""
+    the module of that name, or all but the modules named in `skip`) gets the same values alone as in a whole
+    model."""
     for module_name, module in model.named_modules():
         outside = only is not None and not _is_under(module_name, only)
-        if outside or (skip is not None and _is_under(module_name, skip)):
+        if outside or any(_is_under(module_name, name) for name in skip):
             continue
         for name, param in module.named_parameters(recurse=False):
             if isinstance(module, nn.LayerNorm):
@@ -168,16 +173,16 @@ def _is_under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def _apply_outside(model: nn.Module, skip: str | None, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def _apply_outside(model: nn.Module, skip: Collection[str], fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """`fn` applied to every parameter and buffer of `model` (as `nn.Module._apply` does), except those of the
-    submodule named `skip`."""
-    if skip is None:
+    submodules named in `skip`."""
+    if not skip:
         model._apply(fn)
         return
-    skipped = model.get_submodule(skip)
+    skipped = [model.get_submodule(name) for name in skip]
 
     def visit(module: nn.Module) -> None:
-        if module is not skipped:
+        if not any(module is other for other in skipped):
             module._apply(fn, recurse=False)
             for child in module.children():
                 visit(child)

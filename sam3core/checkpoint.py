@@ -22,7 +22,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
@@ -408,10 +408,10 @@ def _first_match(rules: list[tuple[str, str]], key: str) -> tuple[re.Match[str],
 
 
 def load_backbone_weights(
-    model: nn.Module, weights: Mapping[str, Tensor], source: str = "checkpoint", defer: str | None = None
+    model: nn.Module, weights: Mapping[str, Tensor], source: str = "checkpoint", defer: Collection[str] = ()
 ) -> None:
     """Copy `weights` (this package's names) into `model`; any missing, unexpected or misshapen key is an error.
-    The weights of the submodule named `defer` are checked like the others but not copied (`sam3core.deferred`).
+    The weights of the submodules named in `defer` are checked like the others but not copied (`sam3core.deferred`).
 
     SAM 2 neck weights in the file are skipped when a SAM 3 model was built without that neck. The unused
     `text_projection` may be absent (it is then zero) and may have any output width (the model adopts the file's).
@@ -438,10 +438,10 @@ def load_backbone_weights(
     if problems:
         hint = "" if not misshapen else " (is the model config right for this checkpoint?)"
         raise CheckpointError(f"{source} does not fit the backbone{hint}: " + "; ".join(problems))
-    if defer is None:
+    if not defer:
         model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()}, strict=True, assign=True)
         return
-    deferred = defer + "."
+    deferred = tuple(name + "." for name in defer)
     kept = {k: v.to(expected[k].dtype) for k, v in weights.items() if not k.startswith(deferred)}
     result = model.load_state_dict(kept, strict=False, assign=True)
     assert all(k.startswith(deferred) for k in result.missing_keys) and not result.unexpected_keys

@@ -1,15 +1,17 @@
-"""The trunk's blocks, made only when they are first run eagerly.
+"""Parts of the model made only when they are first run: the trunk's blocks, the text encoder.
 
-A model actor that runs the vision trunk from an AOTInductor package (`sam3core.aot_package`) never reads the
-trunk's own parameters: the package holds them, frozen into its library. Building them anyway is most of the
-model (446M of `sam3`'s 808M parameters: 0.9 GB in bfloat16, 2 to 3 s of random draws or checkpoint copies on
-2 cores) for a copy that only a failing or mismatched library would use. `build_sam3_vl_backbone(...,
-defer_trunk_blocks=True)` leaves the blocks on the meta device and hands them to a `DeferredWeights`, which makes
-them from the same source as the rest of the model (the checkpoint, read again, or the same random draws, which
-`sam3core.build.init_random_weights` seeds per parameter) on the first eager call into any block, or when asked
-(`materialize`). Until then the model has no eager trunk: a caller that will not install a package must call
-`SAM3VLBackbone.materialize_weights()` before compiling it just in time (a first call under tracing would make
-them inside the traced graph).
+Two kinds of model actor never read one part of the model's weights:
+- one that runs the vision trunk from an AOTInductor package (`sam3core.aot_package`): the package holds the
+  trunk's weights, frozen into its library. Building them anyway is most of the model (446M of `sam3`'s 808M
+  parameters: 0.9 GB in bfloat16, 2 to 3 s of random draws or checkpoint copies on 2 cores) for a copy that only a
+  failing or mismatched library would use;
+- one whose input has no caption at all: the text encoder (354M parameters for `sam3`) never runs.
+
+`build_sam3_vl_backbone(..., defer=("trunk", "text"))` leaves those parts on the meta device and hands each to a
+`DeferredWeights`, which makes it from the same source as the rest of the model (the checkpoint, read again, or
+the same random draws, which `sam3core.build.init_random_weights` seeds per parameter) on its first call, or when
+asked (`SAM3VLBackbone.materialize_weights`). A caller that compiles the trunk just in time must make it first (a
+first call under tracing would make the weights inside the traced graph).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-DEFERRED_MODULE = "vision_backbone.trunk.blocks"  # the module (under the backbone) whose weights wait
+# what can wait -> the module (under the backbone) whose weights wait
+DEFERRABLE = {"trunk": "vision_backbone.trunk.blocks", "text": "language_backbone"}
 
 
 class DeferredWeights:
@@ -40,7 +43,7 @@ class DeferredWeights:
         self.device = device
         self._fill = fill
         self.seconds: float | None = None  # how long making them took, once made
-        # every block: whichever the eager trunk calls first makes them all
+        # a list of blocks: whichever the eager trunk calls first makes them all
         blocks = list(self.module) if isinstance(self.module, nn.ModuleList) else [self.module]
         self._hooks = [block.register_forward_pre_hook(self._before_call) for block in blocks]
 

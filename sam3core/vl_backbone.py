@@ -42,7 +42,8 @@ class SAM3VLBackbone(nn.Module):
         self.act_ckpt_whole_vision_backbone = act_ckpt_whole_vision_backbone
         self.act_ckpt_whole_language_backbone = act_ckpt_whole_language_backbone
         self.config: Sam3Config | None = None  # set by build_sam3_vl_backbone
-        self.deferred_weights: DeferredWeights | None = None  # set by build_sam3_vl_backbone(defer_trunk_blocks=True)
+        # parts whose weights wait for their first call ("trunk", "text"): build_sam3_vl_backbone(defer=...)
+        self.deferred_weights: dict[str, DeferredWeights] = {}
 
     @property
     def tokenizer(self) -> Sam3Tokenizer:
@@ -52,10 +53,16 @@ class SAM3VLBackbone(nn.Module):
     def imgsz(self) -> int:
         return self.vision_backbone.trunk.imgsz
 
-    def materialize_weights(self) -> None:
-        """Makes the weights `build_sam3_vl_backbone(defer_trunk_blocks=True)` left for later, if not made yet."""
-        if self.deferred_weights is not None:
-            self.deferred_weights.materialize()
+    def materialize_weights(self, *parts: str) -> None:
+        """Makes the weights `build_sam3_vl_backbone(defer=...)` left for later ("trunk", "text"; all when none is
+        named), those not made yet."""
+        for part, deferred in self.deferred_weights.items():
+            if not parts or part in parts:
+                deferred.materialize()
+
+    def pending_weights(self) -> list[str]:
+        """The parts whose weights are still to be made."""
+        return [part for part, deferred in self.deferred_weights.items() if deferred.pending]
 
     def forward(
         self,

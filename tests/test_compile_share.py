@@ -374,7 +374,7 @@ images = torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(1)).to
 with torch.inference_mode():
     packaged = model.forward_vision_features(images)
     routed = type(model.vision_backbone.trunk._compiled_call_impl).__name__
-    pending = model.deferred_weights is not None and model.deferred_weights.pending
+    pending = model.pending_weights()
     remove_compile(model.vision_backbone)
     eager = model.forward_vision_features(images)  # the trunk's blocks are made here if they were left for later
 cosine = torch.nn.functional.cosine_similarity(packaged.float().flatten(), eager.float().flatten(), dim=0)
@@ -383,7 +383,7 @@ digest = hashlib.sha256(b"".join(blocks[k].float().numpy().tobytes() for k in so
 metadata = json.loads(next(iter(worker.metadata.values())))["model"]
 print(json.dumps({"outcome": metadata["compile_outcome"], "compiled": metadata["compiled_vision"], "routed": routed,
                   "cosine": cosine.item(), "graphs": counters["stats"]["unique_graphs"], "warm_ups": len(warm_ups),
-                  "blocks_left_for_later": pending, "blocks_digest": digest}))
+                  "pending": pending, "blocks_digest": digest}))
 """
 
 
@@ -408,7 +408,7 @@ def test_the_second_model_actor_loads_the_first_ones_aoti_package_and_compiles_n
     assert first["cosine"] > 0.999 and second["cosine"] > 0.999  # the packaged modules compute the model
     # the publisher made the trunk's weights to export them; the loader ran its batch without them, and made the
     # same values when it first ran the trunk eagerly
-    assert not first["blocks_left_for_later"] and second["blocks_left_for_later"]
+    assert first["pending"] == [] and second["pending"] == ["trunk"]
     assert second["blocks_digest"] == first["blocks_digest"]
 
 
@@ -519,9 +519,7 @@ def test_a_failing_library_over_a_trunk_without_weights_makes_them_and_computes_
     from sam3core.compile import remove_compile
 
     torch.manual_seed(0)
-    model = build_sam3_vl_backbone(
-        config="tiny", imgsz=56, dtype="bfloat16", compile_visual="on", defer_trunk_blocks=True
-    )
+    model = build_sam3_vl_backbone(config="tiny", imgsz=56, dtype="bfloat16", compile_visual="on", defer=("trunk",))
     torch.manual_seed(0)
     reference = build_sam3_vl_backbone(config="tiny", imgsz=56, dtype="bfloat16")
     trunk = model.vision_backbone.trunk
@@ -532,12 +530,12 @@ def test_a_failing_library_over_a_trunk_without_weights_makes_them_and_computes_
 
     remove_compile(model.vision_backbone)
     trunk._compiled_call_impl = PackagedCall(library, trunk, "trunk", _signature((images,), {}))
-    assert model.deferred_weights.pending and trunk.blocks[0].mlp.fc1.weight.is_meta
+    assert model.pending_weights() == ["trunk"] and trunk.blocks[0].mlp.fc1.weight.is_meta
     with torch.inference_mode():
         with pytest.warns(RuntimeWarning, match="trunk's compiled library failed"):
             out = model.forward_vision_features(images)
         expected = reference.forward_vision_features(images)
-    assert not model.deferred_weights.pending and not trunk.blocks[0].mlp.fc1.weight.is_inference()
+    assert model.pending_weights() == [] and not trunk.blocks[0].mlp.fc1.weight.is_inference()
     assert torch.equal(out, expected)  # the same weights as a model built whole: the batch is right, not lost
 
 

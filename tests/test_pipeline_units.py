@@ -523,6 +523,49 @@ def test_model_stage_pads_short_batches_for_a_compiled_trunk_without_changing_re
     assert plain.column(schema.STATUS).to_pylist() == ["ok", "error", "ok", "ok"]
 
 
+def test_an_actor_told_no_row_has_a_caption_builds_no_text_encoder_until_a_caption_comes(tmp_path: Path) -> None:
+    from pipeline.model.embed import EmbedWorker
+
+    path = tmp_path / "0.jpg"
+    path.write_bytes(_jpeg(30, 20, seed=0))
+    spec = SourceSpec(format="manifest", protocol="file", caption_column=None)
+    assert not spec.has_captions
+    without = pa.table({"image": [str(path), str(path)]})
+    settings = PrepareSettings(source=spec, imgsz=IMGSZ, context_length=32, bpe_path=None, storage_options=None)
+    features = ("image_embedding", "text_embedding")
+    lean = EmbedWorker(dataclasses.replace(_embed_settings("off", features, batch_size=4), captions=False))
+    whole = EmbedWorker(_embed_settings("off", features, batch_size=4))
+    assert lean.backbone.pending_weights() == ["text"]
+    assert all(p.is_meta for p in lean.backbone.language_backbone.parameters())
+    out = lean(prepare_batch(without, settings))
+    assert lean.backbone.pending_weights() == ["text"]  # images alone never need it
+    assert (
+        out.column("image_embedding").to_pylist()
+        == whole(prepare_batch(without, settings)).column("image_embedding").to_pylist()
+    )
+    # a caption after all (the driver was wrong): the text encoder is made, from the same seed, and embeds it
+    spec = SourceSpec(format="manifest", protocol="file", caption_column="caption")
+    settings = dataclasses.replace(settings, source=spec)
+    captioned = pa.table({"image": [str(path)], "caption": ["a small red square"]})
+    late = lean(prepare_batch(captioned, settings)).column("text_embedding").to_pylist()
+    assert lean.backbone.pending_weights() == []
+    assert late == whole(prepare_batch(captioned, settings)).column("text_embedding").to_pylist()
+
+
+@pytest.mark.parametrize(
+    ("spec", "captions"),
+    [
+        (SourceSpec(format="manifest", protocol="file"), True),
+        (SourceSpec(format="manifest", protocol="file", caption_column=None), False),
+        (SourceSpec(format="manifest", protocol="file", caption_column=None, captions_column="texts"), True),
+        (SourceSpec(format="images", protocol="file", caption_column=None), True),  # sidecar .txt files
+        (SourceSpec(format="webdataset", protocol="file", caption_column=None), True),  # .txt members
+    ],
+)
+def test_whether_any_row_can_carry_a_caption(spec: SourceSpec, captions: bool) -> None:
+    assert spec.has_captions is captions
+
+
 def test_object_store_listings_are_never_cached(bucket: S3Bucket) -> None:
     """Files another process adds or deletes show up at the next listing (resume checkpoints, markers, leases)."""
     from pipeline.storage import Location, fsspec_filesystem

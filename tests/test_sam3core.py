@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import numpy as np
 import pytest
@@ -186,41 +187,56 @@ def test_every_random_weight_is_drawn_none_left_as_allocated(dtype):
 
 
 @pytest.mark.parametrize("weights", ["random", "file", "state-dict"])
-def test_deferred_trunk_blocks_are_made_on_their_first_eager_call_with_the_values_of_a_whole_build(
-    tmp_path, tiny, images, weights
+@pytest.mark.parametrize("parts", [("trunk",), ("text",), ("trunk", "text")])
+def test_deferred_parts_are_made_on_their_first_call_with_the_values_of_a_whole_build(
+    tmp_path, tiny, images, weights, parts
 ):
-    """An actor that runs the trunk from a package builds the model without the blocks' weights; a block called
-    eagerly (a failing library, other inputs) makes them first, from the same seed or the checkpoint again."""
+    """An actor that runs the trunk from a package builds the model without the blocks' weights, one whose input
+    has no caption without the text encoder; a first call into either (a failing library, a caption after all)
+    makes it, from the same seed or the checkpoint again."""
     checkpoint = {"random": None, "file": tmp_path / "sam3.pt", "state-dict": _official_prefixed(tiny)}[weights]
     if weights == "file":
         torch.save(_official_prefixed(tiny), checkpoint)
 
-    def build(defer: bool) -> torch.nn.Module:
+    def build(defer: tuple[str, ...]) -> torch.nn.Module:
         torch.manual_seed(0)
         return build_sam3_vl_backbone(
-            checkpoint, config="tiny", imgsz=IMGSZ, add_sam2_neck=True, dtype="bfloat16", defer_trunk_blocks=defer
+            checkpoint, config="tiny", imgsz=IMGSZ, add_sam2_neck=True, dtype="bfloat16", defer=defer
         )
 
-    whole, deferred = build(False), build(True)
-    blocks = deferred.vision_backbone.trunk.blocks
-    assert deferred.deferred_weights.pending
-    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in blocks.parameters())
-    made = [p for n, p in deferred.named_parameters() if not n.startswith("vision_backbone.trunk.blocks.")]
+    whole, deferred = build(()), build(parts)
+    prefixes = tuple({"trunk": "vision_backbone.trunk.blocks.", "text": "language_backbone."}[p] for p in parts)
+    assert deferred.pending_weights() == list(parts)
+    waiting = [p for n, p in deferred.named_parameters() if n.startswith(prefixes)]
+    assert waiting and all(p.is_meta and p.dtype == torch.bfloat16 for p in waiting)
+    made = [p for n, p in deferred.named_parameters() if not n.startswith(prefixes)]
     assert made and not any(p.is_meta for p in made)
     with torch.inference_mode():
         out = deferred.forward_vision_features(images.bfloat16())
         expected = whole.forward_vision_features(images.bfloat16())
-    assert not deferred.deferred_weights.pending
-    assert torch.equal(out, expected)
+        assert deferred.pending_weights() == (["text"] if "text" in parts else [])  # only what was called
+        text = deferred.forward_text(CAPTIONS)["language_features"]
+        expected_text = whole.forward_text(CAPTIONS)["language_features"]
+    assert deferred.pending_weights() == []
+    assert torch.equal(out, expected) and torch.equal(text, expected_text)
     for (name, a), b in zip(whole.state_dict().items(), deferred.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
-def test_a_checkpoint_missing_a_deferred_weight_is_refused_when_the_model_is_built(tiny):
+@pytest.mark.parametrize(
+    ("key", "part"),
+    [("vision_backbone.trunk.blocks.1.mlp.fc2.weight", "trunk"), ("language_backbone.resizer.bias", "text")],
+)
+def test_a_checkpoint_missing_a_deferred_weight_is_refused_when_the_model_is_built(tiny, key, part):
     state = _official_prefixed(tiny)
-    del state["detector.backbone.vision_backbone.trunk.blocks.1.mlp.fc2.weight"]
-    with pytest.raises(CheckpointError, match=r"missing backbone keys \(1\): vision_backbone.trunk.blocks.1.mlp"):
-        build_sam3_vl_backbone(state, config="tiny", imgsz=IMGSZ, add_sam2_neck=True, defer_trunk_blocks=True)
+    del state["detector.backbone." + key]
+    with pytest.raises(CheckpointError, match=rf"missing backbone keys \(1\): {re.escape(key)}"):
+        build_sam3_vl_backbone(state, config="tiny", imgsz=IMGSZ, add_sam2_neck=True, defer=(part,))
+
+
+def test_only_the_trunk_and_the_text_encoder_can_wait() -> None:
+    with pytest.raises(ValueError, match=r"\['neck'\] cannot wait"):
+        build_sam3_vl_backbone(config="tiny", imgsz=IMGSZ, defer=("neck",))
 
 
 @pytest.mark.parametrize("wrapped", [False, True])

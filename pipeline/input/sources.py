@@ -59,6 +59,12 @@ class SourceSpec:
         return self.format != "images" and self.captions_column is not None
 
     @property
+    def has_captions(self) -> bool:
+        """Whether any row can carry a caption: a manifest only through its caption column(s); an image's sidecar
+        text or a WebDataset sample's text member may exist for any row."""
+        return self.format != "manifest" or self.caption_column is not None or self.captions_column is not None
+
+    @property
     def caption_output_column(self) -> str:
         return schema.CAPTIONS if self.multi_caption else schema.CAPTION
 

@@ -276,7 +276,7 @@ def warm_up_shared(
 
     started = time.monotonic()
     if cache_uri is None or not is_compiled(backbone.vision_backbone):
-        backbone.materialize_weights()  # a trunk built for a package that will not come (model.deferred_weights)
+        backbone.materialize_weights("trunk")  # a trunk built for a package that will not come
         return backbone.warm_up(batch_size, vision_features_only=vision_features_only), None
     key = compile_key(
         backbone, batch_size=batch_size, vision_features_only=vision_features_only, checkpoint_sha256=checkpoint_id
@@ -285,7 +285,7 @@ def warm_up_shared(
 
     def warm() -> None:
         # a trunk whose weights were left for a package (model.deferred_weights) gets them before it is traced
-        backbone.materialize_weights()
+        backbone.materialize_weights("trunk")
         backbone.warm_up(batch_size, vision_features_only=vision_features_only)
 
     def load(file: BinaryIO) -> None:
@@ -303,7 +303,7 @@ def warm_up_shared(
         # 16 s for "sam3" at 1008 px on 2 cores); a library that raises falls back to eager by itself
 
     def build() -> bytes | None:
-        backbone.materialize_weights()  # exporting runs the trunk eagerly, and its weights go into the package
+        backbone.materialize_weights("trunk")  # exporting runs the trunk eagerly; its weights go into the package
         if key.artifact == "aoti":
             try:
                 payload = build_package(

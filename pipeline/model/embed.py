@@ -44,6 +44,7 @@ from sam3core.cpu import auto_dtype
 
 logger = logging.getLogger(__name__)
 
+_PART_NAMES = {"trunk": "the trunk's weights (in the package)", "text": "the text encoder (no captions)"}
 RANDOM_WEIGHTS_SEED = 0  # every actor must build the same random model when no checkpoint is given
 MAX_CAPTIONS_PER_FORWARD = 256
 
@@ -101,8 +102,7 @@ class EmbedWorker:
             add_sam2_neck="sam2_backbone_fpn" in settings.features,
             bpe_path=settings.bpe_path,
             storage_options=None,  # the checkpoint is a local file by now (or a hub spec sam3core resolves)
-            # a package holds the trunk's weights: not building them spares 0.9 GB and seconds per actor ("sam3")
-            defer_trunk_blocks=expects_package(settings.compile_cache, self.device, self.dtype, compile_visual),
+            defer=self._parts_left_unbuilt(compile_visual),
         )
         self.d_model = self.backbone.config.d_model
         generation = self.backbone.config.generation
@@ -168,7 +168,7 @@ class EmbedWorker:
             **settings.extra_metadata,
         }
         self.metadata = _encoded(self.run_description)
-        deferred = self.backbone.deferred_weights
+        pending = self.backbone.pending_weights()
         logger.info(
             "model ready on %s with %d threads (%s, %s): built in %.1fs, warm-up%s %.1fs on a padded batch of %d%s",
             self.device,
@@ -183,8 +183,20 @@ class EmbedWorker:
             else "",
             self.warm_up_seconds,
             settings.batch_size,
-            "; the trunk's weights are in the package only" if deferred is not None and deferred.pending else "",
+            f"; not built (not needed yet): {', '.join(_PART_NAMES[part] for part in pending)}" if pending else "",
         )
+
+    def _parts_left_unbuilt(self, compile_visual: str) -> tuple[str, ...]:
+        """What the model can be built without (`sam3core.deferred`): the trunk's weights where a shared package
+        holds them (0.9 GB and seconds per actor for "sam3"), the text encoder where no row has a caption; either is
+        made on its first call if one comes after all."""
+        settings = self.settings
+        parts = []
+        if expects_package(settings.compile_cache, self.device, self.dtype, compile_visual):
+            parts.append("trunk")
+        if not settings.captions:
+            parts.append("text")
+        return tuple(parts)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.array([s == schema.STATUS_OK for s in batch.column(schema.STATUS).to_pylist()], dtype=bool)

@@ -39,6 +39,9 @@ class EmbedSettings:
     # The most rows this actor can embed (the input's rows over the actors), when the driver knows them: with
     # `compile: auto` on a CPU, a run too small to pay for compiling runs eagerly (`sam3core.compile_pays_off`).
     expected_rows: int | None = None
+    # Whether any input row can carry a caption; False (a manifest without a caption column): the actors do not build
+    # the text encoder (`sam3core.deferred`; made on the first caption should one come after all).
+    captions: bool = True
 
     @classmethod
     def from_job(cls, config: JobConfig, *, multi_caption: bool, **per_actor: Any) -> EmbedSettings:

@@ -335,6 +335,7 @@ def _embed(
     settings = EmbedSettings.from_job(
         config,
         multi_caption=source.multi_caption,
+        captions=source.has_captions,
         threads=threads,
         num_gpus=gpus,
         storage_options=storage_options,
