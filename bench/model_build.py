@@ -76,13 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint-path", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--write-checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
         return 0
+    if args.write_checkpoint:
+        print(write_checkpoint(args.config, args.write_checkpoint))
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="sam3-model-build-") as scratch:
-        checkpoint = write_checkpoint(args.config, scratch) if args.checkpoint else ""
+        checkpoint = ""
+        if args.checkpoint:  # in a process of its own: a child's peak memory starts from its parent's at the fork
+            command = [sys.executable, __file__, "--write-checkpoint", scratch, "--config", args.config]
+            checkpoint = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1]
         weights = f"checkpoint {os.path.getsize(checkpoint) / 1e9:.2f} GB" if checkpoint else "random weights"
         print(f"# {date.today()} {args.config}, {args.dtype}, {weights}", flush=True)
         results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
