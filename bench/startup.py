@@ -13,10 +13,14 @@ then embed one real batch), each timed from before its start to its first batch 
    it builds the model without the trunk's weights, as a model actor does (`sam3core.deferred`);
 4. ("aoti" only) the same fresh node building the trunk's weights anyway, as actors did before: side by side.
 
-The goal (issue 16): 3 reaches its first batch in at most 20% of the time a cold compile takes. Each kind's own
-cold row is one reference; the "caches" cold row (a just-in-time compilation, what every actor paid before
-sharing) is the other, and the line "aoti fresh node vs caches cold" gives that ratio. Random weights (the cost
-does not depend on them), `compile: auto` for the dtype (inductor with freezing for bfloat16 on a CPU).
+Each actor's time is given when it is ready (before its first batch) and when its first batch is done.
+`--no-captions` builds every actor as for an input without captions (no text encoder, as a run's actors then do).
+
+The goal (issue 16): 3 reaches its first batch in at most 20% of the time a cold compile takes. Each kind's own cold
+row is one reference; the "caches" cold row (a just-in-time compilation, what every actor paid before sharing) is
+the other, and the line "aoti fresh node vs caches cold" gives that ratio. Random weights (drawing them makes the
+"build" column 2 to 5 s longer than mapping a checkpoint would: `bench/model_build.py`), `compile: auto` for the
+dtype (inductor with freezing for bfloat16 on a CPU).
 
 `--pipeline` runs the same through the pipeline instead: `sam3-embed run` with two model actors on the demo
 dataset (or `--rows` distinct random images: enough rows keep the run going until the second actor is ready), an
@@ -24,6 +28,7 @@ empty inductor cache and an empty shared root, once per `--artifacts` kind, and 
 line (which says whether it compiled and published or loaded, and its warm-up time).
 
     python bench/startup.py --sizes 336 1008 --dtype bfloat16 --batch-size 1
+    python bench/startup.py --sizes 336 1008 --dtype bfloat16 --batch-size 1 --no-captions
     python bench/startup.py --config tiny --sizes 336 1008 --dtype bfloat16 --batch-size 1
     python bench/startup.py --pipeline --config tiny --sizes 336 --dtype bfloat16 --batch-size 1 --rows 400
 """
@@ -57,9 +62,11 @@ def actor(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     # as EmbedWorker does: no trunk weights where a package will hold them (unless --keep-trunk-weights)
     dtype = getattr(torch, args.dtype)
-    defer = not args.keep_trunk_weights and expects_package(args.share or None, torch.device("cpu"), dtype, "auto")
+    trunk = not args.keep_trunk_weights and expects_package(args.share or None, torch.device("cpu"), dtype, "auto")
+    # --no-captions: every actor as for an input without captions (no text encoder)
+    defer = ("trunk",) * trunk + ("text",) * args.no_captions
     model = build_sam3_vl_backbone(
-        config=args.config, imgsz=args.imgsz, dtype=args.dtype, compile_visual="auto", defer=("trunk",) if defer else ()
+        config=args.config, imgsz=args.imgsz, dtype=args.dtype, compile_visual="auto", defer=defer
     )
     built = time.time()
     warm_s, outcome = warm_up_shared(
@@ -81,6 +88,7 @@ def actor(args: argparse.Namespace) -> dict:
 
     deferred = model.deferred_weights.get("trunk")
     return {
+        "ready_at": batch_started,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "trunk_weights": "built" if deferred is None else ("left to the package" if deferred.pending else "made"),
         "import_s": imported - started,
@@ -99,6 +107,7 @@ def run_actor(
     command = [sys.executable, __file__, "--child", "--imgsz", str(imgsz), "--config", args.config]
     command += ["--dtype", args.dtype, "--batch-size", str(args.batch_size), "--share", share]
     command += ["--keep-trunk-weights"] if keep_trunk_weights else []
+    command += ["--no-captions"] if args.no_captions else []
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir, "PYTHONPATH": str(REPO_ROOT)}
     env["SAM3_COMPILE_ARTIFACT"] = artifact
     started = time.time()
@@ -107,6 +116,7 @@ def run_actor(
         raise RuntimeError(f"actor failed: {out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["first_batch_s"] = result.pop("done_at") - started
+    result["ready_s"] = result.pop("ready_at") - started  # before its first batch
     return result
 
 
@@ -176,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imgsz", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--share", default="", help=argparse.SUPPRESS)
     parser.add_argument("--keep-trunk-weights", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-captions", action="store_true", help="actors as for an input without captions: no text encoder built"
+    )
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(actor(args)))
@@ -217,15 +230,20 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{imgsz} px: aoti fresh node vs caches cold (just in time): {loaded['first_batch_s'] / jit_cold:.0%}"
             )
-    print(f"\n{args.config}, {args.dtype}, batch {args.batch_size}: seconds from the process start")
-    header = "| size | artifact | actor | import | build | warm-up | first batch | to first batch | vs its cold |"
-    print(header + " peak memory | trunk weights | how |")
-    print("|---" * 12 + "|")
+    captions = ", no captions (no text encoder)" if args.no_captions else ""
+    print(f"\n{args.config}, {args.dtype}, batch {args.batch_size}{captions}: seconds from the process start")
+    print(
+        "| size | artifact | actor | import | build | warm-up | ready | first batch | to first batch | vs its cold | "
+        "vs a cold just-in-time compile (ready, first batch) | peak memory | trunk weights | how |"
+    )
+    print("|---" * 14 + "|")
     for imgsz, artifact, name, r, ratio in rows:
+        jit = next((j for s, a, n, j, _ in rows if s == imgsz and a == "caches" and n == "cold"), None)
+        vs_jit = f"{r['ready_s'] / jit['ready_s']:.0%}, {r['first_batch_s'] / jit['first_batch_s']:.0%}" if jit else ""
         print(
             f"| {imgsz} | {artifact} | {name} | {r['import_s']:.1f} | {r['build_s']:.1f} | {r['warm_up_s']:.1f} | "
-            f"{r['batch_s']:.1f} | {r['first_batch_s']:.1f} | {ratio:.0%} | {r['peak_rss_gb']:.2f} GB | "
-            f"{r['trunk_weights']} | {r['how']} |"
+            f"{r['ready_s']:.1f} | {r['batch_s']:.1f} | {r['first_batch_s']:.1f} | {ratio:.0%} | {vs_jit} | "
+            f"{r['peak_rss_gb']:.2f} GB | {r['trunk_weights']} | {r['how']} |"
         )
     return 0
 
