@@ -18,6 +18,7 @@ from .checkpoint import (
     checkpoint_tensors,
     load_backbone_weights,
     read_checkpoint,
+    with_text_projection,
 )
 from .compile import apply_compile, compile_plan
 from .config import AUTO, Sam3Config, get_config
@@ -221,7 +222,7 @@ def _checkpoint_fill(
             state = checkpoint_tensors(checkpoint, source)
         else:
             state = read_checkpoint(source, storage_options)
-        weights = backbone_state_dict(state, cfg.scale_factors, source)
+        weights = with_text_projection(model, backbone_state_dict(state, cfg.scale_factors, source))
         for key, param in parameters_under(model, name).items():
             param.copy_(weights[key])
 

@@ -419,7 +419,7 @@ def load_backbone_weights(
     neck = model.vision_backbone
     if hasattr(neck, "sam2_convs") and neck.sam2_convs is None:
         weights = {k: v for k, v in weights.items() if not k.startswith("vision_backbone.sam2_convs.")}
-    weights = _with_text_projection(model, weights)
+    weights = with_text_projection(model, weights)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -447,7 +447,7 @@ def load_backbone_weights(
     assert all(k.startswith(deferred) for k in result.missing_keys) and not result.unexpected_keys
 
 
-def _with_text_projection(model: nn.Module, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def with_text_projection(model: nn.Module, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """`text_projection` [width, P] is kept for fidelity to the file but read by no forward: a file without it gets
     zeros, and a file whose P differs from the configuration's replaces the parameter with its own shape."""
     import torch

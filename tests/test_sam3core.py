@@ -223,6 +223,20 @@ def test_deferred_parts_are_made_on_their_first_call_with_the_values_of_a_whole_
         assert torch.equal(a, b), name
 
 
+def test_a_deferred_text_encoder_from_a_checkpoint_without_text_projection_gets_zeros_as_a_whole_build(tmp_path, tiny):
+    state = _official_prefixed(tiny)
+    del state["detector.backbone.language_backbone.encoder.text_projection"]  # unused by any forward: may be absent
+    path = tmp_path / "sam3.pt"
+    torch.save(state, path)
+    whole = build_sam3_vl_backbone(path, config="tiny", imgsz=IMGSZ, add_sam2_neck=True)
+    deferred = build_sam3_vl_backbone(path, config="tiny", imgsz=IMGSZ, add_sam2_neck=True, defer=("text",))
+    with torch.inference_mode():
+        text = deferred.forward_text(CAPTIONS)["language_features"]
+        assert torch.equal(text, whole.forward_text(CAPTIONS)["language_features"])
+    projection = deferred.language_backbone.encoder.text_projection
+    assert deferred.pending_weights() == [] and torch.count_nonzero(projection) == 0
+
+
 @pytest.mark.parametrize(
     ("key", "part"),
     [("vision_backbone.trunk.blocks.1.mlp.fc2.weight", "trunk"), ("language_backbone.resizer.bias", "text")],
