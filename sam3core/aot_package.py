@@ -19,7 +19,7 @@ needs no warm-up call to be safe, and a fresh actor's first batch is its first u
 The weights are part of the package (freezing folds and repacks them; a package that reads its weights from the
 model at load time crashed with freezing on torch 2.13): the package is about the size of the trunk's weights in
 its dtype, and its key holds the checkpoint's hash. So an actor that loads it can leave the trunk's own weights
-unbuilt (`build_sam3_vl_backbone(defer_trunk_blocks=True)`, `sam3core.deferred`): they are made only if a call
+unbuilt (`build_sam3_vl_backbone(defer=("trunk",))`, `sam3core.deferred`): they are made only if a call
 falls back to eager code.
 """
 
