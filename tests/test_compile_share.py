@@ -450,6 +450,30 @@ class _ReadSizes(io.FileIO):
         return data
 
 
+@pytest.mark.parametrize("source", ["file", "memory"])
+def test_a_library_is_copied_out_of_the_artifact_byte_for_byte(tmp_path: Path, source: str) -> None:
+    """From an artifact on disk the kernel copies each member (offsets into the file, after the sealed header);
+    from memory, Python does. Either way the loader's file holds exactly the member."""
+    import io
+    import tarfile
+
+    from sam3core.aot_package import copy_member
+
+    members = {"trunk.pt2": os.urandom(3_000_001), "convs.2.pt2": os.urandom(70_000), "empty.pt2": b""}
+    header = b"SAM3CC\n{...a sealed header...}\n"
+    path = tmp_path / "x.artifact"
+    path.write_bytes(header + _tar(members))
+    with open(path, "rb") as artifact:
+        artifact.seek(len(header))  # where unseal leaves an artifact's file
+        payload = artifact if source == "file" else io.BytesIO(artifact.read())
+        with tarfile.open(fileobj=payload, mode="r") as tar:
+            for info in tar.getmembers():
+                target = tmp_path / info.name
+                with open(target, "w+b") as out:
+                    copy_member(tar, info, out)
+                assert target.read_bytes() == members[info.name], info.name
+
+
 def test_an_artifact_is_checked_and_unpacked_in_chunks_never_read_whole(tmp_path: Path) -> None:
     """The full model's package is 0.9 GB: each whole copy of it in a starting actor was 0.9 GB more beside its
     model (docs/benchmarks.md, "Loading a package from its file")."""
