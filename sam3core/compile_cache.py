@@ -3,11 +3,11 @@
 Two kinds of payload go behind the same sealed header; `SAM3_COMPILE_ARTIFACT` chooses, and `artifact_kind` says
 what each device gets by default. "aoti", the default on a CPU, is an AOTInductor package of the compiled modules
 (`sam3core.aot_package`): a fresh process loads it and runs, without tracing or compiling. Measured on a CPU
-(docs/benchmarks.md, "Compiled code shared across actors and nodes"), it starts a fresh node in 13% to 17% of its
-own cold build (the full model's 0.9 GB package streamed from its file, no warm-up call, no trunk weights built
-beside it: 23% to 27% of a cold just-in-time compile, against 45% to 59% for the caches), and its calls on the full
-model ran 1.13x as fast as the just-in-time code's; the price is its publisher's build, 1.2x to 2.4x a just-in-time
-compilation, once per key.
+(docs/benchmarks.md, "Compiled code shared across actors and nodes"), it brings a fresh node to its first batch in
+11% to 14% of its own cold build (the full model's 0.9 GB package copied out of its file by the kernel, no warm-up
+call, no trunk weights built beside it: 18% to 24% of a cold just-in-time compile, against 53% to 54% for the
+caches), and its calls on the full model ran 1.13x as fast as the just-in-time code's; the price is its
+publisher's build, 1.2x to 2.4x a just-in-time compilation, once per key.
 "caches", the default on CUDA (where neither kind has been measured), is described below.
 
 A "caches" artifact is torch's portable compile caches (`torch.compiler.save_cache_artifacts`: inductor's FX graph
