@@ -58,11 +58,12 @@ def write_checkpoint(config: str, directory: str) -> str:
     import torch
 
     from sam3core import build_sam3_vl_backbone
+    from sam3core.checkpoint import OFFICIAL_PREFIX
 
     torch.manual_seed(0)
     model = build_sam3_vl_backbone(config=config, imgsz=1008)
     path = os.path.join(directory, "sam3.pt")
-    torch.save({"model": {f"detector.backbone.{k}": v for k, v in model.state_dict().items()}}, path)
+    torch.save({"model": {OFFICIAL_PREFIX + k: v for k, v in model.state_dict().items()}}, path)
     return path
 
 

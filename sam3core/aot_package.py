@@ -184,8 +184,8 @@ def _load(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Any:
 
 def copy_member(tar: tarfile.TarFile, info: tarfile.TarInfo, target: BinaryIO) -> None:
     """The bytes of the member `info` into the file `target`. From a tar in a real file (an artifact on disk), the
-    kernel copies them (`os.copy_file_range`: 0.4 s for 0.9 GB on the machine of docs/benchmarks.md, against 2.2 to
-    3.0 s through Python); from memory, or where the kernel refuses, in chunks."""
+    kernel copies them (`os.copy_file_range`: a `sam3` package loaded in 1.3 to 1.4 s against 3.1 to 3.9 s copied
+    through Python, `bench/aot_load.py`); from memory, or where the kernel refuses, in chunks."""
     try:
         source = tar.fileobj.fileno()  # type: ignore[union-attr]
     except (AttributeError, OSError, io.UnsupportedOperation):

@@ -438,12 +438,9 @@ def load_backbone_weights(
     if problems:
         hint = "" if not misshapen else " (is the model config right for this checkpoint?)"
         raise CheckpointError(f"{source} does not fit the backbone{hint}: " + "; ".join(problems))
-    if not defer:
-        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()}, strict=True, assign=True)
-        return
-    deferred = tuple(name + "." for name in defer)
+    deferred = tuple(name + "." for name in defer)  # () matches no key
     kept = {k: v.to(expected[k].dtype) for k, v in weights.items() if not k.startswith(deferred)}
-    result = model.load_state_dict(kept, strict=False, assign=True)
+    result = model.load_state_dict(kept, strict=not deferred, assign=True)
     assert all(k.startswith(deferred) for k in result.missing_keys) and not result.unexpected_keys
 
 

@@ -198,11 +198,11 @@ def compile_fallback(vision: nn.Module) -> str | None:
     reason = getattr(vision, "_compile_fallback", None)
     if reason is not None:
         return reason
-    names = {id(module): name for name, module in vision.named_modules()}
     for module in compiled_modules(vision):
         failed = getattr(module._compiled_call_impl, "failed", None)
         if failed is not None:
-            return f"{names[id(module)]}: {failed}"
+            name = next(name for name, other in vision.named_modules() if other is module)
+            return f"{name}: {failed}"
     return None
 
 

@@ -3,8 +3,8 @@
 Two kinds of model actor never read one part of the model's weights:
 - one that runs the vision trunk from an AOTInductor package (`sam3core.aot_package`): the package holds the
   trunk's weights, frozen into its library. Building them anyway is most of the model (446M of `sam3`'s 808M
-  parameters: 0.9 GB in bfloat16, 2 to 3 s of random draws or checkpoint copies on 2 cores) for a copy that only a
-  failing or mismatched library would use;
+  parameters: 0.9 GB in bfloat16; 2.6 GB less peak memory from a checkpoint, 2.7 s less of random draws on 2 cores,
+  `bench/model_build.py`) for a copy that only a failing or mismatched library would use;
 - one whose input has no caption at all: the text encoder (354M parameters for `sam3`) never runs.
 
 `build_sam3_vl_backbone(..., defer=("trunk", "text"))` leaves those parts on the meta device and hands each to a
