@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from jobs.native_stderr import NativeStderrFilter
 from pipeline.run import console
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CORE_WORKER_LINE = (
     b"[2026-11-22 05:48:22,849 E 4749 4749] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches("
@@ -57,3 +64,44 @@ def test_verbose_turns_ray_datas_progress_and_console_logs_back_on(ray_local: No
     finally:
         console.set_verbose(False)
         console.quiet_ray_data()
+
+
+# In its own process and Ray temp dir, so the cluster is the one `start_ray` starts: on a node of 2 CPUs, four tasks
+# of half a CPU at once (four worker processes, two over Ray's soft limit of one per CPU), a 4 s pause, four again.
+IDLE_WORKER_SCRIPT = """
+import os, time
+import ray
+from pipeline.run import console
+
+ray.init = (lambda init: lambda **kw: init(num_cpus=2, **kw))(ray.init)
+console.start_ray()
+
+@ray.remote(num_cpus=0.5)
+def pid():
+    time.sleep(1)
+    return os.getpid()
+
+first = set(ray.get([pid.remote() for _ in range(4)]))
+time.sleep(4)
+second = set(ray.get([pid.remote() for _ in range(4)]))
+print(len(first), len(first & second))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_local_cluster_keeps_idle_worker_processes_for_the_next_tasks() -> None:
+    """The run's local cluster keeps all four for the second round (`console.keep_idle_workers`); with Ray's own
+    setting (1 s, `RAY_idle_worker_killing_time_threshold_ms=1000` in the environment) two of them end in the
+    pause and two new processes start."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", console.IDLE_WORKER_SETTING)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rk-", dir="/tmp")  # short: Ray's socket paths must fit
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", IDLE_WORKER_SCRIPT], capture_output=True, text=True, env=env, timeout=80
+        )
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    started, kept = result.stdout.split()
+    assert (started, kept) == ("4", "4"), result.stdout

@@ -17,6 +17,14 @@ from collections.abc import Callable
 
 logger = logging.getLogger("pipeline")
 
+# How long a local cluster keeps an idle worker process. Ray ends one after a second once its node runs more worker
+# processes than it has CPUs, and a run's actors alone (the model, the run's small-objects actor, Ray Data's three)
+# outnumber the CPUs of a small machine: between two blocks a decoding worker was ended, and the next block waited
+# for a new process that imported Ray Data and torch again (1.5 to 2.5 s of CPU, 3 to 5 times in a 2,000-row run on
+# 2 CPUs). Kept a minute, a run's workers last it (docs/benchmarks.md, "Decoding workers kept").
+IDLE_WORKER_KEEP_MS = 60_000
+IDLE_WORKER_SETTING = "RAY_idle_worker_killing_time_threshold_ms"
+
 _verbose = False
 _interactive: bool | None = None
 
@@ -59,6 +67,7 @@ def start_ray() -> None:
     import ray
 
     if not ray.is_initialized():
+        keep_idle_workers()
         ray.init(
             # the "ray" logger of this process: its warnings (token auth) and info lines (local instance started)
             logging_level=logging.INFO if _verbose else logging.ERROR,
@@ -78,6 +87,13 @@ def start_ray() -> None:
         if _after_ray_start is not None:
             _after_ray_start()
     quiet_ray_data()
+
+
+def keep_idle_workers() -> None:
+    """Idle worker processes live `IDLE_WORKER_KEEP_MS` in a cluster this process starts (Ray's daemons read the
+    setting from their environment; a cluster joined through RAY_ADDRESS keeps its own). A value already in the
+    environment wins."""
+    os.environ.setdefault(IDLE_WORKER_SETTING, str(IDLE_WORKER_KEEP_MS))
 
 
 def quiet_ray_data() -> None:
