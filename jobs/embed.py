@@ -195,10 +195,10 @@ def execute(config: JobConfig, report: str | None = None, verbose: bool = False)
                 if started_here:
                     # The local cluster stops while the signals are still ours: a Ctrl-C during its shutdown is
                     # then cut short like any other, instead of raising inside Ray's shutdown at exit.
-                    ray.shutdown()
+                    console.stop_ray()
             except PreflightError as error:  # found under the dataset's lease (a run holds it, another identity)
                 if started_here:
-                    ray.shutdown()
+                    console.stop_ray()
                 print(f"error: {error}", file=sys.stderr)
                 return exit_codes.USAGE
             except KeyboardInterrupt as error:

@@ -185,7 +185,9 @@ def shut_down_ray() -> None:
     with contextlib.suppress(Exception):
         import ray
 
+        from pipeline.run.console import stop_ray
+
         if ray.is_initialized():
-            ray.shutdown()
+            stop_ray()
     stop_descendants()
     sys.stderr.flush()

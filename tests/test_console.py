@@ -14,6 +14,7 @@ import pytest
 
 from jobs.native_stderr import NativeStderrFilter
 from pipeline.run import console
+from tests.test_interrupts import processes_using
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,14 +86,16 @@ first = set(ray.get([pid.remote() for _ in range(4)]))
 time.sleep(4)
 second = set(ray.get([pid.remote() for _ in range(4)]))
 print(len(first), len(first & second))
+console.stop_ray()
 """
 
 
 @pytest.mark.timeout(90)
-def test_a_local_cluster_keeps_idle_worker_processes_for_the_next_tasks() -> None:
+def test_a_local_cluster_keeps_idle_worker_processes_for_the_next_tasks_and_stops_whole() -> None:
     """The run's local cluster keeps all four for the second round (`console.keep_idle_workers`); with Ray's own
     setting (1 s, `RAY_idle_worker_killing_time_threshold_ms=1000` in the environment) two of them end in the
-    pause and two new processes start."""
+    pause and two new processes start. `console.stop_ray` (its autoscaler monitor killed first, then Ray's own
+    shutdown) leaves no process of the cluster behind."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", console.IDLE_WORKER_SETTING)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rk-", dir="/tmp")  # short: Ray's socket paths must fit
@@ -100,8 +103,10 @@ def test_a_local_cluster_keeps_idle_worker_processes_for_the_next_tasks() -> Non
         result = subprocess.run(
             [sys.executable, "-c", IDLE_WORKER_SCRIPT], capture_output=True, text=True, env=env, timeout=80
         )
+        left = processes_using(Path(env["RAY_TMPDIR"]))
     finally:
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     assert result.returncode == 0, result.stderr[-3000:]
     started, kept = result.stdout.split()
     assert (started, kept) == ("4", "4"), result.stdout
+    assert not left, left
