@@ -126,9 +126,9 @@ def ray_local(model_cache_dir: Path) -> Iterator[None]:
     os.environ["SAM3_EMBED_CACHE"] = str(model_cache_dir)
     for key, value in _DUMMY_AWS_ENV.items():
         os.environ.setdefault(key, value)
-    from pipeline.run.console import keep_idle_workers
+    from pipeline.run.console import keep_idle_workers, stop_ray
 
-    keep_idle_workers()  # the worker processes of a run's own local cluster (`start_ray`)
+    keep_idle_workers()  # kept as a run's own local cluster keeps them (`start_ray`)
     ray.init(
         num_cpus=2,
         num_gpus=0,
@@ -140,7 +140,7 @@ def ray_local(model_cache_dir: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        ray.shutdown()
+        stop_ray()
 
 
 @pytest.fixture(scope="session")

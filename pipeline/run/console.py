@@ -5,6 +5,8 @@ Ray Data prints its execution plan, a progress block per operator (13 lines ever
 terminal) and per-dataset statistics. `set_verbose(False)` (the default) turns those off through their own
 switches; the pipeline's progress line (pipeline/run/progress.py) and summary remain. Everything Ray logs still goes
 to its session's log files (`ray-data.log` and friends under the Ray temp dir).
+
+`start_ray` and `stop_ray` also set up and stop the local cluster a run starts when no RAY_ADDRESS is given.
 """
 
 from __future__ import annotations
