@@ -68,7 +68,8 @@ def test_verbose_turns_ray_datas_progress_and_console_logs_back_on(ray_local: No
 
 
 # In its own process and Ray temp dir, so the cluster is the one `start_ray` starts: on a node of 2 CPUs, four tasks
-# of half a CPU at once (four worker processes, two over Ray's soft limit of one per CPU), a 4 s pause, four again.
+# of half a CPU at once (three or four worker processes, over Ray's soft limit of one per CPU), a 4 s pause, four
+# again.
 IDLE_WORKER_SCRIPT = """
 import os, time
 import ray
@@ -79,7 +80,7 @@ console.start_ray()
 
 @ray.remote(num_cpus=0.5)
 def pid():
-    time.sleep(1)
+    time.sleep(2)
     return os.getpid()
 
 first = set(ray.get([pid.remote() for _ in range(4)]))
@@ -92,9 +93,9 @@ console.stop_ray()
 
 @pytest.mark.timeout(90)
 def test_a_local_cluster_keeps_idle_worker_processes_for_the_next_tasks_and_stops_whole() -> None:
-    """The run's local cluster keeps all four for the second round (`console.keep_idle_workers`); with Ray's own
-    setting (1 s, `RAY_idle_worker_killing_time_threshold_ms=1000` in the environment) two of them end in the
-    pause and two new processes start. `console.stop_ray` (its autoscaler monitor killed first, then Ray's own
+    """The run's local cluster keeps every worker of the first round for the second (`console.keep_idle_workers`);
+    with Ray's own setting (1 s, `RAY_idle_worker_killing_time_threshold_ms=1000` in the environment) all but two
+    end in the pause and new processes start. `console.stop_ray` (its autoscaler monitor killed first, then Ray's own
     shutdown) leaves no process of the cluster behind."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", console.IDLE_WORKER_SETTING)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
@@ -108,5 +109,5 @@ def test_a_local_cluster_keeps_idle_worker_processes_for_the_next_tasks_and_stop
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     assert result.returncode == 0, result.stderr[-3000:]
     started, kept = result.stdout.split()
-    assert (started, kept) == ("4", "4"), result.stdout
+    assert int(started) > 2 and kept == started, result.stdout
     assert not left, left
