@@ -23,8 +23,9 @@ logger = logging.getLogger("pipeline")
 # How long a local cluster keeps an idle worker process. Ray ends one after a second once its node runs more worker
 # processes than it has CPUs, and a run's actors alone (the model, the run's small-objects actor, Ray Data's three)
 # outnumber the CPUs of a small machine: between two blocks a decoding worker was ended, and the next block waited
-# for a new process that imported Ray Data and torch again (1.5 to 2.5 s of CPU, 3 to 5 times in a 2,000-row run on
-# 2 CPUs). Kept a minute, a run's workers last it (docs/benchmarks.md, "Decoding workers kept").
+# for a new process that imported Ray Data and torch again (over 2 s of CPU each; a 2,000-row run on 2 CPUs started
+# 13 to 16 worker processes). Kept a minute, a run's workers last it: 8 processes (docs/benchmarks.md, "Decoding
+# workers kept").
 IDLE_WORKER_KEEP_MS = 60_000
 IDLE_WORKER_SETTING = "RAY_idle_worker_killing_time_threshold_ms"
 
