@@ -15,7 +15,8 @@ derived from the input sizes. The runs:
            model must run on 70%;
 * repeats_plain: the same rows as a plain run (no `--incremental`) into another fresh output: 70% as well.
 
-`--repeats-only` runs the last two alone (their figures do not depend on the others).
+`--repeats-only` runs the last two alone (their figures do not depend on the others). `--pairs K` runs the first
+and second runs K times, each pair into a fresh output, and reports every pair's wall ratio and their median.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,6 +112,13 @@ def main() -> None:
     parser.add_argument("--skip-retry-and-repeats", action="store_true", help="only the first and second runs")
     parser.add_argument("--repeats-only", action="store_true", help="only the two runs with repeated images")
     parser.add_argument("--log-dir", help="keep each run's log (stderr, timestamped lines) in this folder")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="first and second runs this many times, each pair into a fresh output (a wall ratio moves by several "
+        "points from one pair to the next on a shared machine); reports every pair's ratio and the median",
+    )
     args = parser.parse_args()
     n = args.rows
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sam3-incremental-"))
@@ -139,6 +148,17 @@ def main() -> None:
             first, second = results["first"], results["second"]
             report["second_over_first_model_calls"] = round(second["rows_computed"] / first["rows_computed"], 4)
             report["second_over_first_wall"] = round(second["wall_s"] / first["wall_s"], 4)
+            if args.pairs > 1:
+                pairs = [{"first_s": first["wall_s"], "second_s": second["wall_s"]}]
+                for k in range(2, args.pairs + 1):
+                    output = root / f"dataset-{k}"
+                    first_k = run(m1, output, args.imgsz, args.batch_size, "--incremental", log=log(f"first-{k}"))
+                    second_k = run(m2, output, args.imgsz, args.batch_size, "--incremental", log=log(f"second-{k}"))
+                    pairs.append({"first_s": first_k["wall_s"], "second_s": second_k["wall_s"]})
+                for pair in pairs:
+                    pair["wall_ratio"] = round(pair["second_s"] / pair["first_s"], 4)
+                report["pairs"] = pairs
+                report["median_wall_ratio"] = statistics.median(pair["wall_ratio"] for pair in pairs)
         if not args.skip_retry_and_repeats and not args.repeats_only:
             (root / "late").mkdir()
             for i, path in missing.items():
