@@ -125,9 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         for result in backfill.state():
             print(f"{args.partition_column}={result.partition}\t{result.status}\t{result.message}")
         return exit_codes.OK
+    import ray
+
+    started_here = not ray.is_initialized()  # not a caller's cluster (a test's, a notebook's): that one stays up
     try:
         with contextlib.nullcontext() if args.verbose else NativeStderrFilter():
             report = backfill.run()
+            if started_here:
+                console.stop_ray()  # faster than the stop at exit; a cluster in RAY_ADDRESS is only disconnected
     except KeyboardInterrupt:
         print("backfill interrupted; leases expire or are released, rerun to continue", file=sys.stderr)
         return exit_codes.INTERRUPTED
