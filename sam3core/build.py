@@ -84,24 +84,25 @@ def build_sam3_vl_backbone(
     unknown = sorted(set(defer) - set(DEFERRABLE))
     if unknown:
         raise ValueError(f"defer: {unknown} cannot wait; choose among {sorted(DEFERRABLE)}")
-    deferred = [] if shapes_only else [DEFERRABLE[part] for part in DEFERRABLE if part in defer]
+    # part -> the module whose weights wait
+    deferred = {} if shapes_only else {part: name for part, name in DEFERRABLE.items() if part in defer}
     with torch.device("meta"):
         model = _assemble(cfg, imgsz, tokenizer, add_sam2_neck)
     fill: Callable[[nn.Module, str], None] | None = None
     if weights is not None:
-        load_backbone_weights(model, weights, source, defer=deferred)
+        load_backbone_weights(model, weights, source, defer=deferred.values())
         fill = _checkpoint_fill(checkpoint, storage_options, cfg, source)
     elif not shapes_only:
         seed = int(torch.randint(0, 2**62, ()))  # from torch's generator: deterministic under torch.manual_seed
         model.to(dtype=_as_dtype(dtype))  # drawn in the final dtype: half the memory to touch in bfloat16
-        _apply_outside(model, deferred, lambda t: torch.empty_like(t, device="cpu"))  # nn.Module.to_empty's
-        init_random_weights(model, seed, skip=deferred)
+        _apply_outside(model, deferred.values(), lambda t: torch.empty_like(t, device="cpu"))  # nn.Module.to_empty's
+        init_random_weights(model, seed, skip=deferred.values())
         fill = _random_fill(seed)
-    _apply_outside(model, deferred, _converter(device, _as_dtype(dtype)))
-    for part, name in DEFERRABLE.items():
-        if name in deferred and fill is not None:
-            model.get_submodule(name).to(dtype=_as_dtype(dtype))  # still on the meta device
-            model.deferred_weights[part] = DeferredWeights(model, name, torch.device(device or "cpu"), fill)
+    _apply_outside(model, deferred.values(), _converter(device, _as_dtype(dtype)))
+    for part, name in deferred.items():
+        assert fill is not None  # nothing is deferred when only shapes are built
+        model.get_submodule(name).to(dtype=_as_dtype(dtype))  # still on the meta device
+        model.deferred_weights[part] = DeferredWeights(model, name, torch.device(device or "cpu"), fill)
     model.eval()
     weight = model.vision_backbone.trunk.patch_embed.proj.weight
     model.compile_plan = compile_plan(compile_visual, weight.device, weight.dtype)
