@@ -17,21 +17,31 @@ derived from the input sizes. The runs:
 
 `--repeats-only` runs the last two alone (their figures do not depend on the others). `--pairs K` runs the first
 and second runs K times, each pair into a fresh output, and reports every pair's wall ratio and their median.
+
+`--cluster`: every run joins one Ray head started before the first (`ray start --head`, as many CPUs as the
+machine, Ray's own settings) instead of starting a local cluster of its own: how the nightly job of
+infra/kuberay/backfill-cronjob.yaml runs, submitted to a long-lived cluster. A run's own start-up (Python, joining
+the cluster, planning, its actors) is still in its wall time; the cluster's boot and stop are not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import platform
+import secrets
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +82,21 @@ def write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 
 def run(
-    manifest: Path, output: Path, imgsz: int, batch_size: int, *flags: str, log: Path | None = None
+    manifest: Path,
+    output: Path,
+    imgsz: int,
+    batch_size: int,
+    *flags: str,
+    log: Path | None = None,
+    cluster_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     command = [
         sys.executable, "-m", "jobs.cli", "run", "--input", str(manifest), "--output", str(output),
         "--model-config", "tiny", "--imgsz", str(imgsz), "--random-weights", "--batch-size", str(batch_size),
         "--max-error-fraction", "0.5", *flags,
     ]  # fmt: skip
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    base = cluster_env if cluster_env is not None else os.environ
+    environment = {**base, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     began = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO)
     wall = time.monotonic() - began
@@ -92,6 +109,48 @@ def run(
     summary = json.loads((output / "_summary.json").read_text())
     # a plain run's summary holds the counts that apply to it (rows, computed, copied), not the dataset's
     return {"wall_s": round(wall, 1), **{k: summary[k] for k in RUN_COUNT_KEYS if k in summary}}
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[dict[str, str]]:
+    """A Ray head for every run of `--cluster`, in its own session and temp dir (stopped by process group at the
+    end, no other Ray on the machine touched); yields the environment a run needs to join it."""
+    temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths must fit in ~107 bytes
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"  # this environment's Ray
+    command = [
+        ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+        f"--num-cpus={os.cpu_count()}", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    head = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    client_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    try:
+        joined = "import ray; ray.init(logging_level='ERROR'); ray.shutdown()"
+        for _ in range(30):  # until the head answers (seconds); the runs are timed from a ready cluster
+            if subprocess.run([sys.executable, "-c", joined], env=client_env, capture_output=True).returncode == 0:
+                break
+            if head.poll() is not None:
+                raise SystemExit(f"ray start --head exited with {head.returncode}")
+            time.sleep(1)
+        else:
+            raise SystemExit("the Ray head did not answer within 30 tries")
+        yield client_env
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def cpu_flags() -> str:
@@ -119,10 +178,15 @@ def main() -> None:
         help="first and second runs this many times, each pair into a fresh output (a wall ratio moves by several "
         "points from one pair to the next on a shared machine); reports every pair's ratio and the median",
     )
+    parser.add_argument(
+        "--cluster", action="store_true", help="every run joins one Ray head started first (the nightly job's setup)"
+    )
     args = parser.parse_args()
     n = args.rows
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sam3-incremental-"))
+    stack = contextlib.ExitStack()
     try:
+        cluster_env = stack.enter_context(running_cluster()) if args.cluster else None
         new_count, failed_count = n // 10, n // 100
         images = write_images(root / "images", n + new_count)
         missing = {i: root / "late" / f"img{i:06d}.jpg" for i in range(0, n, 100)[:failed_count]}
@@ -139,12 +203,17 @@ def main() -> None:
             "imgsz": args.imgsz,
             "batch_size": args.batch_size,
             "cpu": {"cores": os.cpu_count(), "flags": cpu_flags()},
+            "cluster": "one Ray head for every run" if args.cluster else "a local cluster per run",
             "runs": results,
         }
         if not args.repeats_only:
             m1, m2 = write_manifest(root / "m1.parquet", first_rows), write_manifest(root / "m2.parquet", second_rows)
-            results["first"] = run(m1, dataset, args.imgsz, args.batch_size, "--incremental", log=log("first"))
-            results["second"] = run(m2, dataset, args.imgsz, args.batch_size, "--incremental", log=log("second"))
+            results["first"] = run(
+                m1, dataset, args.imgsz, args.batch_size, "--incremental", log=log("first"), cluster_env=cluster_env
+            )
+            results["second"] = run(
+                m2, dataset, args.imgsz, args.batch_size, "--incremental", log=log("second"), cluster_env=cluster_env
+            )
             first, second = results["first"], results["second"]
             report["second_over_first_model_calls"] = round(second["rows_computed"] / first["rows_computed"], 4)
             report["second_over_first_wall"] = round(second["wall_s"] / first["wall_s"], 4)
@@ -152,8 +221,24 @@ def main() -> None:
                 pairs = [{"first_s": first["wall_s"], "second_s": second["wall_s"]}]
                 for k in range(2, args.pairs + 1):
                     output = root / f"dataset-{k}"
-                    first_k = run(m1, output, args.imgsz, args.batch_size, "--incremental", log=log(f"first-{k}"))
-                    second_k = run(m2, output, args.imgsz, args.batch_size, "--incremental", log=log(f"second-{k}"))
+                    first_k = run(
+                        m1,
+                        output,
+                        args.imgsz,
+                        args.batch_size,
+                        "--incremental",
+                        log=log(f"first-{k}"),
+                        cluster_env=cluster_env,
+                    )
+                    second_k = run(
+                        m2,
+                        output,
+                        args.imgsz,
+                        args.batch_size,
+                        "--incremental",
+                        log=log(f"second-{k}"),
+                        cluster_env=cluster_env,
+                    )
                     pairs.append({"first_s": first_k["wall_s"], "second_s": second_k["wall_s"]})
                 for pair in pairs:
                     pair["wall_ratio"] = round(pair["second_s"] / pair["first_s"], 4)
@@ -164,7 +249,13 @@ def main() -> None:
             for i, path in missing.items():
                 shutil.copyfile(images[i], path)
             results["retry"] = run(
-                root / "m2.parquet", dataset, args.imgsz, args.batch_size, "--retry-errors", log=log("retry")
+                root / "m2.parquet",
+                dataset,
+                args.imgsz,
+                args.batch_size,
+                "--retry-errors",
+                log=log("retry"),
+                cluster_env=cluster_env,
             )
             report["retry_model_calls"] = results["retry"]["rows_computed"]
             report["retry_expected"] = failed_count
@@ -173,10 +264,13 @@ def main() -> None:
             repeat_rows = [(f"d{i}", str(images[i if i < distinct else (i * 7919) % distinct])) for i in range(n)]
             manifest = write_manifest(root / "m3.parquet", repeat_rows)
             for name, output, flags in (("repeats", "repeats", ["--incremental"]), ("repeats_plain", "plain", [])):
-                results[name] = run(manifest, root / output, args.imgsz, args.batch_size, *flags, log=log(name))
+                results[name] = run(
+                    manifest, root / output, args.imgsz, args.batch_size, *flags, log=log(name), cluster_env=cluster_env
+                )
                 report[f"{name}_model_calls_fraction"] = round(results[name]["rows_computed"] / n, 4)
         print(json.dumps(report, indent=1))
     finally:
+        stack.close()
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
 
