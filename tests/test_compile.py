@@ -186,7 +186,7 @@ def test_compile_threads_follow_the_process_not_the_host(monkeypatch: pytest.Mon
 def test_an_eager_model_actor_builds_and_embeds_without_importing_dynamo_or_inductor() -> None:
     """Importing them costs about half a second per actor (and per pipeline run in tests); a model assembled on the meta
     device imported both through `normal_` of a meta tensor until the text encoder stopped initialising there, and
-    sympy (0.6 s) through `torch.empty_like` of a meta tensor until the build made its CPU tensors itself."""
+    sympy through `torch.empty_like` of a meta tensor until the build made its CPU tensors itself."""
     import subprocess
     import sys
 
