@@ -134,8 +134,12 @@ def running_cluster() -> Iterator[dict[str, str]]:
     try:
         joined = "import ray; ray.init(logging_level='ERROR'); ray.shutdown()"
         for _ in range(30):  # until the head answers (seconds); the runs are timed from a ready cluster
-            if subprocess.run([sys.executable, "-c", joined], env=client_env, capture_output=True).returncode == 0:
-                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                probe_run = subprocess.run(
+                    [sys.executable, "-c", joined], env=client_env, capture_output=True, timeout=60
+                )
+                if probe_run.returncode == 0:
+                    break
             if head.poll() is not None:
                 raise SystemExit(f"ray start --head exited with {head.returncode}")
             time.sleep(1)
