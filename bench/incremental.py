@@ -198,8 +198,10 @@ def main() -> None:
         second_rows = first_rows + [(f"r{i}", str(images[i])) for i in range(n, n + new_count)]
         dataset = root / "dataset"
 
-        def log(name: str) -> Path | None:
-            return Path(args.log_dir) / f"{name}.log" if args.log_dir else None
+        def embed(name: str, manifest: Path, output: Path, *flags: str) -> dict[str, Any]:
+            """One `sam3-embed run`, its log kept as NAME.log under --log-dir (if given)."""
+            log = Path(args.log_dir) / f"{name}.log" if args.log_dir else None
+            return run(manifest, output, args.imgsz, args.batch_size, *flags, log=log, cluster_env=cluster_env)
 
         results: dict[str, Any] = {}
         report: dict[str, Any] = {
@@ -212,12 +214,8 @@ def main() -> None:
         }
         if not args.repeats_only:
             m1, m2 = write_manifest(root / "m1.parquet", first_rows), write_manifest(root / "m2.parquet", second_rows)
-            results["first"] = run(
-                m1, dataset, args.imgsz, args.batch_size, "--incremental", log=log("first"), cluster_env=cluster_env
-            )
-            results["second"] = run(
-                m2, dataset, args.imgsz, args.batch_size, "--incremental", log=log("second"), cluster_env=cluster_env
-            )
+            results["first"] = embed("first", m1, dataset, "--incremental")
+            results["second"] = embed("second", m2, dataset, "--incremental")
             first, second = results["first"], results["second"]
             report["second_over_first_model_calls"] = round(second["rows_computed"] / first["rows_computed"], 4)
             report["second_over_first_wall"] = round(second["wall_s"] / first["wall_s"], 4)
@@ -225,24 +223,8 @@ def main() -> None:
                 pairs = [{"first_s": first["wall_s"], "second_s": second["wall_s"]}]
                 for k in range(2, args.pairs + 1):
                     output = root / f"dataset-{k}"
-                    first_k = run(
-                        m1,
-                        output,
-                        args.imgsz,
-                        args.batch_size,
-                        "--incremental",
-                        log=log(f"first-{k}"),
-                        cluster_env=cluster_env,
-                    )
-                    second_k = run(
-                        m2,
-                        output,
-                        args.imgsz,
-                        args.batch_size,
-                        "--incremental",
-                        log=log(f"second-{k}"),
-                        cluster_env=cluster_env,
-                    )
+                    first_k = embed(f"first-{k}", m1, output, "--incremental")
+                    second_k = embed(f"second-{k}", m2, output, "--incremental")
                     pairs.append({"first_s": first_k["wall_s"], "second_s": second_k["wall_s"]})
                 for pair in pairs:
                     pair["wall_ratio"] = round(pair["second_s"] / pair["first_s"], 4)
@@ -252,15 +234,7 @@ def main() -> None:
             (root / "late").mkdir()
             for i, path in missing.items():
                 shutil.copyfile(images[i], path)
-            results["retry"] = run(
-                root / "m2.parquet",
-                dataset,
-                args.imgsz,
-                args.batch_size,
-                "--retry-errors",
-                log=log("retry"),
-                cluster_env=cluster_env,
-            )
+            results["retry"] = embed("retry", root / "m2.parquet", dataset, "--retry-errors")
             report["retry_model_calls"] = results["retry"]["rows_computed"]
             report["retry_expected"] = failed_count
         if not args.skip_retry_and_repeats:
@@ -268,9 +242,7 @@ def main() -> None:
             repeat_rows = [(f"d{i}", str(images[i if i < distinct else (i * 7919) % distinct])) for i in range(n)]
             manifest = write_manifest(root / "m3.parquet", repeat_rows)
             for name, output, flags in (("repeats", "repeats", ["--incremental"]), ("repeats_plain", "plain", [])):
-                results[name] = run(
-                    manifest, root / output, args.imgsz, args.batch_size, *flags, log=log(name), cluster_env=cluster_env
-                )
+                results[name] = embed(name, manifest, root / output, *flags)
                 report[f"{name}_model_calls_fraction"] = round(results[name]["rows_computed"] / n, 4)
         print(json.dumps(report, indent=1))
     finally:
