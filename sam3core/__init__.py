@@ -23,7 +23,7 @@ _EXPORTS = {
     "PositionEmbeddingSine": "position_encoding",
     "normalize_images": "preprocess",
     "preprocess_images": "preprocess",
-    "resize_image": "preprocess",
+    "resize_image": "resize",
     "Sam3Tokenizer": "tokenizer",
     "VocabularyError": "tokenizer",
     "Sam3TriViTDetNeck": "tri_neck",
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from .config import CONFIGS, Sam3Config, TextConfig, VisionConfig, get_config
     from .neck import Sam3DualViTDetNeck
     from .position_encoding import PositionEmbeddingSine
-    from .preprocess import normalize_images, preprocess_images, resize_image
+    from .preprocess import normalize_images, preprocess_images
+    from .resize import resize_image
     from .tokenizer import Sam3Tokenizer, VocabularyError
     from .tri_neck import Sam3TriViTDetNeck
     from .vit import ViT

@@ -10,34 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-ImageLike = Image.Image | np.ndarray
-
-
-def as_rgb_array(image: ImageLike) -> np.ndarray:
-    """[H, W, 3] uint8 from a PIL image (any mode) or a uint8 array ([H, W], [H, W, 1], [H, W, 3], [H, W, 4])."""
-    if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise TypeError(f"image arrays must be uint8, got {array.dtype}")
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise ValueError(f"expected an image array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {array.shape}")
-    if array.shape[2] == 1:
-        return np.repeat(array, 3, axis=2)
-    return array[:, :, :3]
-
-
-def resize_image(image: ImageLike, imgsz: int) -> np.ndarray:
-    """[imgsz, imgsz, 3] uint8, resized as torchvision's v2.Resize does for uint8 tensors on the CPU."""
-    chw = torch.from_numpy(np.ascontiguousarray(as_rgb_array(image))).permute(2, 0, 1)[None]
-    if chw.shape[-2:] != (imgsz, imgsz):
-        chw = F.interpolate(chw, size=(imgsz, imgsz), mode="bilinear", antialias=True, align_corners=False)
-    return chw[0].permute(1, 2, 0).contiguous().numpy()
+from .resize import ImageLike, resize_image
 
 
 def normalize_images(batch: torch.Tensor) -> torch.Tensor:

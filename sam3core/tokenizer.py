@@ -14,9 +14,13 @@ from functools import lru_cache
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import regex
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -137,14 +141,20 @@ class Sam3Tokenizer:
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
         """[N, context_length] int64 token ids, 0 where padded."""
+        import torch
+
+        return torch.from_numpy(self.encode_batch(texts, context_length))
+
+    def encode_batch(self, texts: str | list[str], context_length: int | None = None) -> np.ndarray:
+        """The same ids as NumPy [N, context_length] int64, without importing torch (a decoding worker's case)."""
         if isinstance(texts, str):
             texts = [texts]
         length = context_length or self.context_length
-        result = torch.zeros(len(texts), length, dtype=torch.long)
+        result = np.zeros((len(texts), length), dtype=np.int64)
         for row, text in enumerate(texts):
             ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
             if len(ids) > length:
                 ids = ids[:length]
                 ids[-1] = self.eot_token_id
-            result[row, : len(ids)] = torch.tensor(ids)
+            result[row, : len(ids)] = ids
         return result

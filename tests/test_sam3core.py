@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +23,10 @@ from sam3core import (
     preprocess_images,
     resize_image,
 )
+from sam3core.resize import TORCH_AFTER_SECONDS, resize_with_numpy, resize_with_torch
 from sam3core.rope import AxialRoPE
+
+REPO = Path(__file__).resolve().parents[1]
 
 IMGSZ = 224
 CAPTIONS = ["a red square on a white background", "", "two dogs"]
@@ -366,6 +372,9 @@ def test_tokenizer_sequence_rules():
     assert ids[0, :3].tolist() == [tokenizer.sot_token_id, tokenizer.eot_token_id, 0]
     assert ids[1, 0] == tokenizer.sot_token_id and ids[1, -1] == tokenizer.eot_token_id and (ids[1] != 0).all()
     assert tokenizer.decode(tokenizer("A  Cat &amp;amp; a DOG")[0].tolist()) == "a cat & a dog"
+    # the torch-free form a decoding worker uses gives the same ids
+    texts = ["a photo of a cat", "", "word " * 100]
+    assert np.array_equal(tokenizer.encode_batch(texts, context_length=32), tokenizer(texts, context_length=32).numpy())
 
 
 @pytest.mark.parametrize(("height", "width", "size"), [(56, 56, 28), (100, 37, 28), (20, 30, 56), (700, 1000, 112)])
@@ -376,6 +385,48 @@ def test_resize_agrees_with_pillows_antialiased_bilinear(height, width, size):
     pillow = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR)).astype(np.int32)
     assert ours.shape == (size, size, 3)
     assert np.abs(ours - pillow).max() <= 1
+
+
+def _resize_cases() -> list[tuple[int, int, int]]:
+    """(height, width, size): down and up by many ratios, one axis only, one pixel, no change, and random shapes."""
+    fixed = [(1, 1, 28), (1, 300, 28), (300, 1, 28), (28, 28, 28), (28, 90, 28), (90, 28, 28), (7, 9, 1008)]
+    fixed += [(3000, 4000, 224), (1500, 2250, 1008), (480, 640, 336), (225, 300, 224), (48, 64, 224)]
+    rng = np.random.default_rng(7)
+    shapes = [(int(h), int(w)) for h, w in rng.integers(1, 700, size=(40, 2))]
+    sizes = rng.choice([14, 28, 56, 112, 224, 336, 448, 1008, 73, 501], size=len(shapes))
+    return fixed + [(h, w, int(s)) for (h, w), s in zip(shapes, sizes, strict=True)]
+
+
+def test_numpy_resize_equals_torchs_uint8_kernel_byte_for_byte():
+    # Noise, and smooth gradients, whose sums fall on rounding boundaries far more often.
+    rng = np.random.default_rng(0)
+    for case, (height, width, size) in enumerate(_resize_cases()):
+        if case % 2:
+            image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        else:
+            ramp = np.linspace(0, 255, height * width).reshape(height, width)
+            image = np.stack([ramp, ramp[::-1], np.full_like(ramp, 128)], axis=-1).astype(np.uint8)
+        ours, torchs = resize_with_numpy(image, size), resize_with_torch(image, size)
+        assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
+        assert np.array_equal(ours, torchs), f"{height}x{width} -> {size}: {(ours != torchs).sum()} samples differ"
+
+
+def test_resize_without_torch_in_the_process_until_it_pays():
+    # A fresh interpreter: a decoding worker's case. NumPy resizes until they have cost TORCH_AFTER_SECONDS; the
+    # same bytes come back either way.
+    script = (
+        "import sys, numpy as np\n"
+        "from sam3core import resize\n"
+        "image = np.random.default_rng(1).integers(0, 256, size=(61, 83, 3), dtype=np.uint8)\n"
+        "first = resize.resize_image(image, 56)\n"
+        "assert 'torch' not in sys.modules, 'the first resize imported torch'\n"
+        f"resize._NumpyTime.seconds = {TORCH_AFTER_SECONDS}\n"
+        "later = resize.resize_image(image, 56)\n"
+        "assert 'torch' in sys.modules, 'still NumPy after the threshold'\n"
+        "assert (first == later).all()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_normalize_scales_to_minus_one_one():

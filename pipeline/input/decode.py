@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sam3core.resize import resize_image
+
 # `<_io.BytesIO object at 0x7f...>` and the like: Pillow names the buffer it read, which tells a user nothing.
 _OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
@@ -36,8 +38,6 @@ def decode_image(data: bytes | None, imgsz: int, uri: str | None = None, draft: 
     at least `draft * imgsz`, before the exact resize. Faster on large photos, but the pixels differ slightly from
     a full decode; see docs/benchmarks.md (decoding) for what it does to embeddings. 0 (the default): full decode.
     """
-    from sam3core import resize_image
-
     if data is None:
         return DecodedImage(None, None, None, None, "no image bytes")
     digest = hashlib.sha256(data).hexdigest()

@@ -168,7 +168,7 @@ def _tokenize(captions: list[list[str] | None], errors: list[str | None], settin
     token_type = pa.list_(pa.list_(pa.int32(), settings.context_length))
     if not flat:
         return pa.nulls(len(captions), token_type)
-    ids = np.asarray(_tokenizer(settings.bpe_path, settings.context_length)(flat), dtype=np.int32)
+    ids = _tokenizer(settings.bpe_path, settings.context_length).encode_batch(flat).astype(np.int32)
     if ids.shape != (len(flat), settings.context_length):
         raise RuntimeError(f"tokenizer returned shape {ids.shape}, expected {(len(flat), settings.context_length)}")
     values = pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), settings.context_length)
