@@ -4,8 +4,8 @@ SAM 3 resizes uint8 tensors with torchvision, which on the CPU runs torch's inte
 resampling (Pillow-SIMD's): per axis, a triangle filter stretched by the scale, its weights normalized in double
 precision and rounded to int16 at a precision chosen from the largest weight, the products summed in integers and
 rounded back to uint8; the width first, then the height. `resize_with_numpy` computes exactly that, byte for byte
-(`tests/test_sam3core.py`), so a process that only decodes images need not import torch: 1.1 to 1.4 s and ~180 MB
-in every new decoding worker, which a short run pays in full. Torch's SIMD kernel is 5 to 20 times faster per
+(`tests/test_sam3core.py`), so a process that only decodes images need not import torch: 1.1 to 1.4 s and ~130 MB
+in every new decoding worker, which a short run pays in full. Torch's SIMD kernel is 2 to 15 times faster per
 image, so `resize_image` moves to it once a process has spent as long in NumPy's resizes as the import costs (at
 once where torch is imported already); a long run pays the import once, a short one never.
 """
