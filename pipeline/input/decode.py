@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sam3core.resize import resize_image
+from sam3core import resize_image
 
 # `<_io.BytesIO object at 0x7f...>` and the like: Pillow names the buffer it read, which tells a user nothing.
 _OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
