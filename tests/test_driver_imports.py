@@ -28,19 +28,24 @@ CLI_THEN_MODULES = (
 )
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> tuple[dict, str]:
-    """The outcome of `sam3-embed ARGS` run in a fresh process, and what it printed on stderr."""
+def run_script(script: str, args: list[str], env: dict[str, str], timeout: float = 240) -> tuple[dict, str]:
+    """The JSON line `script` printed last, run with ARGS in a fresh process of this tree, and its stderr."""
     environment = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)}
     result = subprocess.run(
-        [sys.executable, "-c", CLI_THEN_MODULES, *args],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         env=environment,
         cwd=REPO,
-        timeout=240,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> tuple[dict, str]:
+    """The outcome of `sam3-embed ARGS` run in a fresh process, and what it printed on stderr."""
+    return run_script(CLI_THEN_MODULES, args, env)
 
 
 def manifest(tmp_path: Path, rows: int) -> Path:
@@ -103,14 +108,5 @@ PREPARE_THEN_MODULES = (
 
 @pytest.mark.timeout(60)
 def test_decoding_a_batch_does_not_import_torch(tmp_path: Path) -> None:
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-c", PREPARE_THEN_MODULES, str(manifest(tmp_path, 3))],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=REPO,
-        timeout=50,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"status": ["ok"] * 3, "tokens": 0, "torch": False}
+    outcome, _ = run_script(PREPARE_THEN_MODULES, [str(manifest(tmp_path, 3))], dict(os.environ), timeout=50)
+    assert outcome == {"status": ["ok"] * 3, "tokens": 0, "torch": False}
